@@ -1,0 +1,23 @@
+"""steadygrad: keep gradients steady through deep networks.
+
+Verified, drop-in parts for the classic remedies for vanishing and exploding gradients (initialization,
+normalization, skip connections, clipping), instruments that measure how signal and gradient travel
+through a model, and a lab that reproduces the field's claims.
+
+    import steadygrad as sg
+    sg.init.init_model(model, "he_normal")             # every layer matched to its activation
+    sg.clip.clip_grads_(model, mode="agc", threshold=0.01)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from steadygrad import clip, init
+from steadygrad.clip import clip_grads_
+from steadygrad.init import init_model
+
+try:
+    __version__ = version("steadygrad")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "clip", "clip_grads_", "init", "init_model"]

@@ -1,0 +1,134 @@
+"""The ``steadygrad`` command line. Strings become objects here, and library errors become exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import steadygrad
+from steadygrad import init as sg_init
+
+app = typer.Typer(
+    name="steadygrad",
+    help=(
+        "Keep gradients steady through deep networks.\n\n"
+        "Measure how signal and gradient travel through a model, try the classic remedies "
+        "(initialization, normalization, skip connections, clipping) and see the field's claims reproduced."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+USAGE_ERROR = 2  # click's code for bad usage; ours for bad input of any kind
+
+
+def fail(message: str, code: int = USAGE_ERROR) -> None:
+    """Print one clear paragraph to stderr and exit with ``code`` (no traceback)."""
+    errors.print(f"[bold red]Error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def user_errors(command):
+    """Turn the library's ValueError/TypeError (bad input, already worded for a person) into exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            fail(str(error))
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"steadygrad {steadygrad.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Keep gradients steady through deep networks."""
+
+
+@app.command("inits")
+@user_errors
+def inits(
+    fan_in: Annotated[int, typer.Option("--fan-in", min=1, help="Inputs of the layer (in_features).")] = 10,
+    fan_out: Annotated[
+        int, typer.Option("--fan-out", min=1, help="Outputs of the layer (out_features).")
+    ] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed of the draw.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON to this file.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Every initialization scheme on one Linear(fan_in -> fan_out) weight: closed-form variance beside
+    the variance of one draw.
+
+    The seed material's experiment: He-uniform on a 10 -> 32 layer gives a variance near 2/10 = 0.2,
+    Glorot-uniform near 2/(10+32) = 0.0476.
+
+    Example: steadygrad inits --fan-in 100 --fan-out 128
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (fan_out, fan_in)
+    rows = []
+    for name in sg_init.available():
+        info = sg_init.scheme_info(name)
+        weight = info.fn(torch.empty(shape), generator=generator)
+        rows.append(
+            {
+                "scheme": name,
+                "formula": info.formula,
+                "expected_variance": info.variance(shape) if info.variance else None,
+                "measured_variance": float(weight.var(unbiased=False)),
+                "bad_choice": info.bad,
+                "summary": info.summary,
+            }
+        )
+    table = Table(title=f"Weight variance of Linear({fan_in} -> {fan_out}), seed {seed}")
+    for column in ("scheme", "Var\\[w] formula", "expected", "measured", "what it is"):
+        table.add_column(column, justify="right" if column in ("expected", "measured") else "left")
+    for row in rows:
+        style = "dim" if row["bad_choice"] else None
+        expected = row["expected_variance"]
+        table.add_row(row["scheme"], row["formula"], "-" if expected is None else f"{expected:.4g}",
+                      f"{row['measured_variance']:.4g}", row["summary"], style=style)  # fmt: skip
+    console.print(table)
+    if json_path is not None:
+        _write_json(json_path, {"fan_in": fan_in, "fan_out": fan_out, "seed": seed, "schemes": rows})
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+    except OSError as error:
+        fail(f"Could not write {path}: {error.strerror}. Choose a writable path.")
+    console.print(f"Wrote {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="steadygrad")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
