@@ -11,7 +11,7 @@ through a model, and a lab that reproduces the field's claims.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from steadygrad import clip, init
+from steadygrad import clip, init, norm
 from steadygrad.clip import clip_grads_
 from steadygrad.init import init_model
 
@@ -20,4 +20,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "clip", "clip_grads_", "init", "init_model"]
+__all__ = ["__version__", "clip", "clip_grads_", "init", "init_model", "norm"]

@@ -1,0 +1,36 @@
+"""Normalization: batch, layer, instance and group norm on one statistics core with a hand-derived
+backward, drop-in for torch.nn; model conversion both ways; BatchNorm folding for inference.
+
+    from steadygrad import norm
+    bn = norm.BatchNorm2d(64)                       # same arguments and state_dict as nn.BatchNorm2d
+    model = norm.convert_norms(model)               # every torch norm -> steadygrad's
+    fast = norm.fold_batchnorm(model.eval())        # BN folded into the preceding Linear/Conv
+"""
+
+from steadygrad.norm import functional
+from steadygrad.norm.convert import convert_norms
+from steadygrad.norm.fold import fold_batchnorm
+from steadygrad.norm.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+)
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "convert_norms",
+    "fold_batchnorm",
+    "functional",
+]

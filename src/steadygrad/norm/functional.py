@@ -1,0 +1,380 @@
+"""Normalization as one statistics core with a hand-derived backward.
+
+Batch, layer, instance and group normalization differ only in the set R of axes they reduce:
+
+    ==========  ==================  ==================================================
+    norm        input               R (axes averaged over)
+    ==========  ==================  ==================================================
+    batch       (N, C, *)           N and every spatial axis: one mean per channel
+    instance    (N, C, *)           the spatial axes: one mean per (sample, channel)
+    group       (N, G, C/G, *)      channels of a group and spatial: per (sample, group)
+    layer       (*, *shape)         the trailing ``normalized_shape`` axes
+    ==========  ==================  ==================================================
+
+Forward, with m = |R| elements per statistic (Ioffe & Szegedy 2015, alg. 1):
+
+    mu = mean_R(x),  var = mean_R((x - mu)^2)  (biased),  x_hat = (x - mu) / sqrt(var + eps)
+    y  = gamma * x_hat + beta
+
+Backward (derived in ``normalize_backward``), with g = dL/dy * gamma:
+
+    dL/dx = inv_std * (g - mean_R(g) - x_hat * mean_R(g * x_hat))
+    dL/dgamma = sum(dL/dy * x_hat),  dL/dbeta = sum(dL/dy)   (over every axis gamma is broadcast along)
+
+For batch norm gamma is constant over R and this is the seed material's
+dx = (gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat)).
+
+Numerics: statistics are reduced in float32 at least (float16/bfloat16 inputs are computed in float32 and
+returned in their own dtype), by a shifted two-pass algorithm that stays accurate where the one-pass
+E[x^2] - E[x]^2 cancels catastrophically (inputs with mean 1e4 and std 1e-2 in float32): see
+``normalize_forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import FunctionCtx
+
+__all__ = [
+    "affine_backward",
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "normalize_backward",
+    "normalize_forward",
+]
+
+Dims = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# The pure math: statistics, forward, backward. No autograd, no modules.
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_forward(
+    x: torch.Tensor, dims: Dims, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize ``x`` over ``dims`` with its own statistics.
+
+    Shifted two-pass algorithm (Chan, Golub, LeVeque 1983): subtract one sample K of each group first,
+    d = x - K (exact when x and K are within a factor 2 of each other, Sterbenz' lemma), then
+    mu_d = mean(d), var = mean((d - mu_d)^2), x_hat = (d - mu_d) * inv_std. Neither the mean nor the
+    variance is then formed from large numbers: with inputs of mean 1e4 and std 1e-2 in float32, whose
+    spacing at 1e4 is 1e-3, rounding mu to float32 alone would misplace every x_hat by up to 5% of a std,
+    and the one-pass E[x^2] - E[x]^2 loses the variance entirely.
+
+    Returns:
+        ``(x_hat, mean, var, inv_std)``; the statistics keep their reduced axes (size 1) so they
+        broadcast against ``x``. ``var`` is the biased variance.
+    """
+    shift = x
+    for dim in dims:
+        shift = shift.narrow(dim, 0, 1)  # K: the first sample of each group
+    deviation = x - shift
+    mean_deviation = deviation.mean(dim=dims, keepdim=True)
+    centered = deviation - mean_deviation
+    # a mean of squares is >= 0; the clamp costs nothing (statistics are small) and guards rounding
+    var = centered.square().mean(dim=dims, keepdim=True).clamp_(min=0.0)
+    inv_std = torch.rsqrt(var + eps)
+    return centered * inv_std, shift + mean_deviation, var, inv_std
+
+
+def normalize_backward(
+    grad_out: torch.Tensor,
+    x_hat: torch.Tensor,
+    inv_std: torch.Tensor,
+    weight: torch.Tensor | None,
+    dims: Dims,
+    batch_stats: bool = True,
+) -> torch.Tensor:
+    """dL/dx of y = gamma * (x - mu) * inv_std + beta, where mu and inv_std are statistics over ``dims``.
+
+    Derivation, with m elements per statistic and x_hat = (x - mu) * inv_std:
+
+        (1) dL/dx_hat = g = dL/dy * gamma
+        (2) dL/dvar   = -(1/2) * inv_std^3 * sum_R(g * (x - mu)) = -(inv_std^2 / 2) * sum_R(g * x_hat)
+        (3) dL/dmu    = -inv_std * sum_R(g)   (the term through var vanishes: sum_R(x - mu) = 0)
+        (4) dL/dx     = g * inv_std + dL/dvar * 2 (x - mu) / m + dL/dmu / m
+                      = inv_std * (g - mean_R(g) - x_hat * mean_R(g * x_hat))
+
+    With ``batch_stats=False`` the statistics are constants (eval mode with running averages):
+    only term (1) remains, dL/dx = g * inv_std.
+    """
+    g = grad_out if weight is None else grad_out * weight  # (1)
+    if not batch_stats:
+        return g * inv_std
+    mean_g = g.mean(dim=dims, keepdim=True)  # (3), divided by m
+    mean_g_xhat = (g * x_hat).mean(dim=dims, keepdim=True)  # (2), divided by m
+    return inv_std * (g - mean_g - x_hat * mean_g_xhat)  # (4)
+
+
+def affine_backward(
+    grad_out: torch.Tensor,
+    x_hat: torch.Tensor,
+    weight_shape: torch.Size | None,
+    bias_shape: torch.Size | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dL/dgamma = sum(dL/dy * x_hat) and dL/dbeta = sum(dL/dy), each summed over every axis its
+    parameter is broadcast along (``sum_to_size``)."""
+    grad_weight = None if weight_shape is None else (grad_out * x_hat).sum_to_size(weight_shape)
+    grad_bias = None if bias_shape is None else grad_out.sum_to_size(bias_shape)
+    return grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# The thin autograd wrapper: save what backward needs, call the pure functions.
+# --------------------------------------------------------------------------------------------------
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class _Normalize(torch.autograd.Function):
+    """y = weight * normalize(x over dims) + bias; also returns the batch statistics (not differentiable).
+
+    With ``mean``/``var`` given, those constants normalize instead (eval mode with running averages).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x, weight, bias, dims, eps, mean=None, var=None):
+        compute = _compute_dtype(x.dtype)
+        x_c = x.to(compute)
+        batch_stats = mean is None
+        if batch_stats:
+            x_hat, mean, var, inv_std = normalize_forward(x_c, dims, eps)
+        else:
+            inv_std = torch.rsqrt(var.to(compute) + eps)
+            x_hat = (x_c - mean.to(compute)) * inv_std
+        y = x_hat if weight is None else x_hat * weight.to(compute)
+        if bias is not None:
+            y = y + bias.to(compute)
+        ctx.save_for_backward(x_hat, inv_std, weight)
+        ctx.dims, ctx.batch_stats = dims, batch_stats
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        if torch.is_grad_enabled():  # only true inside backward when create_graph=True
+            raise RuntimeError(
+                "steadygrad's normalization backward is hand-derived and differentiable once: a second "
+                "derivative (create_graph=True, gradient penalties, Hessian-vector products) is not "
+                "supported. Convert the model to torch's norms for that: "
+                "steadygrad.norm.convert_norms(model, to='torch')."
+            )
+        x_hat, inv_std, weight = ctx.saved_tensors
+        g = grad_y.to(x_hat.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = None if weight is None else weight.to(x_hat.dtype)
+            grad_x = normalize_backward(g, x_hat, inv_std, w, ctx.dims, ctx.batch_stats).to(grad_y.dtype)
+        weight_shape = weight.shape if weight is not None and ctx.needs_input_grad[1] else None
+        bias_shape = ctx.bias_shape if ctx.needs_input_grad[2] else None
+        grad_weight, grad_bias = affine_backward(g, x_hat, weight_shape, bias_shape)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(grad_y.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functional ops, with torch.nn.functional's signatures.
+# --------------------------------------------------------------------------------------------------
+
+
+def _channel_view(param: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """(C,) -> (1, C, 1, ..., 1) to broadcast against an (N, C, *) input of ``ndim`` dimensions."""
+    return None if param is None else param.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _check_channels(what: str, x: torch.Tensor, channels: int | None) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{what} expects an input of shape (N, C, *) with at least 2 dimensions; "
+            f"got shape {tuple(x.shape)}."
+        )
+    if channels is not None and x.size(1) != channels:
+        raise ValueError(
+            f"{what} was given {channels}-channel parameters but the input has {x.size(1)} channels in "
+            f"dim 1 (shape {tuple(x.shape)}). Make num_features equal the input's channel count."
+        )
+
+
+def _update_running(running: torch.Tensor | None, batch_value: torch.Tensor, momentum: float) -> None:
+    # running <- (1 - momentum) * running + momentum * batch (torch's convention for momentum)
+    if running is not None:
+        running.lerp_(batch_value.to(running.dtype), momentum)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch normalization of an (N, C, *) input (Ioffe & Szegedy 2015); ``F.batch_norm``'s signature.
+
+    Training: normalize with the batch's mean and biased variance over N and the spatial axes, and move
+    the running averages toward the batch's mean and *unbiased* variance by ``momentum``. Eval: normalize
+    with the running averages, a fixed affine map.
+
+    Shape:
+        input (N, C) or (N, C, *); weight, bias, running statistics (C,).
+    """
+    channels = next((t.numel() for t in (running_mean, weight, bias) if t is not None), None)
+    _check_channels("batch_norm", input, channels)
+    ndim = input.dim()
+    dims = (0, *range(2, ndim))
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm in eval mode needs running_mean and running_var; pass training=True to "
+                "normalize with the batch's own statistics."
+            )
+        y, _, _ = _Normalize.apply(
+            input,
+            _channel_view(weight, ndim),
+            _channel_view(bias, ndim),
+            dims,
+            eps,
+            _channel_view(running_mean, ndim),
+            _channel_view(running_var, ndim),
+        )
+        return y
+    count = input.numel() // input.size(1)
+    if count <= 1:
+        raise ValueError(
+            "BatchNorm in training mode needs more than one value per channel to estimate a variance; got "
+            f"input of shape {tuple(input.shape)} ({count} value per channel). Use a batch of at least 2, "
+            "call model.eval() for single-example inference, or use LayerNorm/GroupNorm, which do not "
+            "depend on the batch."
+        )
+    y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
+    with torch.no_grad():
+        _update_running(running_mean, mean.flatten(), momentum)
+        _update_running(running_var, var.flatten() * (count / (count - 1)), momentum)
+    return y
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Instance normalization of an (N, C, *) input: each sample's each channel over its spatial axes
+    (Ulyanov, Vedaldi, Lempitsky 2016); ``F.instance_norm``'s signature.
+
+    With running statistics, training moves them toward the batch-average of the per-instance mean and
+    unbiased variance; ``use_input_stats=False`` normalizes with them instead.
+    """
+    channels = next((t.numel() for t in (running_mean, weight, bias) if t is not None), None)
+    _check_channels("instance_norm", input, channels)
+    ndim = input.dim()
+    dims = tuple(range(2, ndim))
+    weight_b, bias_b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var.")
+        y, _, _ = _Normalize.apply(
+            input,
+            weight_b,
+            bias_b,
+            dims,
+            eps,
+            _channel_view(running_mean, ndim),
+            _channel_view(running_var, ndim),
+        )
+        return y
+    count = math.prod(input.shape[2:])
+    if count <= 1:
+        raise ValueError(
+            "InstanceNorm needs more than one spatial element per channel to estimate a variance; got input "
+            f"of shape {tuple(input.shape)}. Use BatchNorm or LayerNorm for inputs without spatial extent."
+        )
+    y, mean, var = _Normalize.apply(input, weight_b, bias_b, dims, eps)
+    with torch.no_grad():
+        _update_running(running_mean, mean.mean(dim=0).flatten(), momentum)
+        _update_running(running_var, (var * (count / (count - 1))).mean(dim=0).flatten(), momentum)
+    return y
+
+
+def _check_layer_shape(input: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[-k:]) != shape:
+        trailing = tuple(input.shape[-k:]) if 0 < k <= input.dim() else tuple(input.shape)
+        raise ValueError(
+            f"layer_norm normalizes over the trailing dimensions {shape}, but the input has shape "
+            f"{tuple(input.shape)} (its last {k} dimension(s): {trailing}). Set normalized_shape to the "
+            "trailing shape of your input, e.g. LayerNorm(x.shape[-1])."
+        )
+    return shape
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` axes (Ba, Kiros, Hinton 2016);
+    ``F.layer_norm``'s signature. weight and bias have shape ``normalized_shape`` (elementwise affine)."""
+    shape = _check_layer_shape(input, normalized_shape)
+    dims = tuple(range(input.dim() - len(shape), input.dim()))
+    y, _, _ = _Normalize.apply(input, weight, bias, dims, eps)
+    return y
+
+
+def check_groups(num_groups: int, channels: int) -> None:
+    """Raise unless ``num_groups`` divides ``channels``, listing the groups that would."""
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise ValueError(
+            f"The number of groups ({num_groups}) must divide the number of channels ({channels}); "
+            f"choose one of {', '.join(map(str, divisors))}."
+        )
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Group normalization (Wu & He 2018); ``F.group_norm``'s signature.
+
+    The channels are split into ``num_groups`` groups, and each sample's each group is normalized over
+    its channels and spatial axes: the input is viewed as (N, G, C/G, *) and reduced over all but the
+    first two axes. ``num_groups=1`` is layer norm over (C, *); ``num_groups=C`` is instance norm.
+    """
+    _check_channels("group_norm", input, None if weight is None else weight.numel())
+    channels = input.size(1)
+    check_groups(num_groups, channels)
+    n = input.size(0)
+    grouped = input.reshape(n, num_groups, channels // num_groups, -1)  # (N, G, C/G, L)
+    param_shape = (1, num_groups, channels // num_groups, 1)
+    weight_b = None if weight is None else weight.reshape(param_shape)
+    bias_b = None if bias is None else bias.reshape(param_shape)
+    y, _, _ = _Normalize.apply(grouped, weight_b, bias_b, (2, 3), eps)
+    return y.reshape(input.shape)
