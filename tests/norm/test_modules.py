@@ -174,3 +174,38 @@ def test_low_precision_is_computed_in_float32_and_returned_in_its_dtype(case, dt
     expected = ref(x_low.detach().float())
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y.float(), expected, rtol=2 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize(
+    ("module", "x", "message"),
+    [
+        (
+            norm.BatchNorm2d(4),
+            torch.randn(2, 4, 5),
+            r"BatchNorm2d expects a 4-D input \(N, C, H, W\); got a 3-D.*"
+            r"use BatchNorm1d",
+        ),
+        (norm.BatchNorm1d(4), torch.randn(2, 4, 5, 5), r"BatchNorm1d expects a 2-D or 3-D input"),
+        (norm.InstanceNorm2d(4), torch.randn(4, 5), r"InstanceNorm2d expects a 3-D or 4-D input"),
+        (
+            norm.GroupNorm(2, 4),
+            torch.randn(2, 6, 3),
+            r"GroupNorm\(2, 4\) expects an \(N, 4, \*\) input; got shape",
+        ),
+        (norm.LayerNorm(8), torch.randn(2, 7), r"trailing dimensions \(8,\)"),
+        (norm.BatchNorm1d(4), torch.randn(2, 5), r"4-channel parameters but the input has 5 channels"),
+    ],
+    ids=["bn2d_3d", "bn1d_4d", "in2d_2d", "gn_channels", "ln_shape", "bn_channels"],
+)
+def test_module_input_errors_say_what_arrived_and_what_is_expected(module, x, message):
+    with pytest.raises(ValueError, match=message):
+        module(x)
+
+
+def test_constructor_errors():
+    with pytest.raises(
+        ValueError, match=r"groups \(3\) must divide the number of channels \(8\); choose one of 1, 2"
+    ):
+        norm.GroupNorm(3, 8)
+    with pytest.raises(ValueError, match="num_features must be a positive integer"):
+        norm.BatchNorm1d(0)
