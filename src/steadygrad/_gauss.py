@@ -17,7 +17,11 @@ import numpy as np
 
 @lru_cache(maxsize=8)
 def hermite_nodes(n: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes z_i and normalized weights w_i / sqrt(2*pi) for E over N(0, 1) (weights sum to 1)."""
+    """Nodes z_i and normalized weights w_i / sqrt(2*pi) for E over N(0, 1) (weights sum to 1).
+
+    n is at most 300: numpy's weights overflow beyond about 400 nodes."""
+    if not 1 <= n <= 300:
+        raise ValueError(f"Gauss-Hermite quadrature takes 1 to 300 nodes; got {n}.")
     nodes, weights = np.polynomial.hermite_e.hermegauss(n)
     return nodes, weights / math.sqrt(2.0 * math.pi)
 

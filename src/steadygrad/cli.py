@@ -109,8 +109,14 @@ def inits(
     for row in rows:
         style = "dim" if row["bad_choice"] else None
         expected = row["expected_variance"]
-        table.add_row(row["scheme"], row["formula"], "-" if expected is None else f"{expected:.4g}",
-                      f"{row['measured_variance']:.4g}", row["summary"], style=style)  # fmt: skip
+        table.add_row(
+            row["scheme"],
+            row["formula"],
+            "-" if expected is None else f"{expected:.4g}",
+            f"{row['measured_variance']:.4g}",
+            row["summary"],
+            style=style,
+        )
     console.print(table)
     if json_path is not None:
         _write_json(json_path, {"fan_in": fan_in, "fan_out": fan_out, "seed": seed, "schemes": rows})

@@ -18,8 +18,9 @@ def mlp(act=nn.ReLU, widths=(8, 16, 16, 3)):
 
 
 def test_auto_nonlinearity_follows_each_layer():
-    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.LeakyReLU(0.2),
-                        nn.Linear(8, 2))  # fmt: skip
+    net = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.LeakyReLU(0.2), nn.Linear(8, 2)
+    )
     assert next_activation(net) == {"0": ("tanh", None), "3": ("leaky_relu", 0.2), "5": ("linear", None)}
     records = init_model(net, "he_normal")
     weights = [r for r in records if r.param == "weight"]
@@ -53,8 +54,13 @@ def test_norm_layers_are_left_alone():
 def test_returns_a_record_per_parameter():
     records = init_model(mlp(), "lecun_normal")
     assert [(r.layer, r.param) for r in records] == [
-        ("0", "weight"), ("0", "bias"), ("3", "weight"),
-        ("3", "bias"), ("6", "weight"), ("6", "bias")]  # fmt: skip
+        ("0", "weight"),
+        ("0", "bias"),
+        ("3", "weight"),
+        ("3", "bias"),
+        ("6", "weight"),
+        ("6", "bias"),
+    ]
     assert records[0].fan_in == 8 and records[0].fan_out == 16
     assert set(records[0].to_dict()) >= {"layer", "kind", "param", "shape", "fan_in", "fan_out", "std"}
 

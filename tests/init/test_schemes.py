@@ -37,9 +37,19 @@ CASES = [
     (lecun_normal_, 1 / FAN_IN, "normal"),
     (partial(scaled_normal_, std=0.3), 0.09, "normal"),
 ]
-IDS = ["he_uniform", "he_normal", "he_uniform_fan_out", "he_normal_tanh", "he_uniform_leaky",
-       "glorot_uniform", "glorot_normal", "glorot_uniform_gain2", "lecun_uniform", "lecun_normal",
-       "scaled_normal"]  # fmt: skip
+IDS = [
+    "he_uniform",
+    "he_normal",
+    "he_uniform_fan_out",
+    "he_normal_tanh",
+    "he_uniform_leaky",
+    "glorot_uniform",
+    "glorot_normal",
+    "glorot_uniform_gain2",
+    "lecun_uniform",
+    "lecun_normal",
+    "scaled_normal",
+]
 
 
 def _distribution(family, variance):

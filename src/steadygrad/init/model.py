@@ -147,9 +147,17 @@ def init_model(
                 if bias is not None:
                     param.fill_(bias)
                     records.append(
-                        LayerInit(name, type(module).__name__, param_name, tuple(param.shape),
-                                  None, None, None, float(param.std()) if param.numel() > 1 else 0.0)
-                    )  # fmt: skip
+                        LayerInit(
+                            name,
+                            type(module).__name__,
+                            param_name,
+                            tuple(param.shape),
+                            None,
+                            None,
+                            None,
+                            float(param.std()) if param.numel() > 1 else 0.0,
+                        )
+                    )
                 continue
             this_fn = fn_recurrent if param_name.startswith("weight_hh") else fn
             # weight_hr (LSTM projection) holds one matrix, not stacked gates
@@ -165,7 +173,15 @@ def init_model(
                 this_fn(gate, **kwargs)
             fan_in, fan_out = fans(param, gates=n_gates)
             records.append(
-                LayerInit(name, type(module).__name__, param_name, tuple(param.shape),
-                          fan_in, fan_out, kwargs.get("nonlinearity"), float(param.std()))
-            )  # fmt: skip
+                LayerInit(
+                    name,
+                    type(module).__name__,
+                    param_name,
+                    tuple(param.shape),
+                    fan_in,
+                    fan_out,
+                    kwargs.get("nonlinearity"),
+                    float(param.std()),
+                )
+            )
     return records

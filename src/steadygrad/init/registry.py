@@ -48,8 +48,12 @@ SMALL_STD = 0.01  # "too small": signals shrink by about std * sqrt(fan_in) per 
 LARGE_STD = 1.0  # "too large": signals grow by about std * sqrt(fan_in) per layer, or saturate
 
 _REGISTRY: dict[str, InitScheme] = {}
-_ALIASES = {"kaiming_uniform": "he_uniform", "kaiming_normal": "he_normal",
-            "xavier_uniform": "glorot_uniform", "xavier_normal": "glorot_normal"}  # fmt: skip
+_ALIASES = {
+    "kaiming_uniform": "he_uniform",
+    "kaiming_normal": "he_normal",
+    "xavier_uniform": "glorot_uniform",
+    "xavier_normal": "glorot_normal",
+}
 
 
 def register(scheme: InitScheme, *, overwrite: bool = False) -> InitScheme:
@@ -112,30 +116,79 @@ def _builtin() -> list[InitScheme]:
         return 1.0 / _fans_of(shape).fan_in
 
     return [
-        InitScheme("he_uniform", schemes.he_uniform_, "2 / fan_in", he,
-                   "He et al. 2015, uniform: keeps ReLU activations' variance"),
-        InitScheme("he_normal", schemes.he_normal_, "2 / fan_in", he,
-                   "He et al. 2015, normal: keeps ReLU activations' variance"),
-        InitScheme("glorot_uniform", schemes.glorot_uniform_, "2 / (fan_in + fan_out)", glorot,
-                   "Glorot & Bengio 2010, uniform: for tanh/sigmoid in their linear regime"),
-        InitScheme("glorot_normal", schemes.glorot_normal_, "2 / (fan_in + fan_out)", glorot,
-                   "Glorot & Bengio 2010, normal"),
-        InitScheme("lecun_uniform", schemes.lecun_uniform_, "1 / fan_in", lecun,
-                   "LeCun et al. 1998, uniform"),
-        InitScheme("lecun_normal", schemes.lecun_normal_, "1 / fan_in", lecun,
-                   "LeCun et al. 1998, normal: for self-normalizing SELU nets"),
-        InitScheme("orthogonal", schemes.orthogonal_, "1 / max(rows, cols)", _orthogonal_variance,
-                   "Saxe et al. 2014: preserves every singular value of a linear net"),
-        InitScheme("zeros", _zeros_, "0", lambda shape: 0.0,
-                   "all weights zero: symmetry is never broken", bad=True),
-        InitScheme("identical", schemes.identical_, "one value c ~ N(0, 1/fan_in) for all", None,
-                   "every unit the same random vector: symmetry is never broken", bad=True),
-        InitScheme("small_normal", partial(schemes.scaled_normal_, std=SMALL_STD), f"{SMALL_STD**2:g}",
-                   lambda shape: SMALL_STD**2, f"N(0, {SMALL_STD}^2): too small, signals vanish", bad=True),
-        InitScheme("large_normal", partial(schemes.scaled_normal_, std=LARGE_STD), f"{LARGE_STD**2:g}",
-                   lambda shape: LARGE_STD**2, f"N(0, {LARGE_STD}^2): too large, signals explode or saturate",
-                   bad=True),
-    ]  # fmt: skip
+        InitScheme(
+            "he_uniform",
+            schemes.he_uniform_,
+            "2 / fan_in",
+            he,
+            "He et al. 2015, uniform: keeps ReLU activations' variance",
+        ),
+        InitScheme(
+            "he_normal",
+            schemes.he_normal_,
+            "2 / fan_in",
+            he,
+            "He et al. 2015, normal: keeps ReLU activations' variance",
+        ),
+        InitScheme(
+            "glorot_uniform",
+            schemes.glorot_uniform_,
+            "2 / (fan_in + fan_out)",
+            glorot,
+            "Glorot & Bengio 2010, uniform: for tanh/sigmoid in their linear regime",
+        ),
+        InitScheme(
+            "glorot_normal",
+            schemes.glorot_normal_,
+            "2 / (fan_in + fan_out)",
+            glorot,
+            "Glorot & Bengio 2010, normal",
+        ),
+        InitScheme(
+            "lecun_uniform", schemes.lecun_uniform_, "1 / fan_in", lecun, "LeCun et al. 1998, uniform"
+        ),
+        InitScheme(
+            "lecun_normal",
+            schemes.lecun_normal_,
+            "1 / fan_in",
+            lecun,
+            "LeCun et al. 1998, normal: for self-normalizing SELU nets",
+        ),
+        InitScheme(
+            "orthogonal",
+            schemes.orthogonal_,
+            "1 / max(rows, cols)",
+            _orthogonal_variance,
+            "Saxe et al. 2014: preserves every singular value of a linear net",
+        ),
+        InitScheme(
+            "zeros", _zeros_, "0", lambda shape: 0.0, "all weights zero: symmetry is never broken", bad=True
+        ),
+        InitScheme(
+            "identical",
+            schemes.identical_,
+            "one value c ~ N(0, 1/fan_in) for all",
+            None,
+            "every unit the same random vector: symmetry is never broken",
+            bad=True,
+        ),
+        InitScheme(
+            "small_normal",
+            partial(schemes.scaled_normal_, std=SMALL_STD),
+            f"{SMALL_STD**2:g}",
+            lambda shape: SMALL_STD**2,
+            f"N(0, {SMALL_STD}^2): too small, signals vanish",
+            bad=True,
+        ),
+        InitScheme(
+            "large_normal",
+            partial(schemes.scaled_normal_, std=LARGE_STD),
+            f"{LARGE_STD**2:g}",
+            lambda shape: LARGE_STD**2,
+            f"N(0, {LARGE_STD}^2): too large, signals explode or saturate",
+            bad=True,
+        ),
+    ]
 
 
 for _scheme in _builtin():

@@ -1,0 +1,358 @@
+"""``probe``: one forward and backward pass on a batch, recording how signal and gradient travel.
+
+The model is left exactly as found: parameters, their ``.grad``, buffers (BatchNorm's running
+statistics), train/eval mode, hooks and the global random state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steadygrad import theory
+from steadygrad.measure.records import FlowReport, LayerRecord
+from steadygrad.measure.stats import (
+    ACTIVATION_FIELDS,
+    activation_kind,
+    activation_stats,
+    gradient_stats,
+    primary_layer,
+    unit_stats,
+    weight_stats,
+)
+from steadygrad.nets import DeepNet
+from steadygrad.norm.modules import GroupNorm, LayerNorm, _NormBase
+
+__all__ = ["DEFAULT_LAYER_TYPES", "probe", "select_layers"]
+
+DEFAULT_LAYER_TYPES = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.RNNBase,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    _NormBase,
+    LayerNorm,
+    GroupNorm,
+)
+
+LayerSelector = type | tuple[type, ...] | str | Sequence[str] | None
+
+
+def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a probe records.
+
+    - ``None``: a built network's blocks and head; otherwise every leaf Linear, ConvNd, RNN/LSTM/GRU and
+      normalization module.
+    - a class or tuple of classes: every module of those types.
+    - a glob pattern or list of them, matched against module names (``"block*"``, ``"*.linear"``).
+    """
+    # a model with no submodules is its own only layer, named after its class
+    named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
+    if layers is None:
+        if isinstance(model, DeepNet):
+            return [(n, m) for n, m in model.named_children()]
+        return [(n, m) for n, m in named if isinstance(m, DEFAULT_LAYER_TYPES)]
+    if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
+        return [(n, m) for n, m in named if isinstance(m, layers)]
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError("layers= takes a module class, a tuple of classes, or name patterns (strings).")
+    return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+@dataclass
+class _Call:
+    """One call of a selected module during the forward pass, with its statistics as device tensors."""
+
+    name: str
+    module: nn.Module
+    call: int
+    activation: torch.Tensor | None = None
+    units: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _prepare_inputs(inputs):
+    """Detached copies that require grad (floating tensors only), in the same structure."""
+    if isinstance(inputs, torch.Tensor):
+        copy = inputs.detach().clone()
+        return copy.requires_grad_(True) if copy.is_floating_point() else copy
+    if isinstance(inputs, Mapping):
+        return {k: _prepare_inputs(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_prepare_inputs(v) for v in inputs)
+    return inputs
+
+
+def _call(model: nn.Module, inputs):
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _loss(output, targets, loss: Callable | None, seed: int) -> torch.Tensor:
+    if loss is not None:
+        return loss(output) if targets is None else loss(output, targets)
+    first = _first_tensor(output)
+    if first is None:
+        raise ValueError("The model returned no floating-point tensor to take a loss of.")
+    if targets is not None:
+        if not targets.is_floating_point():
+            return F.cross_entropy(first, targets)
+        return F.mse_loss(first, targets)
+    # No targets: a fixed random projection of every output, L = sum(r * y) / N, whose gradient
+    # dL/dy = r / N has the same scale whatever the output's: the per-layer gradients then show the
+    # backward pass alone.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    total = torch.zeros((), device=first.device)
+    for y in _tensors(output):
+        if y.is_floating_point() and y.requires_grad:
+            r = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+            total = total + (y * r).sum() / max(y.shape[0] if y.dim() else 1, 1)
+    return total
+
+
+def probe(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor | None = None,
+    loss: Callable | None = None,
+    layers: LayerSelector = None,
+    *,
+    seed: int = 0,
+    theory_prediction: bool = True,
+) -> FlowReport:
+    """One forward and backward pass on ``inputs``; per layer, how the signal and the gradient fared.
+
+    Args:
+        model: any ``nn.Module``; it is left exactly as found.
+        inputs: a tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)``).
+        targets: integer class labels (cross-entropy) or float targets (mean squared error).
+        loss: ``loss(output, targets)`` (or ``loss(output)`` without targets), replacing the default.
+            Without targets or loss, the loss is a fixed random projection of the output, so that the
+            gradient entering the last layer has the same scale for every model.
+        layers: which modules to record (``select_layers``).
+        seed: seeds the random projection; the global random state is left untouched either way.
+        theory_prediction: for a built MLP with no norm and no skips, attach the mean-field prediction.
+
+    Returns:
+        A ``FlowReport`` with one ``LayerRecord`` per call of a selected module, in execution order.
+
+    Example:
+        >>> net = build(NetSpec(depth=20, width=64, activation="tanh", init="glorot_uniform"))
+        >>> report = probe(net, torch.randn(128, 64))
+        >>> print(report.summary())  # doctest: +SKIP
+        Gradient shrinks about 0.95x per layer over 21 layers; ...
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.")
+    selected = select_layers(model, layers)
+    if not selected:
+        names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
+        raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
+
+    parameters = list(model.parameters())
+    saved_grads = [p.grad for p in parameters]
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    calls: list[_Call] = []
+    counts: dict[str, int] = {}
+    pending_units: dict[int, torch.Tensor] = {}
+    devices = sorted(
+        {p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None}
+    )
+    try:
+        for p in parameters:
+            p.grad = None
+        for name, module in selected:
+            kind, act_module = activation_kind(module)
+            if act_module is not None and act_module is not module:
+                handles.append(act_module.register_forward_hook(_unit_hook(module, kind, pending_units)))
+            handles.append(
+                module.register_forward_hook(
+                    _output_hook(
+                        name, module, kind if act_module is module else None, calls, counts, pending_units
+                    )
+                )
+            )
+        with torch.random.fork_rng(devices=devices):
+            prepared = _prepare_inputs(inputs)
+            output = _call(model, prepared)
+            loss_value = _loss(output, targets, loss, seed)
+            if not loss_value.requires_grad:
+                raise ValueError("The loss does not depend on any parameter or input that requires grad.")
+            loss_value.backward()
+        records = _records(calls)
+        input_grads = [t.grad for t in _tensors(prepared) if t.is_floating_point() and t.grad is not None]
+        input_grad_norm = (
+            float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm())
+            if input_grads
+            else math.nan
+        )
+        report = FlowReport(
+            records=records,
+            loss=float(loss_value.detach()),
+            input_grad_norm=input_grad_norm,
+            label=model.spec.label() if isinstance(model, DeepNet) else type(model).__name__,
+            unused=[name for name, _ in selected if name not in counts],
+        )
+        if theory_prediction and layers is None:
+            _attach_theory(model, report, inputs)
+        return report
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(parameters, saved_grads, strict=True):
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, saved in saved_buffers:
+                buffer.copy_(saved)
+
+
+def _unit_hook(parent: nn.Module, kind: str, pending: dict[int, torch.Tensor]):
+    def hook(module, args, output):
+        y = _first_tensor(output)
+        if y is not None:
+            pending[id(parent)] = unit_stats(y, kind)
+
+    return hook
+
+
+def _output_hook(name, module, own_kind, calls, counts, pending):
+    def hook(mod, args, output):
+        y = _first_tensor(output)
+        counts[name] = counts.get(name, 0) + 1
+        record = _Call(name, module, counts[name])
+        calls.append(record)
+        if y is None:
+            return
+        record.activation = activation_stats(y)
+        record.units = unit_stats(y, own_kind) if own_kind else pending.pop(id(module), None)
+        if y.requires_grad:
+
+            def grad_hook(grad, record=record):
+                record.gradient = gradient_stats(grad)
+
+            y.register_hook(grad_hook)
+
+    return hook
+
+
+def _kind(module: nn.Module) -> str:
+    """The class name; for an ``nn.Sequential`` block, its parts: ``Linear+BatchNorm1d+ReLU``."""
+    if type(module) is nn.Sequential and len(module):
+        return "+".join(type(m).__name__ for m in module)
+    return type(module).__name__
+
+
+def _records(calls: list[_Call]) -> list[LayerRecord]:
+    nan = torch.full((2,), math.nan, dtype=torch.float64)
+    records = []
+    for index, c in enumerate(calls):
+        parts = [
+            (
+                c.activation if c.activation is not None else torch.full((6,), math.nan, dtype=torch.float64)
+            ).cpu(),
+            (c.units if c.units is not None else nan).cpu(),
+            (c.gradient if c.gradient is not None else nan).cpu(),
+            weight_stats(primary_layer(c.module)),
+        ]
+        values = torch.cat(parts).tolist()  # one host copy per record
+        act = dict(zip(ACTIVATION_FIELDS, values[:6], strict=True))
+        records.append(
+            LayerRecord(
+                name=c.name,
+                kind=_kind(c.module),
+                index=index,
+                call=c.call,
+                act_mean=act["act_mean"],
+                act_std=act["act_std"],
+                act_min=act["act_min"],
+                act_max=act["act_max"],
+                act_second_moment=act["act_second_moment"],
+                nonfinite_act=int(act["nonfinite_act"]) if math.isfinite(act["nonfinite_act"]) else 0,
+                saturated=values[6],
+                dead=values[7],
+                grad_norm=values[8],
+                nonfinite_grad=int(values[9]) if math.isfinite(values[9]) else 0,
+                weight_grad_norm=values[10],
+                bias_grad_norm=values[11],
+                weight_var=values[12],
+            )
+        )
+    for current, following in itertools.pairwise(records):
+        if (
+            math.isfinite(current.grad_norm)
+            and math.isfinite(following.grad_norm)
+            and following.grad_norm > 0
+        ):
+            current.grad_ratio = current.grad_norm / following.grad_norm
+    return records
+
+
+def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:
+    """Mean-field predictions beside the measurements of a built MLP without norm or skips."""
+    if not isinstance(model, DeepNet):
+        return
+    spec = model.spec
+    if (
+        spec.kind != "mlp"
+        or spec.norm != "none"
+        or spec.skip != "none"
+        or not isinstance(inputs, torch.Tensor)
+    ):
+        return
+    linears = [block.linear for block in model.blocks] + [model.head]
+    sigma_w2 = [float(m.weight.detach().double().var()) * m.in_features for m in linears]
+    sigma_b2 = [
+        float(m.bias.detach().double().var()) if m.bias is not None and m.bias.numel() > 1 else 0.0
+        for m in linears
+    ]
+    q_input = float(inputs.detach().double().square().mean())
+    second_moments, relative = theory.mlp_prediction(sigma_w2, sigma_b2, spec.activation, q_input)
+    blocks = [r for r in report.records if r.name.startswith("block")]
+    if len(blocks) != spec.depth:
+        return  # a block called more or fewer times than once: the prediction does not apply
+    last = blocks[-1].grad_norm
+    for record, moment, rel in zip(blocks, second_moments, relative, strict=True):
+        record.predicted_second_moment = float(moment)
+        record.predicted_grad_norm = float(last * rel) if math.isfinite(last) else math.nan
+    report.theory = (
+        "mean-field prediction (Poole et al. 2016; Schoenholz et al. 2017) from the measured weight scales "
+        "sigma_w^2 = Var[W] * fan_in and the input's second moment, anchored at the last block's gradient."
+    )

@@ -1,0 +1,259 @@
+"""The per-layer record that the probe and the monitor both produce, and the report around them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["FlowReport", "LayerRecord"]
+
+
+@dataclass
+class LayerRecord:
+    """What one layer did in one forward and backward pass. Floats are NaN where not applicable."""
+
+    name: str  # module name in model.named_modules()
+    kind: str  # module class
+    index: int  # position in execution order, 0 = first
+    call: int = 1  # which call, for a module used several times in one forward
+    act_mean: float = math.nan  # statistics of the layer's output (finite values only)
+    act_std: float = math.nan
+    act_min: float = math.nan
+    act_max: float = math.nan
+    act_second_moment: float = math.nan  # E[y^2]
+    saturated: float = math.nan  # fraction of saturated tanh/sigmoid outputs
+    dead: float = math.nan  # fraction of rectifier units <= 0 for every sample
+    grad_norm: float = math.nan  # ||dL/d output||
+    grad_ratio: float = math.nan  # grad_norm / the next layer's grad_norm
+    weight_grad_norm: float = math.nan
+    bias_grad_norm: float = math.nan
+    weight_var: float = math.nan
+    nonfinite_act: int = 0  # NaN/Inf values in the output
+    nonfinite_grad: int = 0  # NaN/Inf values in the gradient
+    predicted_grad_norm: float = math.nan  # mean-field theory, where it applies
+    predicted_second_moment: float = math.nan
+
+    @property
+    def label(self) -> str:
+        return self.name if self.call == 1 else f"{self.name} (call {self.call})"
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (math.nan if v is None else v) for k, v in data.items() if k in names})
+
+
+def _fmt(value: float, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if percent:
+        return f"{100 * value:.0f}%"
+    return f"{value:.3g}"
+
+
+@dataclass
+class FlowReport:
+    """How signal and gradient travelled through a model in one step: a record per layer.
+
+    ``table()`` for the terminal, ``summary()`` in plain words, ``plot()`` for the eye, ``to_dict()`` /
+    ``to_json()`` for files; in a notebook it shows itself as a table with its plot.
+    """
+
+    records: list[LayerRecord]
+    loss: float = math.nan
+    input_grad_norm: float = math.nan
+    label: str = ""
+    unused: list[str] = field(default_factory=list)  # selected layers the forward never called
+    theory: str = ""  # what the mean-field prediction assumed, when one is attached
+
+    # -- numbers -------------------------------------------------------------------------------------
+    def _with_gradient(self) -> list[LayerRecord]:
+        return [r for r in self.records if math.isfinite(r.grad_norm) and r.grad_norm > 0]
+
+    @property
+    def gradient_ratio(self) -> float:
+        """||dL/dy|| at the first layer over the last layer's (NaN without gradients)."""
+        layers = self._with_gradient()
+        return layers[0].grad_norm / layers[-1].grad_norm if len(layers) >= 2 else math.nan
+
+    @property
+    def gradient_factor_per_layer(self) -> float:
+        """Geometric mean of the gradient's change per layer, from the last layer back to the first."""
+        layers = self._with_gradient()
+        if len(layers) < 2:
+            return math.nan
+        return self.gradient_ratio ** (1.0 / (len(layers) - 1))
+
+    # -- text ----------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """What happened, in plain words."""
+        lines = []
+        layers = self._with_gradient()
+        if len(layers) >= 2:
+            factor, ratio, n = self.gradient_factor_per_layer, self.gradient_ratio, len(layers)
+            if 0.5 <= ratio <= 2:
+                lines.append(
+                    f"Gradient is steady: about {factor:.2f}x per layer over {n} layers, "
+                    f"{ratio:.2g} of its last-layer size at layer 1."
+                )
+            else:
+                verb = "shrinks" if ratio < 1 else "grows"
+                size = "of" if ratio < 1 else "times"
+                lines.append(
+                    f"Gradient {verb} about {factor:.2f}x per layer over {n} layers; at layer 1 it is "
+                    f"{ratio:.2g} {size} its last-layer size."
+                )
+        finite_std = [r for r in self.records if math.isfinite(r.act_std)]
+        if len(finite_std) >= 2:
+            lines.append(
+                f"Activation std goes from {finite_std[0].act_std:.3g} ({finite_std[0].label}) to "
+                f"{finite_std[-1].act_std:.3g} ({finite_std[-1].label})."
+            )
+        for what, attr in (("saturated", "saturated"), ("dead", "dead")):
+            bad = [r for r in self.records if math.isfinite(getattr(r, attr)) and getattr(r, attr) > 0.5]
+            if bad:
+                worst = max(bad, key=lambda r: getattr(r, attr))
+                lines.append(
+                    f"{len(bad)} layer(s) have most units {what} (worst: {worst.label}, "
+                    f"{100 * getattr(worst, attr):.0f}%)."
+                )
+        broken = [r for r in self.records if r.nonfinite_act or r.nonfinite_grad]
+        if broken:
+            first = broken[0]
+            where = "output" if first.nonfinite_act else "gradient"
+            lines.append(f"Non-finite values first appear in the {where} of {first.label}.")
+        if math.isfinite(self.input_grad_norm):
+            lines.append(f"Gradient norm with respect to the input: {self.input_grad_norm:.3g}.")
+        predicted = [r for r in layers if math.isfinite(r.predicted_grad_norm)]
+        if len(predicted) >= 2:
+            p = predicted[0].predicted_grad_norm / predicted[-1].predicted_grad_norm
+            m = predicted[0].grad_norm / predicted[-1].grad_norm
+            lines.append(
+                f"Mean-field theory predicts a first/last gradient ratio of {p:.3g}; measured {m:.3g}."
+            )
+        if self.unused:
+            lines.append(f"Never called in the forward pass: {', '.join(self.unused)}.")
+        return "\n".join(lines)
+
+    def table(self):
+        """A ``rich.table.Table`` with one row per record."""
+        from rich.table import Table
+
+        theory = any(math.isfinite(r.predicted_grad_norm) for r in self.records)
+        table = Table(title=self.label or None, title_justify="left")
+        columns = [
+            "#",
+            "layer",
+            "kind",
+            "act mean",
+            "act std",
+            "sat",
+            "dead",
+            "grad norm",
+            "ratio",
+            "W grad",
+            "W var",
+        ] + (["predicted grad"] if theory else [])
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+        for r in self.records:
+            row = [
+                str(r.index + 1),
+                r.label,
+                r.kind,
+                _fmt(r.act_mean),
+                _fmt(r.act_std),
+                _fmt(r.saturated, True),
+                _fmt(r.dead, True),
+                _fmt(r.grad_norm),
+                _fmt(r.grad_ratio),
+                _fmt(r.weight_grad_norm),
+                _fmt(r.weight_var),
+            ] + ([_fmt(r.predicted_grad_norm)] if theory else [])
+            style = "red" if (r.nonfinite_act or r.nonfinite_grad) else None
+            table.add_row(*row, style=style)
+        return table
+
+    # -- files ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "label": self.label,
+            "loss": clean(self.loss),
+            "input_grad_norm": clean(self.input_grad_norm),
+            "gradient_ratio": clean(self.gradient_ratio),
+            "gradient_factor_per_layer": clean(self.gradient_factor_per_layer),
+            "summary": self.summary(),
+            "theory": self.theory,
+            "unused": list(self.unused),
+            "layers": [r.to_dict() for r in self.records],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON (NaN written as null); also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FlowReport:
+        def num(v):
+            return math.nan if v is None else v
+
+        return cls(
+            records=[LayerRecord.from_dict(r) for r in data["layers"]],
+            loss=num(data.get("loss")),
+            input_grad_norm=num(data.get("input_grad_norm")),
+            label=data.get("label", ""),
+            unused=list(data.get("unused", [])),
+            theory=data.get("theory", ""),
+        )
+
+    # -- pictures ------------------------------------------------------------------------------------
+    def plot(self, path: str | Path | None = None):
+        """Activation std and gradient norm per layer, log scale; returns the matplotlib Figure."""
+        from steadygrad.measure.plot import plot_flow
+
+        return plot_flow([self], path)
+
+    def _repr_html_(self) -> str:
+        from steadygrad.measure.plot import figure_png
+
+        head = "".join(
+            f"<th>{html.escape(c)}</th>"
+            for c in ("#", "layer", "kind", "act std", "sat", "dead", "grad norm", "ratio")
+        )
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    r.index + 1,
+                    r.label,
+                    r.kind,
+                    _fmt(r.act_std),
+                    _fmt(r.saturated, True),
+                    _fmt(r.dead, True),
+                    _fmt(r.grad_norm),
+                    _fmt(r.grad_ratio),
+                )
+            )
+            + "</tr>"
+            for r in self.records
+        )
+        png = base64.b64encode(figure_png(self.plot())).decode()
+        summary = html.escape(self.summary()).replace("\n", "<br>")
+        return (
+            f"<div><p>{summary}</p><img src='data:image/png;base64,{png}' style='max-width:100%'>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+        )

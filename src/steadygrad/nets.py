@@ -1,0 +1,264 @@
+"""Deep networks from a typed spec: the depth x activation x init x norm x skip grid in one dataclass.
+
+    net = build(NetSpec(kind="mlp", depth=50, width=256, activation="tanh", init="glorot_uniform"))
+
+``build`` returns a plain ``nn.Module`` whose blocks are named in depth order (``block01``,
+``block02``, ..., ``head``), so every measurement labels layers by depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steadygrad._checks import check_choice
+from steadygrad.init import get as get_init
+from steadygrad.init import init_model
+from steadygrad.norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
+
+__all__ = ["ACTIVATIONS", "CELLS", "KINDS", "NORMS", "NORM_POSITIONS", "SKIPS", "DeepNet", "NetSpec", "build"]
+
+KINDS = ("mlp", "cnn", "rnn")
+CELLS = ("rnn", "lstm", "gru")
+NORMS = ("none", "batch", "layer", "group", "instance")
+NORM_POSITIONS = ("before", "after")
+SKIPS = ("none", "residual", "dense")
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "selu": nn.SELU,
+    "identity": nn.Identity,
+}
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What to build. Every field is checked on creation; a bad value raises ``ValueError`` naming the
+    field and the accepted values."""
+
+    kind: str = "mlp"  # mlp: Linear blocks; cnn: 3x3 convolution blocks; rnn: stacked recurrent layers
+    depth: int = 10  # number of hidden blocks (weight layers before the head)
+    width: int = 64  # units (mlp, rnn) or channels (cnn) of every block
+    in_features: int = 64  # input features (mlp; rnn: per time step) or input channels (cnn)
+    out_features: int = 10  # outputs of the linear head
+    activation: str = "relu"  # one of ACTIVATIONS; rnn: the tanh-RNN cell's nonlinearity (tanh or relu)
+    init: str | Callable = "he_uniform"  # an init registry name (the bad ones included) or a callable
+    norm: str = "none"  # none, batch, layer, group or instance normalization in every block
+    norm_position: str = "before"  # the norm before or after the activation
+    skip: str = "none"  # none; residual: x + scale * block(x); dense: each block sees all earlier outputs
+    bias: bool = True  # biases in the Linear/conv/recurrent layers (redundant right before a norm)
+    residual_scale: float = 1.0  # the residual branch's multiplier (depth ** -0.5 cures variance growth)
+    cell: str = "rnn"  # rnn kind: rnn (Elman, tanh or relu), lstm or gru
+    seq_len: int = 20  # rnn kind: time steps of the input
+    image_size: int = 8  # cnn kind: height and width of the input
+    norm_groups: int = 8  # group norm: number of groups (must divide width)
+
+    def __post_init__(self) -> None:
+        def choose(field: str, accepted) -> None:
+            object.__setattr__(self, field, check_choice(f"NetSpec.{field}", getattr(self, field), accepted))
+
+        choose("kind", KINDS)
+        choose("activation", ACTIVATIONS)
+        choose("norm", NORMS)
+        choose("norm_position", NORM_POSITIONS)
+        choose("skip", SKIPS)
+        choose("cell", CELLS)
+        for field in (
+            "depth",
+            "width",
+            "in_features",
+            "out_features",
+            "seq_len",
+            "image_size",
+            "norm_groups",
+        ):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NetSpec.{field} must be a positive integer; got {value!r}.")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"NetSpec.bias must be True or False; got {self.bias!r}.")
+        if not (isinstance(self.residual_scale, (int, float)) and math.isfinite(self.residual_scale)):
+            raise ValueError(f"NetSpec.residual_scale must be a finite number; got {self.residual_scale!r}.")
+        get_init(self.init)  # raises, listing the registry's names, on an unknown scheme
+        if self.norm == "group" and self.width % self.norm_groups:
+            raise ValueError(
+                f"NetSpec.norm_groups ({self.norm_groups}) must divide NetSpec.width ({self.width}) "
+                "for group norm."
+            )
+        if self.kind == "mlp" and self.norm == "instance":
+            raise ValueError(
+                "NetSpec.norm='instance' needs spatial positions to average over; an mlp has none. "
+                "Use kind='cnn', or norm='layer' or 'batch'."
+            )
+        if self.kind == "rnn":
+            if self.norm not in ("none", "layer"):
+                raise ValueError(f"NetSpec.norm for kind='rnn' must be none or layer; got {self.norm!r}.")
+            accepted = ("tanh", "relu") if self.cell == "rnn" else ("tanh",)
+            if self.activation not in accepted:
+                raise ValueError(
+                    f"NetSpec.activation for an {self.cell} cell must be one of {', '.join(accepted)} "
+                    f"(LSTM and GRU have fixed sigmoid gates and tanh candidates); got {self.activation!r}."
+                )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input example: (in_features,), (C, H, W) or (seq_len, in_features)."""
+        if self.kind == "cnn":
+            return (self.in_features, self.image_size, self.image_size)
+        if self.kind == "rnn":
+            return (self.seq_len, self.in_features)
+        return (self.in_features,)
+
+    def replace(self, **changes) -> NetSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if not isinstance(self.init, str):
+            out["init"] = getattr(self.init, "__name__", repr(self.init))
+        return out
+
+    def label(self) -> str:
+        """A short human label: ``mlp-50x256 tanh glorot_uniform``, plus norm and skip when present."""
+        init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "custom")
+        kind = self.kind if self.kind != "rnn" else f"{self.cell}-T{self.seq_len}"
+        parts = [f"{kind}-{self.depth}x{self.width}", self.activation, init]
+        if self.norm != "none":
+            parts.append(f"{self.norm}norm-{self.norm_position}")
+        if self.skip != "none":
+            parts.append(self.skip)
+        return " ".join(parts)
+
+
+class _Recurrent(nn.Module):
+    """One recurrent layer returning only its output sequence (N, T, H), so it composes like a block."""
+
+    def __init__(self, spec: NetSpec, in_features: int) -> None:
+        super().__init__()
+        kwargs = {
+            "input_size": in_features,
+            "hidden_size": spec.width,
+            "bias": spec.bias,
+            "batch_first": True,
+        }
+        if spec.cell == "rnn":
+            self.rnn = nn.RNN(nonlinearity=spec.activation, **kwargs)
+        else:
+            self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[spec.cell](**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def _norm(spec: NetSpec) -> nn.Module:
+    width = spec.width
+    if spec.kind == "cnn":
+        return {
+            "batch": lambda: BatchNorm2d(width),
+            "layer": lambda: GroupNorm(1, width),  # layer norm over (C, H, W), per-channel affine
+            "group": lambda: GroupNorm(spec.norm_groups, width),
+            "instance": lambda: InstanceNorm2d(width, affine=True),
+        }[spec.norm]()
+    return {
+        "batch": lambda: BatchNorm1d(width),
+        "layer": lambda: LayerNorm(width),
+        "group": lambda: GroupNorm(spec.norm_groups, width),
+    }[spec.norm]()
+
+
+def _block(spec: NetSpec, in_features: int) -> nn.Sequential:
+    """layer -> norm -> activation (norm_position "before") or layer -> activation -> norm ("after")."""
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    if spec.kind == "rnn":
+        parts["rnn"] = _Recurrent(spec, in_features)
+        if spec.norm != "none":
+            parts["norm"] = _norm(spec)
+        return nn.Sequential(parts)
+    if spec.kind == "cnn":
+        parts["conv"] = nn.Conv2d(in_features, spec.width, 3, padding=1, bias=spec.bias)
+    else:
+        parts["linear"] = nn.Linear(in_features, spec.width, bias=spec.bias)
+    activation = ("act", ACTIVATIONS[spec.activation]())
+    norm = ("norm", _norm(spec)) if spec.norm != "none" else None
+    ordered = [norm, activation] if spec.norm_position == "before" else [activation, norm]
+    parts.update(item for item in ordered if item is not None)
+    return nn.Sequential(parts)
+
+
+class DeepNet(nn.Module):
+    """The network ``build`` returns: ``block01`` ... ``blockNN`` then ``head``.
+
+    - skip "none": x -> block01 -> ... -> blockNN -> head.
+    - skip "residual": block01 maps the input to ``width``; then x <- x + residual_scale * block(x).
+    - skip "dense" (DenseNet, Huang et al. 2017): each block, and the head, receives the concatenation
+      of the input and every earlier block's output along the feature axis.
+    """
+
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self._cat_dim = -1 if spec.kind == "rnn" else 1
+        digits = max(2, len(str(spec.depth)))  # block01 ... block50: names sort in depth order
+        for i in range(spec.depth):
+            if spec.skip == "dense":
+                in_features = spec.in_features + i * spec.width
+            else:
+                in_features = spec.in_features if i == 0 else spec.width
+            self.add_module(f"block{i + 1:0{digits}d}", _block(spec, in_features))
+        head_in = spec.in_features + spec.depth * spec.width if spec.skip == "dense" else spec.width
+        head = nn.Linear(head_in, spec.out_features)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head) if spec.kind == "cnn" else head
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [m for name, m in self.named_children() if name.startswith("block")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.blocks
+        if self.spec.skip == "dense":
+            features = [x]
+            for block in blocks:
+                features.append(block(torch.cat(features, dim=self._cat_dim)))
+            x = torch.cat(features, dim=self._cat_dim)
+        elif self.spec.skip == "residual":
+            x = blocks[0](x)
+            for block in blocks[1:]:
+                x = x + self.spec.residual_scale * block(x)
+        else:
+            for block in blocks:
+                x = block(x)
+        if self.spec.kind == "rnn":
+            x = x[:, -1]  # the last time step
+        return self.head(x)
+
+    def extra_repr(self) -> str:
+        return f"spec: {self.spec.label()}"
+
+
+def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet:
+    """Build the network ``spec`` describes and initialize it with ``spec.init`` (biases zero).
+
+    Args:
+        spec: the network's description.
+        generator: random source for the weights; a seeded generator makes the build reproducible.
+
+    Example:
+        >>> net = build(NetSpec(depth=4, width=32, in_features=10, activation="tanh", skip="dense"))
+        >>> net(torch.randn(8, 10)).shape
+        torch.Size([8, 10])
+    """
+    if not isinstance(spec, NetSpec):
+        raise TypeError(f"build takes a NetSpec; got {type(spec).__name__}.")
+    net = DeepNet(spec)
+    init_model(net, spec.init, generator=generator)
+    return net

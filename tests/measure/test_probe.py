@@ -1,0 +1,288 @@
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from steadygrad import theory
+from steadygrad.init import init_model, orthogonal_
+from steadygrad.measure import FlowReport, probe
+from steadygrad.nets import NetSpec, build
+
+
+def _x(*shape, seed=100):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sigma_w_init(sigma_w2):
+    """W ~ N(0, sigma_w^2 / fan_in), the mean-field papers' parametrization."""
+
+    def init(tensor, generator=None):
+        return tensor.normal_(0.0, math.sqrt(sigma_w2 / tensor.shape[1]), generator=generator)
+
+    return init
+
+
+# ---- oracles ---------------------------------------------------------------------------------------
+
+
+def test_deep_linear_net_with_orthogonal_init_preserves_the_gradient_norm():
+    spec = NetSpec(depth=40, width=64, in_features=64, activation="identity", init=orthogonal_, bias=False)
+    net = build(spec).double()
+    init_model(net, orthogonal_, generator=torch.Generator().manual_seed(0))  # orthogonal to float64 rounding
+    report = probe(net, _x(32, 64).double())
+    blocks = [r.grad_norm for r in report.records if r.name.startswith("block")]
+    assert len(blocks) == 40
+    torch.testing.assert_close(
+        torch.tensor(blocks, dtype=torch.float64),
+        torch.full((40,), blocks[-1], dtype=torch.float64),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sigma_w2", "expected"), [(0.5, 2.7e-8), (1.0, 0.12), (4.0, 1.6e3)], ids=["ordered", "sigma1", "chaotic"]
+)
+def test_tanh_gradient_ratio_follows_mean_field_theory(sigma_w2, expected):
+    x = _x(128, 256)
+    net = build(
+        NetSpec(depth=50, width=256, in_features=256, activation="tanh", init=sigma_w_init(sigma_w2)),
+        torch.Generator().manual_seed(1),
+    )
+    report = probe(net, x, layers="block*.linear")  # the pre-activations h_1 ... h_50
+    measured = report.records[0].grad_norm / report.records[-1].grad_norm
+    predicted = theory.gradient_ratio(50, sigma_w2, 0.0, "tanh", float(x.square().mean()))
+    assert predicted == pytest.approx(expected, rel=0.05)  # the issue's numbers
+    assert abs(math.log(measured / predicted)) < 0.3
+
+
+@pytest.mark.parametrize(("init", "sigma_w2"), [("he_normal", 2.0), ("glorot_normal", 1.0)])
+def test_relu_second_moment_follows_the_closed_form(init, sigma_w2):
+    # finite width makes q_L log-normal around the closed form (Hanin & Rolnick 2018), which holds in
+    # expectation: average over seeds at a width where the spread is small
+    ratios = []
+    for seed in range(6):
+        x = _x(64, 1024, seed=100 + seed)
+        net = build(
+            NetSpec(depth=30, width=1024, in_features=1024, activation="relu", init=init),
+            torch.Generator().manual_seed(seed),
+        )
+        report = probe(net, x, layers="block*.linear")
+        ratios.append(report.records[-1].act_second_moment / float(x.square().mean()))
+    closed = theory.relu_second_moment(30, sigma_w2)  # He: 2, Glorot: 2^-29 ~= 1.9e-9
+    assert abs(math.log(statistics.mean(ratios) / closed)) < math.log(2)
+
+
+def test_relu_he_keeps_activation_variance_and_glorot_halves_it():
+    # one draw at width 256 wanders by a factor e either way over 50 layers (log-variance ~ 5L/N):
+    # the variance is kept in expectation, so average each layer's variance over seeds
+    variances = torch.zeros(50, dtype=torch.float64)
+    for seed in range(16):
+        net = build(
+            NetSpec(depth=50, width=256, in_features=256, init="he_normal"),
+            torch.Generator().manual_seed(seed),
+        )
+        he = probe(net, _x(128, 256, seed=100 + seed))
+        variances += torch.tensor([r.act_std**2 for r in he.records if r.name.startswith("block")]) / 16
+    assert float(variances.max() / variances.min()) < 2
+    x = _x(128, 256)
+    glorot = probe(
+        build(
+            NetSpec(depth=50, width=256, in_features=256, init="glorot_normal"),
+            torch.Generator().manual_seed(0),
+        ),
+        x,
+    )
+    second = [r.act_second_moment for r in glorot.records if r.name.startswith("block")]
+    per_layer = (second[-1] / second[0]) ** (1 / 49)
+    assert per_layer == pytest.approx(0.5, rel=0.05)
+    assert 2.0**-55 < second[-1] / second[0] < 2.0**-43  # about 2^-49
+
+
+def test_sigmoid_net_vanishes_and_large_tanh_saturates():
+    x = _x(128, 64)
+    sigmoid = probe(
+        build(
+            NetSpec(depth=20, width=64, activation="sigmoid", init="glorot_uniform"),
+            torch.Generator().manual_seed(0),
+        ),
+        x,
+    )
+    assert sigmoid.gradient_ratio < 1e-5
+    assert "shrinks" in sigmoid.summary()
+    tanh = probe(
+        build(
+            NetSpec(depth=20, width=64, activation="tanh", init="large_normal"),
+            torch.Generator().manual_seed(0),
+        ),
+        x,
+    )
+    saturated = [r.saturated for r in tanh.records if r.name.startswith("block")]
+    assert min(saturated[1:]) > 0.6  # closed form at std 1, width 64: P(|h| > 2.65) ~= 0.71
+    assert "saturated" in tanh.summary()
+
+
+def test_skip_connections_raise_the_input_gradient_of_the_seeds_four_layer_net():
+    means = {}
+    for skip in ("none", "residual", "dense"):
+        norms = []
+        for seed in range(20):
+            spec = NetSpec(
+                depth=4,
+                width=32,
+                in_features=10,
+                out_features=1,
+                activation="sigmoid",
+                init="glorot_uniform",
+                skip=skip,
+            )
+            net = build(spec, torch.Generator().manual_seed(seed))
+            norms.append(probe(net, _x(32, 10, seed=1000 + seed)).input_grad_norm)
+        means[skip] = statistics.mean(norms)
+    assert means["residual"] > 10 * means["none"]
+    assert means["dense"] > 10 * means["none"]
+
+
+def test_dead_relus_are_counted():
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        net[0].bias[:8] = -100.0  # half the units can never fire
+    report = probe(net, _x(64, 8), layers=(nn.ReLU,))
+    assert report.records[0].dead == pytest.approx(0.5)
+
+
+# ---- the model is left exactly as found --------------------------------------------------------------
+
+
+def test_model_is_unchanged_after_a_probe():
+    net = build(NetSpec(depth=4, width=16, in_features=8, norm="batch"), torch.Generator().manual_seed(0))
+    net.train()
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    net.block02.register_forward_hook(lambda *a: None)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = [p.grad.clone() for p in net.parameters()]
+    hooks = sum(
+        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in net.modules()
+    )
+    targets = torch.randint(0, 10, (32,))
+    rng = torch.get_rng_state()
+    report = probe(net, _x(32, 8), targets=targets)
+    assert report.records and math.isfinite(report.loss)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key  # parameters and running statistics
+    for p, g in zip(net.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert net.training
+    assert hooks == sum(
+        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in net.modules()
+    )
+    assert torch.equal(rng, torch.get_rng_state())
+    net.eval()
+    probe(net, _x(4, 8))
+    assert not net.training
+
+
+# ---- any module ---------------------------------------------------------------------------------------
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.unused = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.shared(x))))  # the same module twice
+        return {"logits": self.frozen(h), "aux": (h.sum(1),)}
+
+
+def test_dict_tuple_outputs_shared_unused_and_frozen_modules():
+    report = probe(TwoHeads(), _x(8, 6))
+    labels = [r.label for r in report.records]
+    assert labels == ["shared", "shared (call 2)", "frozen"]
+    assert report.unused == ["unused"]
+    assert all(math.isfinite(r.grad_norm) for r in report.records)
+    assert math.isnan(report.records[2].weight_grad_norm)  # frozen: no gradient
+    assert "Never called" in report.summary()
+
+
+def test_convolutional_and_recurrent_models():
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    )
+    report = probe(cnn, _x(4, 3, 8, 8), targets=torch.tensor([0, 1, 2, 3]))
+    assert [r.kind for r in report.records] == ["Conv2d", "BatchNorm2d", "Linear"]
+    lstm = build(
+        NetSpec(kind="rnn", cell="lstm", depth=3, width=8, in_features=4, activation="tanh", seq_len=5)
+    )
+    report = probe(lstm, _x(6, 5, 4))
+    assert len(report.records) == 4 and all(math.isfinite(r.grad_norm) for r in report.records)
+    raw = probe(nn.LSTM(4, 8, batch_first=True), _x(2, 5, 4))
+    assert raw.records[0].kind == "LSTM" and math.isfinite(raw.records[0].weight_grad_norm)
+
+
+def test_layer_selection_by_type_and_pattern():
+    net = build(NetSpec(depth=3, width=8, in_features=4, norm="layer"))
+    assert [r.name for r in probe(net, _x(4, 4), layers="*.norm").records] == [
+        "block01.norm",
+        "block02.norm",
+        "block03.norm",
+    ]
+    assert len(probe(net, _x(4, 4), layers=nn.Linear).records) == 4
+    with pytest.raises(ValueError, match=r"No layer of the model matches layers='conv\*'"):
+        probe(net, _x(4, 4), layers="conv*")
+
+
+def test_non_finite_values_are_counted_not_fatal():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight[0, 0] = math.inf
+    report = probe(net, _x(3, 4))
+    assert report.records[0].nonfinite_act > 0
+    assert "Non-finite values first appear" in report.summary()
+
+
+def test_bad_calls():
+    with pytest.raises(TypeError, match=r"needs an nn\.Module"):
+        probe(lambda x: x, _x(2, 2))
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        probe(nn.Linear(2, 2), _x(2, 2), loss=lambda y: torch.tensor(1.0))
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+
+def test_report_round_trips_and_renders(tmp_path):
+    net = build(NetSpec(depth=6, width=32, activation="tanh", init="glorot_uniform"))
+    report = probe(net, _x(16, 64))
+    data = json.loads(report.to_json(tmp_path / "r.json"))
+    assert data["layers"][0]["name"] == "block01" and data["gradient_ratio"] > 0
+    again = FlowReport.from_dict(json.loads((tmp_path / "r.json").read_text()))
+    assert again.summary() == report.summary()
+    report.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = report._repr_html_()
+    assert "<table>" in page and "data:image/png;base64," in page and "block01" in page
+    assert report.table().row_count == 7
+
+
+def test_theory_is_attached_to_a_built_mlp():
+    net = build(
+        NetSpec(depth=10, width=128, in_features=128, activation="tanh", init="glorot_normal"),
+        torch.Generator().manual_seed(0),
+    )
+    report = probe(net, _x(64, 128))
+    blocks = [r for r in report.records if r.name.startswith("block")]
+    assert all(math.isfinite(r.predicted_grad_norm) for r in blocks)
+    for r in blocks:
+        assert abs(math.log(r.predicted_grad_norm / r.grad_norm)) < 0.3
+        assert abs(math.log(r.predicted_second_moment / r.act_second_moment)) < 0.3
+    assert "Mean-field theory predicts" in report.summary()
+    residual = probe(build(NetSpec(depth=3, width=8, skip="residual")), _x(4, 64))
+    assert all(math.isnan(r.predicted_grad_norm) for r in residual.records)
