@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_PIN)'.split('==')[1] else f'torch {torch.__version__} was installed instead of $(TORCH_PIN)')"
 	touch $@
 
+# Until the lab's `steadygrad demo` exists: He vs Glorot on a 30-layer ReLU net, theory beside measurement.
+DEMO_OUT := steadygrad-report
 demo: install
 	$(VENV)/bin/steadygrad inits --fan-in 10 --fan-out 32
+	$(VENV)/bin/steadygrad probe --depth 30 --width 256 --act relu --init he_uniform,glorot_uniform \
+		--theory --plot $(DEMO_OUT)/probe.png --json $(DEMO_OUT)/probe.json
 
 # pytest exits 5 when it collected no tests: that must fail loudly, never pass.
 test: install

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import steadygrad
 from steadygrad.cli import app
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})  # rich would wrap tables and help at 80
 
 
 def test_version():
@@ -61,3 +61,106 @@ def test_console_script_and_module_entry_points():
         [sys.executable, "-m", "steadygrad", "--help"], capture_output=True, text=True, check=True
     )
     assert "Usage" in done.stdout
+
+
+def test_probe_single_network_with_theory(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            "--depth",
+            "12",
+            "--width",
+            "64",
+            "--act",
+            "tanh",
+            "--init",
+            "glorot_uniform",
+            "--theory",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "block12" in result.output and "theory:" in result.output
+    assert "Mean-field theory predicts" in result.output
+    payload = json.loads((tmp_path / "p.json").read_text())
+    (report,) = payload["reports"]
+    assert report["spec"]["depth"] == 12 and len(report["layers"]) == 13
+    assert report["layers"][0]["predicted_grad_norm"] is not None
+
+
+def test_probe_compares_comma_separated_specs(tmp_path):
+    plot = tmp_path / "flow.png"
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            "--depth",
+            "4",
+            "--width",
+            "32",
+            "--in-features",
+            "10",
+            "--act",
+            "sigmoid",
+            "--skip",
+            "none,residual,dense",
+            "--plot",
+            str(plot),
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Side by side" in result.output
+    reports = json.loads((tmp_path / "s.json").read_text())["reports"]
+    assert [r["spec"]["skip"] for r in reports] == ["none", "residual", "dense"]
+    grads = {r["spec"]["skip"]: r["input_grad_norm"] for r in reports}
+    assert grads["residual"] > grads["none"] and grads["dense"] > grads["none"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_product_of_lists():
+    result = runner.invoke(app, ["probe", "--depth", "3,5", "--act", "relu,tanh", "--width", "16"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("mlp-") >= 4
+
+
+def test_probe_other_kinds():
+    for args in (
+        ["--kind", "cnn", "--norm", "batch", "--depth", "3", "--width", "8", "--in-features", "3"],
+        ["--kind", "rnn", "--cell", "lstm", "--act", "tanh", "--depth", "2", "--width", "8"],
+    ):
+        result = runner.invoke(app, ["probe", *args, "--batch", "8"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--act", "swish"], "Unknown --act 'swish'. Accepted: sigmoid, tanh"),
+        (["--depth", "abc"], "--depth takes integers"),
+        (["--depth", "0"], "--depth must be a positive integer"),
+        (["--bias", "maybe"], "--bias takes yes or no"),
+        (["--norm", "group", "--width", "10"], "--norm-groups (8) must divide --width (10)"),
+        (["--init", "he"], "Unknown initialization scheme 'he'"),
+        (["--layers", "nothing*"], "No layer of the model matches"),
+        (["--batch", "1"], "--batch"),
+        (["--depth", ","], "--depth got no value"),
+    ],
+    ids=["act", "depth_text", "depth_zero", "bias", "groups", "init", "layers", "batch", "empty"],
+)
+def test_probe_bad_options_exit_2_with_a_message(args, message):
+    result = runner.invoke(app, ["probe", *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_probe_help_teaches():
+    result = runner.invoke(app, ["probe", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Comma-separated values compare several networks" in text
+    assert "--skip none,residual,dense" in text

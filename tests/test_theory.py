@@ -47,7 +47,7 @@ def test_critical_sigma_w2_of_tanh():
 def test_fixed_point_is_a_fixed_point():
     q_star = theory.fixed_point(2.5, 0.1, "tanh")
     assert theory.length_map(q_star, 2.5, 0.1, "tanh") == pytest.approx(q_star, rel=1e-10)
-    with pytest.raises(ValueError, match="does not converge"):
+    with pytest.raises(ValueError, match="no finite fixed point"):
         theory.fixed_point(3.0, 0.0, "relu")
 
 
@@ -100,3 +100,18 @@ def test_residual_variance_matches_a_measured_network(scale):
 def test_mlp_prediction_validates():
     with pytest.raises(ValueError, match="L \\+ 1 >= 2"):
         theory.mlp_prediction([1.0], [0.0], "tanh")
+
+
+@pytest.mark.parametrize("q", [1e-4, 233.0, 5e3])
+def test_moments_stay_accurate_where_the_activation_turns_sharp(q):
+    # at q* = 233 (a chaotic tanh net) tanh(sqrt(q) z) switches within |z| < 0.07
+    s = math.sqrt(q)
+
+    def quad(fn):
+        return integrate.quad(
+            lambda z: fn(z) * stats.norm.pdf(z), -12, 12, points=[0.0], limit=500, epsabs=1e-13
+        )[0]
+
+    m = theory.moments("tanh", q)
+    assert m.phi2 == pytest.approx(quad(lambda z: math.tanh(s * z) ** 2), rel=1e-7)
+    assert m.dphi2 == pytest.approx(quad(lambda z: (1 - math.tanh(s * z) ** 2) ** 2), rel=1e-7)

@@ -11,13 +11,28 @@ through a model, and a lab that reproduces the field's claims.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from steadygrad import clip, init, norm
+from steadygrad import clip, init, norm, theory
 from steadygrad.clip import clip_grads_
 from steadygrad.init import init_model
+from steadygrad.measure import FlowReport, LayerRecord, probe
+from steadygrad.nets import NetSpec, build
 
 try:
     __version__ = version("steadygrad")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "clip", "clip_grads_", "init", "init_model", "norm"]
+__all__ = [
+    "FlowReport",
+    "LayerRecord",
+    "NetSpec",
+    "__version__",
+    "build",
+    "clip",
+    "clip_grads_",
+    "init",
+    "init_model",
+    "norm",
+    "probe",
+    "theory",
+]

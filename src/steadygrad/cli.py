@@ -1,20 +1,17 @@
 """The ``steadygrad`` command line. Strings become objects here, and library errors become exit code 2."""
 
-from __future__ import annotations
-
-import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 import steadygrad
 from steadygrad import init as sg_init
+from steadygrad._cli_common import console, user_errors, write_json
+from steadygrad.cli_probe import probe_command
 
 app = typer.Typer(
     name="steadygrad",
@@ -27,29 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-USAGE_ERROR = 2  # click's code for bad usage; ours for bad input of any kind
-
-
-def fail(message: str, code: int = USAGE_ERROR) -> None:
-    """Print one clear paragraph to stderr and exit with ``code`` (no traceback)."""
-    errors.print(f"[bold red]Error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def user_errors(command):
-    """Turn the library's ValueError/TypeError (bad input, already worded for a person) into exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (ValueError, TypeError) as error:
-            fail(str(error))
-
-    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -119,16 +93,10 @@ def inits(
         )
     console.print(table)
     if json_path is not None:
-        _write_json(json_path, {"fan_in": fan_in, "fan_out": fan_out, "seed": seed, "schemes": rows})
+        write_json(json_path, {"fan_in": fan_in, "fan_out": fan_out, "seed": seed, "schemes": rows})
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
-    except OSError as error:
-        fail(f"Could not write {path}: {error.strerror}. Choose a writable path.")
-    console.print(f"Wrote {path}")
+app.command("probe")(probe_command)
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ neural networks through transient chaos"; Schoenholz et al. 2017, "Deep Informat
   = 1 the edge of chaos; the depth scales xi_q = -1/ln(chi_1 + sigma_w^2 E[phi''(sqrt(q*) z) phi(sqrt(q*) z)])
   and xi_c = -1/ln(chi_1) bound how deep a network can be and still train.
 
-Expectations over z are Gauss-Hermite quadratures (``steadygrad._gauss``), derivatives come from
-autograd, so any elementwise activation works; ReLU, leaky ReLU and the identity use their closed forms
-(quadrature converges slowly on kinks): E[relu(sqrt(q) z)^2] = q/2 and E[relu'^2] = 1/2, so the second
-moment scales by sigma_w^2 / 2 per layer (He et al. 2015).
+Expectations over z are trapezoid sums on a grid scaled to the activation's sharpness (``_grid``),
+derivatives come from autograd, so any elementwise activation works; ReLU, leaky ReLU and the
+identity use their closed forms (quadrature converges slowly on kinks): E[relu(sqrt(q) z)^2] = q/2
+and E[relu'^2] = 1/2, so the second moment scales by sigma_w^2 / 2 per layer (He et al. 2015).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from steadygrad._checks import check_choice, check_positive
-from steadygrad._gauss import hermite_nodes
 
 __all__ = [
     "ACTIVATION_FUNCTIONS",
@@ -81,13 +80,28 @@ def _closed_form(name: str, q: float) -> Moments | None:
     return Moments(phi2=half * q, dphi2=half, d2phi_phi=0.0)
 
 
-def moments(activation: Activation, q: float, n: int = 201) -> Moments:
+def _grid(q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes z_k = k h on [-12, 12] and trapezoid weights h * pdf(z_k), with h = min(0.5, 0.25 / sqrt(q)).
+
+    The trapezoid rule on the real line converges exponentially for analytic integrands: with tanh's
+    poles at z = i pi / (2 sqrt(q)) the error is about exp(-pi^2 / (h sqrt(q))) = exp(-4 pi^2). Scaling h
+    with 1/sqrt(q) keeps that accuracy where phi(sqrt(q) z) turns sharp (q* = 233 in a chaotic tanh net),
+    which a fixed set of Gauss-Hermite nodes cannot resolve. The grid holds z = 0, where kinked
+    activations bend, so those still converge as h^2.
+    """
+    h = min(0.5, 0.25 / math.sqrt(q)) if q > 0 else 0.5
+    k = math.ceil(12.0 / h)
+    z = torch.arange(-k, k + 1, dtype=torch.float64) * h
+    weights = h * torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi)
+    return z, weights
+
+
+def moments(activation: Activation, q: float) -> Moments:
     """E[phi^2], E[phi'^2] and E[phi'' phi] at sqrt(q) z, z ~ N(0, 1).
 
     Args:
         activation: a name of ``ACTIVATION_FUNCTIONS`` or any elementwise torch function.
         q: the pre-activation's second moment, >= 0.
-        n: quadrature nodes.
     """
     q = check_positive("q", q, allow_zero=True)
     if isinstance(activation, str):
@@ -98,18 +112,14 @@ def moments(activation: Activation, q: float, n: int = 201) -> Moments:
         phi = ACTIVATION_FUNCTIONS[name]
     else:
         phi = activation
-    nodes, weights = hermite_nodes(n)
-    x = torch.tensor(math.sqrt(q) * nodes, dtype=torch.float64, requires_grad=True)
+    z, w = _grid(q)
+    x = (math.sqrt(q) * z).requires_grad_(True)
     y = phi(x)
     (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True) if d1.requires_grad else (None,)
     d2 = torch.zeros_like(x) if d2 is None else d2
-    w = torch.as_tensor(weights)
-    return Moments(
-        phi2=float(w @ y.detach().square()),
-        dphi2=float(w @ d1.detach().square()),
-        d2phi_phi=float(w @ (d2 * y.detach())),
-    )
+    y, d1 = y.detach(), d1.detach()
+    return Moments(phi2=float(w @ y.square()), dphi2=float(w @ d1.square()), d2phi_phi=float(w @ (d2 * y)))
 
 
 def length_map(q: float, sigma_w2: float, sigma_b2: float, activation: Activation) -> float:
@@ -122,29 +132,40 @@ def chi(q: float, sigma_w2: float, activation: Activation) -> float:
     return sigma_w2 * moments(activation, q).dphi2
 
 
-def fixed_point(
-    sigma_w2: float,
-    sigma_b2: float,
-    activation: Activation,
-    q0: float = 1.0,
-    tol: float = 1e-12,
-    max_iter: int = 10_000,
-) -> float:
-    """q* = length_map(q*), found by iterating the length map from q0 (it converges for bounded
-    activations; for ReLU with sigma_w^2 != 2 there is no finite positive fixed point and this raises)."""
-    q = q0
-    for _ in range(max_iter):
-        q_next = length_map(q, sigma_w2, sigma_b2, activation)
-        if abs(q_next - q) <= tol * max(1.0, q):
-            return q_next
-        if not math.isfinite(q_next) or q_next > 1e100:
+def fixed_point(sigma_w2: float, sigma_b2: float, activation: Activation, q0: float = 1.0) -> float:
+    """q* = length_map(q*), the second moment deep pre-activations settle at.
+
+    Solved as a root of f(q) = length_map(q) - q rather than by iterating the map, which crawls near
+    the edge of chaos (like 1/l at sigma_w^2 = 1 for tanh). Near 0, f(q) ~= (sigma_w^2 E[phi'(0)^2] - 1) q
+    + sigma_b^2: with sigma_b^2 = 0 and sigma_w^2 E[phi'(0)^2] <= 1 the fixed point is q* = 0 exactly;
+    otherwise f > 0 near 0 and the root is bracketed and bisected. An unbounded activation whose map
+    grows at least linearly (ReLU with sigma_w^2 > 2) has no finite fixed point, and this raises;
+    ReLU at exactly sigma_w^2 = 2, sigma_b^2 = 0 keeps any q, and q0 is returned.
+    """
+
+    def f(q: float) -> float:
+        return length_map(q, sigma_w2, sigma_b2, activation) - q
+
+    if sigma_b2 == 0 and sigma_w2 * moments(activation, 0.0).dphi2 <= 1 + 1e-12:
+        return q0 if abs(f(q0)) <= 1e-12 * q0 else 0.0
+    low, high = 1e-12, max(q0, 1.0)
+    while f(high) > 0:
+        high *= 4.0
+        if high > 1e12:
+            raise ValueError(
+                f"The length map of {activation} at sigma_w^2={sigma_w2:.4g}, sigma_b^2={sigma_b2:.4g} "
+                "has no finite fixed point: the second moment grows without bound with depth. "
+                "Use propagate() for the layer-by-layer second moments."
+            )
+    for _ in range(200):  # bisection on a log scale: q* may be anywhere from 1e-12 to 1e12
+        mid = math.sqrt(low * high)
+        if f(mid) > 0:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-13 * high:
             break
-        q = q_next
-    raise ValueError(
-        f"The length map of {activation} at sigma_w^2={sigma_w2}, sigma_b^2={sigma_b2} does not converge "
-        "to a finite fixed point (an unbounded activation outside sigma_w^2 = 1/E[phi'^2]): use propagate() "
-        "for the layer-by-layer second moments instead."
-    )
+    return math.sqrt(low * high)
 
 
 @dataclass(frozen=True)

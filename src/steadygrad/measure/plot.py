@@ -60,7 +60,7 @@ def plot_flow(reports: Sequence, path: str | Path | None = None):
             right.plot(x, predicted, linestyle="--", color=line.get_color(), label="mean-field prediction")
     from matplotlib.ticker import MaxNLocator
 
-    for axis, title in ((left, "activation std"), (right, "gradient norm ||dL/dy||")):
+    for axis, title in ((left, "activation std (dashed: predicted RMS)"), (right, "gradient norm ||dL/dy||")):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_yscale("log")
         axis.set_xlabel("layer (execution order)")

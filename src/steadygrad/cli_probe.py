@@ -1,0 +1,313 @@
+"""``steadygrad probe``: build networks from options and probe them; comma lists compare side by side."""
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from steadygrad import theory
+from steadygrad._cli_common import console, fail, user_errors, write_json
+from steadygrad.measure import FlowReport, probe
+from steadygrad.nets import NetSpec, build
+
+# option name -> NetSpec field; the option names users type
+SPEC_OPTIONS = {
+    "kind": "kind",
+    "depth": "depth",
+    "width": "width",
+    "in-features": "in_features",
+    "out-features": "out_features",
+    "act": "activation",
+    "init": "init",
+    "norm": "norm",
+    "norm-position": "norm_position",
+    "skip": "skip",
+    "bias": "bias",
+    "residual-scale": "residual_scale",
+    "cell": "cell",
+    "seq-len": "seq_len",
+    "image-size": "image_size",
+    "norm-groups": "norm_groups",
+}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(NetSpec)}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _convert(option: str, text: str):
+    field = SPEC_OPTIONS[option]
+    kind = _FIELD_TYPES[field]
+    text = text.strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--{option} takes {'integers' if kind == 'int' else 'numbers'}, comma-separated; got {text!r}."
+        ) from None
+    if kind == "bool":
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"--{option} takes yes or no (or true/false), comma-separated; got {text!r}.")
+    return text
+
+
+def expand_specs(values: dict[str, str | None]) -> list[NetSpec]:
+    """Every combination of the comma-separated option values, as validated NetSpecs.
+
+    ``values`` maps option names (``"act"``) to their raw text (``"relu,tanh"``) or None for the default.
+    """
+    axes = []
+    for option, raw in values.items():
+        if raw is None:
+            continue
+        items = [item for item in raw.split(",") if item.strip()]
+        if not items:
+            raise ValueError(f"--{option} got no value.")
+        axes.append([(SPEC_OPTIONS[option], _convert(option, item)) for item in items])
+    specs = []
+    for combination in itertools.product(*axes):
+        try:
+            specs.append(NetSpec(**dict(combination)))
+        except ValueError as error:
+            message = str(error)
+            for option, field in SPEC_OPTIONS.items():
+                message = message.replace(f"NetSpec.{field} ", f"--{option} ")
+            raise ValueError(message) from None
+    return specs
+
+
+def varying_fields(specs: list[NetSpec]) -> list[str]:
+    return [f.name for f in dataclasses.fields(NetSpec) if len({getattr(s, f.name) for s in specs}) > 1]
+
+
+def theory_lines(spec: NetSpec, report: FlowReport, net) -> list[str]:
+    """What mean-field theory says about this spec, beside what was measured."""
+    if spec.kind != "mlp" or spec.norm != "none":
+        return [
+            "Mean-field theory here covers plain MLPs without normalization (this spec has "
+            f"kind={spec.kind}, norm={spec.norm})."
+        ]
+    hidden = [block.linear for block in net.blocks[1:]] or [net.blocks[0].linear]
+    sigma_w2 = sum(float(m.weight.detach().double().var()) * m.in_features for m in hidden) / len(hidden)
+    lines = [f"Measured weight scale sigma_w^2 = Var[W] * fan_in = {sigma_w2:.3g} (sigma_b^2 = 0 at init)."]
+    if spec.skip == "residual":
+        grow = theory.residual_variance(spec.depth - 1, spec.residual_scale)
+        lines.append(
+            f"Residual stream without normalization: variance grows as (1 + s^2)^L = {grow:.3g} over "
+            f"{spec.depth - 1} blocks (s = {spec.residual_scale:g}); s = L^-1/2 would bound it by e."
+        )
+        return lines
+    if spec.skip == "dense":
+        return [*lines, "Dense skips: no mean-field closed form here; see the measurement."]
+    if spec.activation in ("relu", "leaky_relu", "identity"):
+        factor = theory.moments(spec.activation, 1.0).dphi2 * sigma_w2
+        lines.append(
+            f"Closed form: the second moment and the squared gradient scale by {factor:.3g} per layer "
+            f"({'steady' if abs(factor - 1) < 0.05 else 'vanishing' if factor < 1 else 'exploding'})."
+        )
+    else:
+        try:
+            scales = theory.depth_scales(sigma_w2, 0.0, spec.activation)
+            critical = theory.critical_sigma_w2(0.0, spec.activation)
+            if abs(scales.chi_1 - 1) < 0.02:
+                phase = "at the edge of chaos: gradients neither vanish nor explode exponentially"
+            else:
+                phase = "ordered: gradients vanish" if scales.chi_1 < 1 else "chaotic: gradients explode"
+            lines.append(
+                f"Fixed point q* = {scales.q_star:.3g}, chi_1 = {scales.chi_1:.3g} ({phase}); depth scale "
+                f"xi_c = {scales.xi_c:.3g} layers; the edge of chaos is at sigma_w^2 = {critical:.3g}."
+            )
+        except ValueError as error:
+            lines.append(str(error))
+    blocks = [r for r in report.records if math.isfinite(r.predicted_grad_norm)]
+    if len(blocks) >= 2:
+        predicted = blocks[0].predicted_grad_norm / blocks[-1].predicted_grad_norm
+        measured = blocks[0].grad_norm / blocks[-1].grad_norm
+        lines.append(f"Gradient ratio first/last block: predicted {predicted:.3g}, measured {measured:.3g}.")
+    return lines
+
+
+def comparison_table(specs: list[NetSpec], reports: list[FlowReport]) -> Table:
+    fields = varying_fields(specs) or ["kind"]
+    table = Table(title="Side by side", title_justify="left")
+    for f in fields:
+        table.add_column(f)
+    for column in (
+        "input grad",
+        "grad first/last",
+        "per layer",
+        "last act std",
+        "max sat",
+        "max dead",
+        "non-finite",
+    ):
+        table.add_column(column, justify="right")
+
+    def worst(report, attr):
+        values = [getattr(r, attr) for r in report.records if math.isfinite(getattr(r, attr))]
+        return f"{100 * max(values):.0f}%" if values else "-"
+
+    for spec, report in zip(specs, reports, strict=True):
+        finite_std = [r.act_std for r in report.records if math.isfinite(r.act_std)]
+        nonfinite = sum(r.nonfinite_act + r.nonfinite_grad for r in report.records)
+        table.add_row(
+            *[str(getattr(spec, f)) for f in fields],
+            f"{report.input_grad_norm:.3g}",
+            f"{report.gradient_ratio:.3g}",
+            f"{report.gradient_factor_per_layer:.3g}",
+            f"{finite_std[-1]:.3g}" if finite_std else "-",
+            worst(report, "saturated"),
+            worst(report, "dead"),
+            str(nonfinite),
+        )
+    return table
+
+
+def _opt(help_text: str):
+    return typer.Option(help=help_text + " Comma-separated values compare several networks.")
+
+
+@user_errors
+def probe_command(
+    kind: Annotated[str | None, _opt("Network kind: mlp, cnn or rnn. [default: mlp]")] = None,
+    depth: Annotated[str | None, _opt("Hidden blocks. [default: 10]")] = None,
+    width: Annotated[str | None, _opt("Units (mlp, rnn) or channels (cnn) per block. [default: 64]")] = None,
+    in_features: Annotated[str | None, _opt("Input features, or channels for cnn. [default: 64]")] = None,
+    out_features: Annotated[str | None, _opt("Outputs (classes). [default: 10]")] = None,
+    act: Annotated[
+        str | None,
+        _opt("Activation: sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu]"),
+    ] = None,
+    init: Annotated[
+        str | None, _opt("Initialization scheme (see `steadygrad inits`). [default: he_uniform]")
+    ] = None,
+    norm: Annotated[
+        str | None, _opt("Normalization: none, batch, layer, group, instance. [default: none]")
+    ] = None,
+    norm_position: Annotated[
+        str | None, _opt("Norm before or after the activation. [default: before]")
+    ] = None,
+    skip: Annotated[str | None, _opt("Skip connections: none, residual, dense. [default: none]")] = None,
+    bias: Annotated[str | None, _opt("Biases in the weight layers: yes or no. [default: yes]")] = None,
+    residual_scale: Annotated[str | None, _opt("Residual branch multiplier. [default: 1]")] = None,
+    cell: Annotated[str | None, _opt("Recurrent cell for kind rnn: rnn, lstm, gru. [default: rnn]")] = None,
+    seq_len: Annotated[str | None, _opt("Time steps for kind rnn. [default: 20]")] = None,
+    image_size: Annotated[str | None, _opt("Input height and width for kind cnn. [default: 8]")] = None,
+    norm_groups: Annotated[str | None, _opt("Groups for group norm. [default: 8]")] = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Examples in the probing batch (standard normal inputs, "
+            "random class labels, cross-entropy).",
+        ),
+    ] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the batch.")] = 0,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Record only modules whose names match these "
+            "comma-separated glob patterns, e.g. 'block*.linear'."
+        ),
+    ] = None,
+    show_theory: Annotated[
+        bool, typer.Option("--theory", help="Print the mean-field prediction beside the measurement.")
+    ] = False,
+    details: Annotated[
+        bool, typer.Option(help="Print every network's per-layer table when comparing.")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="Write the reports as JSON.")
+    ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", dir_okay=False, help="Write the per-layer plot (PNG).")
+    ] = None,
+) -> None:
+    """Measure how signal and gradient travel through a deep network at initialization.
+
+    One forward and backward pass per network; per layer: activation statistics, saturated and dead
+    units, the gradient norm and its ratio to the next layer's. Any option takes a comma-separated
+    list, and every combination is built and compared side by side.
+
+    Examples:
+
+      steadygrad probe --depth 50 --width 256 --act tanh --init glorot_uniform --theory
+
+      steadygrad probe --depth 4 --width 32 --act sigmoid --skip none,residual,dense
+
+      steadygrad probe --act relu --init he_uniform,glorot_uniform --depth 30 --plot flow.png
+    """
+    raw = {
+        "kind": kind,
+        "depth": depth,
+        "width": width,
+        "in-features": in_features,
+        "out-features": out_features,
+        "act": act,
+        "init": init,
+        "norm": norm,
+        "norm-position": norm_position,
+        "skip": skip,
+        "bias": bias,
+        "residual-scale": residual_scale,
+        "cell": cell,
+        "seq-len": seq_len,
+        "image-size": image_size,
+        "norm-groups": norm_groups,
+    }
+    specs = expand_specs(raw)
+    patterns = [p.strip() for p in layers.split(",")] if layers else None
+    reports, nets = [], []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("Probing", total=len(specs))
+        for spec in specs:
+            generator = torch.Generator().manual_seed(seed)
+            net = build(spec, generator)
+            x = torch.randn(batch, *spec.input_shape, generator=generator)
+            y = torch.randint(0, spec.out_features, (batch,), generator=generator)
+            reports.append(probe(net, x, y, layers=patterns, seed=seed, theory_prediction=show_theory))
+            nets.append(net)
+            progress.advance(task)
+    single = len(specs) == 1
+    for spec, report, net in zip(specs, reports, nets, strict=True):
+        if single or details:
+            console.print(report.table())
+        if not single:
+            console.print(f"[bold]{escape(spec.label())}[/]")
+        console.print(escape(report.summary()))
+        if show_theory:
+            for line in theory_lines(spec, report, net):
+                console.print(f"[cyan]theory:[/] {escape(line)}")
+        console.print()
+    if not single:
+        console.print(comparison_table(specs, reports))
+    if json_path is not None:
+        write_json(
+            json_path,
+            {
+                "batch": batch,
+                "seed": seed,
+                "reports": [
+                    {"spec": spec.to_dict(), **report.to_dict()}
+                    for spec, report in zip(specs, reports, strict=True)
+                ],
+            },
+        )
+    if plot_path is not None:
+        from steadygrad.measure.plot import plot_flow
+
+        try:
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            plot_flow(reports, plot_path)
+        except (OSError, ValueError) as error:
+            fail(f"Could not write the plot to {plot_path}: {error}. Use a writable path ending in .png.")
+        console.print(f"Wrote {plot_path}")
