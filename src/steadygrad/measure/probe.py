@@ -7,26 +7,16 @@ statistics), train/eval mode, hooks and the global random state.
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from steadygrad import theory
-from steadygrad.measure.records import FlowReport, LayerRecord
-from steadygrad.measure.stats import (
-    ACTIVATION_FIELDS,
-    activation_kind,
-    activation_stats,
-    gradient_stats,
-    primary_layer,
-    unit_stats,
-    weight_stats,
-)
+from steadygrad.measure.hooks import Recorder, first_tensor, make_records
+from steadygrad.measure.records import FlowReport
 from steadygrad.nets import DeepNet
 from steadygrad.norm.modules import GroupNorm, LayerNorm, _NormBase
 
@@ -69,32 +59,6 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
     return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-@dataclass
-class _Call:
-    """One call of a selected module during the forward pass, with its statistics as device tensors."""
-
-    name: str
-    module: nn.Module
-    call: int
-    activation: torch.Tensor | None = None
-    units: torch.Tensor | None = None
-    gradient: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def _first_tensor(output) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -128,7 +92,7 @@ def _call(model: nn.Module, inputs):
 def _loss(output, targets, loss: Callable | None, seed: int) -> torch.Tensor:
     if loss is not None:
         return loss(output) if targets is None else loss(output, targets)
-    first = _first_tensor(output)
+    first = first_tensor(output)
     if first is None:
         raise ValueError("The model returned no floating-point tensor to take a loss of.")
     if targets is not None:
@@ -189,27 +153,14 @@ def probe(
     parameters = list(model.parameters())
     saved_grads = [p.grad for p in parameters]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    calls: list[_Call] = []
-    counts: dict[str, int] = {}
-    pending_units: dict[int, torch.Tensor] = {}
+    recorder = Recorder(selected)
     devices = sorted(
         {p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None}
     )
     try:
         for p in parameters:
             p.grad = None
-        for name, module in selected:
-            kind, act_module = activation_kind(module)
-            if act_module is not None and act_module is not module:
-                handles.append(act_module.register_forward_hook(_unit_hook(module, kind, pending_units)))
-            handles.append(
-                module.register_forward_hook(
-                    _output_hook(
-                        name, module, kind if act_module is module else None, calls, counts, pending_units
-                    )
-                )
-            )
+        recorder.attach()
         with torch.random.fork_rng(devices=devices):
             prepared = _prepare_inputs(inputs)
             output = _call(model, prepared)
@@ -217,7 +168,8 @@ def probe(
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
             loss_value.backward()
-        records = _records(calls)
+        slots, table = recorder.finalize()
+        records = make_records(slots, table.tolist())  # one host copy
         input_grads = [t.grad for t in _tensors(prepared) if t.is_floating_point() and t.grad is not None]
         input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm())
@@ -229,100 +181,18 @@ def probe(
             loss=float(loss_value.detach()),
             input_grad_norm=input_grad_norm,
             label=model.spec.label() if isinstance(model, DeepNet) else type(model).__name__,
-            unused=[name for name, _ in selected if name not in counts],
+            unused=[name for name, _ in selected if name not in recorder.called],
         )
         if theory_prediction and layers is None:
             _attach_theory(model, report, inputs)
         return report
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.detach()
         for p, grad in zip(parameters, saved_grads, strict=True):
             p.grad = grad
         with torch.no_grad():
             for buffer, saved in saved_buffers:
                 buffer.copy_(saved)
-
-
-def _unit_hook(parent: nn.Module, kind: str, pending: dict[int, torch.Tensor]):
-    def hook(module, args, output):
-        y = _first_tensor(output)
-        if y is not None:
-            pending[id(parent)] = unit_stats(y, kind)
-
-    return hook
-
-
-def _output_hook(name, module, own_kind, calls, counts, pending):
-    def hook(mod, args, output):
-        y = _first_tensor(output)
-        counts[name] = counts.get(name, 0) + 1
-        record = _Call(name, module, counts[name])
-        calls.append(record)
-        if y is None:
-            return
-        record.activation = activation_stats(y)
-        record.units = unit_stats(y, own_kind) if own_kind else pending.pop(id(module), None)
-        if y.requires_grad:
-
-            def grad_hook(grad, record=record):
-                record.gradient = gradient_stats(grad)
-
-            y.register_hook(grad_hook)
-
-    return hook
-
-
-def _kind(module: nn.Module) -> str:
-    """The class name; for an ``nn.Sequential`` block, its parts: ``Linear+BatchNorm1d+ReLU``."""
-    if type(module) is nn.Sequential and len(module):
-        return "+".join(type(m).__name__ for m in module)
-    return type(module).__name__
-
-
-def _records(calls: list[_Call]) -> list[LayerRecord]:
-    nan = torch.full((2,), math.nan, dtype=torch.float64)
-    records = []
-    for index, c in enumerate(calls):
-        parts = [
-            (
-                c.activation if c.activation is not None else torch.full((6,), math.nan, dtype=torch.float64)
-            ).cpu(),
-            (c.units if c.units is not None else nan).cpu(),
-            (c.gradient if c.gradient is not None else nan).cpu(),
-            weight_stats(primary_layer(c.module)),
-        ]
-        values = torch.cat(parts).tolist()  # one host copy per record
-        act = dict(zip(ACTIVATION_FIELDS, values[:6], strict=True))
-        records.append(
-            LayerRecord(
-                name=c.name,
-                kind=_kind(c.module),
-                index=index,
-                call=c.call,
-                act_mean=act["act_mean"],
-                act_std=act["act_std"],
-                act_min=act["act_min"],
-                act_max=act["act_max"],
-                act_second_moment=act["act_second_moment"],
-                nonfinite_act=int(act["nonfinite_act"]) if math.isfinite(act["nonfinite_act"]) else 0,
-                saturated=values[6],
-                dead=values[7],
-                grad_norm=values[8],
-                nonfinite_grad=int(values[9]) if math.isfinite(values[9]) else 0,
-                weight_grad_norm=values[10],
-                bias_grad_norm=values[11],
-                weight_var=values[12],
-            )
-        )
-    for current, following in itertools.pairwise(records):
-        if (
-            math.isfinite(current.grad_norm)
-            and math.isfinite(following.grad_norm)
-            and following.grad_norm > 0
-        ):
-            current.grad_ratio = current.grad_norm / following.grad_norm
-    return records
 
 
 def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:

@@ -1,10 +1,19 @@
-"""Per-layer statistics computed on the device: one small tensor per layer, copied to the host once.
+"""Per-layer statistics as small device tensors that merge across micro-batches and reach the host once.
 
-Non-finite values (NaN, +-Inf) are counted and excluded from every other statistic, so a layer that
-blew up reports how many values did, instead of NaN everywhere or a crash.
+Accumulators (float64 vectors on the layer's device):
+
+- activations: [n, mean, M2, min, max, sum of squares, non-finite count], merged with Chan, Golub and
+  LeVeque's parallel update, so gradient-accumulation micro-batches combine exactly;
+- units: [saturated count, values] and, for rectifiers, a per-unit "ever active" mask;
+- gradients: [sum of squares, non-finite count].
+
+Non-finite values (NaN, +-Inf) are counted and excluded from every other statistic, so a layer that blew
+up reports how many values did, instead of NaN everywhere or a crash.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,10 +22,13 @@ __all__ = [
     "RECTIFIERS",
     "SATURATION",
     "activation_kind",
-    "activation_stats",
-    "gradient_stats",
+    "activation_moments",
+    "finalize_activations",
+    "finalize_units",
+    "gradient_moments",
+    "merge_activations",
     "primary_layer",
-    "unit_stats",
+    "unit_moments",
     "weight_stats",
 ]
 
@@ -27,6 +39,7 @@ RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SE
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear, nn.Embedding)
 
 ACTIVATION_FIELDS = ("act_mean", "act_std", "act_min", "act_max", "act_second_moment", "nonfinite_act")
+_NAN = math.nan
 
 
 def activation_kind(module: nn.Module) -> tuple[str | None, nn.Module | None]:
@@ -50,63 +63,108 @@ def primary_layer(module: nn.Module) -> nn.Module | None:
     return next((m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)), None)
 
 
-def _finite(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    finite = torch.isfinite(y)
-    count = finite.sum()
-    return finite, count, (finite.numel() - count)
+# -- activations ------------------------------------------------------------------------------------
 
 
-def activation_stats(y: torch.Tensor) -> torch.Tensor:
-    """[mean, std, min, max, second moment, non-finite count] of the finite values of ``y`` (float64)."""
+def activation_moments(y: torch.Tensor) -> torch.Tensor:
+    """[n, mean, M2, min, max, sum of squares, non-finite] of the finite values of ``y``."""
     y = y.detach().double()
-    finite, count, nonfinite = _finite(y)
-    n = count.clamp(min=1)
+    finite = torch.isfinite(y)
+    n = finite.sum().double()
     zeroed = torch.where(finite, y, 0.0)
-    mean = zeroed.sum() / n
-    second = zeroed.square().sum() / n
-    centered = torch.where(finite, y - mean, 0.0)
-    std = (centered.square().sum() / (n - 1).clamp(min=1)).sqrt()
-    lo = torch.where(finite, y, torch.inf).min() if y.numel() else y.new_tensor(torch.nan)
-    hi = torch.where(finite, y, -torch.inf).max() if y.numel() else y.new_tensor(torch.nan)
-    return torch.stack([mean, std, lo, hi, second, nonfinite.double()])
+    mean = zeroed.sum() / n.clamp(min=1)
+    m2 = torch.where(finite, y - mean, 0.0).square().sum()
+    if y.numel():
+        lo = torch.where(finite, y, torch.inf).min()
+        hi = torch.where(finite, y, -torch.inf).max()
+    else:
+        lo = hi = y.new_tensor(_NAN)
+    return torch.stack([n, mean, m2, lo, hi, zeroed.square().sum(), y.numel() - n])
 
 
-def unit_stats(y: torch.Tensor, kind: str | None) -> torch.Tensor:
-    """[saturated fraction, dead fraction] of an activation's output ``y`` (N, *); NaN where not applicable.
+def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Combine two activation accumulators (Chan, Golub, LeVeque 1983: exact for mean and M2)."""
+    n = a[0] + b[0]
+    delta = b[1] - a[1]
+    mean = a[1] + delta * b[0] / n.clamp(min=1)
+    m2 = a[2] + b[2] + delta.square() * a[0] * b[0] / n.clamp(min=1)
+    return torch.stack(
+        [n, mean, m2, torch.minimum(a[3], b[3]), torch.maximum(a[4], b[4]), a[5] + b[5], a[6] + b[6]]
+    )
 
-    Saturated: tanh |y| > 0.99, sigmoid y outside [0.01, 0.99], over all values. Dead (rectifiers): a
-    unit (one position of the per-sample output) that is <= 0 for every sample of the batch."""
+
+def finalize_activations(acc: torch.Tensor | None) -> torch.Tensor:
+    """[mean, std (unbiased), min, max, second moment, non-finite]; NaN where nothing finite was seen."""
+    if acc is None:
+        return torch.full((6,), _NAN, dtype=torch.float64)
+    n = acc[0]
+    valid = n > 0
+    nan = acc.new_tensor(_NAN)
+    std = torch.where(n > 1, (acc[2] / (n - 1).clamp(min=1)).sqrt(), nan)
+    return torch.stack(
+        [
+            torch.where(valid, acc[1], nan),
+            std,
+            torch.where(valid, acc[3], nan),
+            torch.where(valid, acc[4], nan),
+            torch.where(valid, acc[5] / n.clamp(min=1), nan),
+            acc[6],
+        ]
+    )
+
+
+# -- units ------------------------------------------------------------------------------------------
+
+
+def unit_moments(y: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([saturated count, values counted], per-unit active mask or None) of an activation's output (N, *).
+
+    Saturated: tanh |y| > 0.99, sigmoid y outside [0.01, 0.99]. A rectifier unit (one position of the
+    per-sample output) is active if it is > 0 for some sample; dead if for none."""
     y = y.detach()
-    nan = torch.tensor(torch.nan, dtype=torch.float64, device=y.device)
-    saturated, dead = nan, nan
+    counts = torch.zeros(2, dtype=torch.float64, device=y.device)
+    active = None
     if kind == "tanh":
-        saturated = (y.abs() > TANH_SATURATION).double().mean()
+        counts = torch.stack([(y.abs() > TANH_SATURATION).sum().double(), y.new_tensor(y.numel()).double()])
     elif kind == "sigmoid":
-        saturated = ((y < SIGMOID_SATURATION) | (y > 1 - SIGMOID_SATURATION)).double().mean()
+        saturated = (y < SIGMOID_SATURATION) | (y > 1 - SIGMOID_SATURATION)
+        counts = torch.stack([saturated.sum().double(), y.new_tensor(y.numel()).double()])
     elif kind == "rectifier" and y.dim() >= 1 and y.numel():
-        dead = (y.reshape(y.shape[0], -1) <= 0).all(dim=0).double().mean()
+        active = (y.reshape(y.shape[0], -1) > 0).any(dim=0)
+    return counts, active
+
+
+def finalize_units(counts: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor:
+    """[saturated fraction, dead fraction], NaN where not applicable."""
+    device = counts.device if counts is not None else active.device if active is not None else None
+    nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
+    saturated = nan if counts is None else torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), nan)
+    dead = nan if active is None else 1.0 - active.double().mean().to(nan.device)
     return torch.stack([saturated, dead])
 
 
-def gradient_stats(grad: torch.Tensor) -> torch.Tensor:
-    """[norm of the finite values, non-finite count] of a gradient (float64)."""
+# -- gradients and weights --------------------------------------------------------------------------
+
+
+def gradient_moments(grad: torch.Tensor) -> torch.Tensor:
+    """[sum of squares of the finite values, non-finite count] of a gradient."""
     grad = grad.detach().double()
-    finite, _, nonfinite = _finite(grad)
-    return torch.stack([torch.where(finite, grad, 0.0).norm(), nonfinite.double()])
+    finite = torch.isfinite(grad)
+    return torch.stack([torch.where(finite, grad, 0.0).square().sum(), (~finite).sum().double()])
 
 
-def weight_stats(layer: nn.Module | None) -> torch.Tensor:
-    """[weight gradient norm, bias gradient norm, weight variance] of a layer's own parameters; NaN for
-    what it lacks. Every parameter whose name starts with weight (or bias) counts: an LSTM's all gates."""
-    nan = torch.tensor(torch.nan, dtype=torch.float64)
+def weight_stats(layer: nn.Module | None, device: torch.device) -> torch.Tensor:
+    """[weight gradient norm, bias gradient norm, weight variance] of a layer's own parameters, on
+    ``device``; NaN for what it lacks. Every parameter named weight* (or bias*) counts: an LSTM's gates."""
+    nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
     if layer is None:
         return torch.stack([nan, nan, nan])
     weights = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("weight")]
     biases = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("bias")]
 
     def grad_norm(params):
-        grads = [p.grad.detach().double().flatten() for p in params if p.grad is not None]
-        return torch.cat(grads).norm().cpu() if grads else nan
+        grads = [p.grad.detach().double().square().sum().to(device) for p in params if p.grad is not None]
+        return torch.stack(grads).sum().sqrt() if grads else nan
 
-    variance = weights[0].detach().double().var().cpu() if weights and weights[0].numel() > 1 else nan
+    variance = weights[0].detach().double().var().to(device) if weights and weights[0].numel() > 1 else nan
     return torch.stack([grad_norm(weights), grad_norm(biases), variance])

@@ -1,0 +1,221 @@
+"""The recorder both instruments use: hooks on selected modules that accumulate statistics on the device.
+
+The probe runs it for one forward and backward pass; the monitor across the micro-batches of each
+optimizer step. Either way ``finalize`` turns the accumulators into one float64 vector per layer call,
+still on the device, and ``records`` makes ``LayerRecord``s from them with a single host copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steadygrad.measure.records import LayerRecord
+from steadygrad.measure.stats import (
+    ACTIVATION_FIELDS,
+    activation_kind,
+    activation_moments,
+    finalize_activations,
+    finalize_units,
+    gradient_moments,
+    merge_activations,
+    primary_layer,
+    unit_moments,
+    weight_stats,
+)
+
+__all__ = ["RECORD_WIDTH", "Recorder", "first_tensor", "kind_name", "make_records"]
+
+RECORD_WIDTH = 13  # 6 activation + 2 unit + 2 gradient + 3 weight values per layer call
+
+
+def first_tensor(output) -> torch.Tensor | None:
+    """The first floating-point tensor in a module's output (tensor, tuple, list or dict)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def kind_name(module: nn.Module) -> str:
+    """The class name; for an ``nn.Sequential`` block, its parts: ``Linear+BatchNorm1d+ReLU``."""
+    if type(module) is nn.Sequential and len(module):
+        return "+".join(type(m).__name__ for m in module)
+    return type(module).__name__
+
+
+@dataclass
+class _Slot:
+    """Accumulators of one (module, call index): call k of a module used several times per forward."""
+
+    name: str
+    module: nn.Module
+    call: int
+    activations: torch.Tensor | None = None
+    unit_counts: torch.Tensor | None = None
+    unit_active: torch.Tensor | None = None
+    gradients: torch.Tensor | None = None
+
+
+class Recorder:
+    """Forward hooks on the selected modules (and on the activation inside each), and tensor hooks on
+    their outputs for the gradient. ``active`` switches the work off without removing the hooks."""
+
+    def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
+        self.selected = selected
+        self.active = True
+        self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
+        self._handles: list = []
+        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._calls_this_pass: dict[str, int] = {}
+        self._pending_units: dict[int, tuple] = {}
+        self.called: set[str] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def attach(self) -> Recorder:
+        for name, module in self.selected:
+            kind, act_module = activation_kind(module)
+            own_kind = kind if act_module is module else None
+            if act_module is not None and act_module is not module:
+                self._handles.append(act_module.register_forward_hook(self._unit_hook(module, kind)))
+            self._handles.append(module.register_forward_hook(self._output_hook(name, module, own_kind)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def new_pass(self) -> None:
+        """Call before each forward pass: call indices restart, so micro-batches merge slot by slot."""
+        self._calls_this_pass.clear()
+
+    def reset(self) -> None:
+        self._slots.clear()
+        self._calls_this_pass.clear()
+        self._pending_units.clear()
+
+    @property
+    def empty(self) -> bool:
+        return not self._slots
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _unit_hook(self, parent: nn.Module, kind: str):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            y = first_tensor(output)
+            if y is not None:
+                self._pending_units[id(parent)] = unit_moments(y, kind)
+
+        return hook
+
+    def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
+        def hook(mod, args, output):
+            if not self.active:
+                return
+            call = self._calls_this_pass.get(name, 0) + 1
+            self._calls_this_pass[name] = call
+            self.called.add(name)
+            slot = self._slots.get((name, call))
+            if slot is None:
+                slot = self._slots[(name, call)] = _Slot(name, module, call)
+            y = first_tensor(output)
+            if y is None:
+                return
+            moments = activation_moments(y)
+            slot.activations = (
+                moments if slot.activations is None else merge_activations(slot.activations, moments)
+            )
+            units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
+            if units is not None:
+                counts, active = units
+                slot.unit_counts = counts if slot.unit_counts is None else slot.unit_counts + counts
+                if active is not None:
+                    slot.unit_active = active if slot.unit_active is None else slot.unit_active | active
+            if y.requires_grad:
+
+                def grad_hook(grad, slot=slot):
+                    moments = gradient_moments(grad)
+                    slot.gradients = moments if slot.gradients is None else slot.gradients + moments
+
+                y.register_hook(grad_hook)
+
+        return hook
+
+    # -- results ---------------------------------------------------------------------------------------
+    def finalize(self, device: torch.device | None = None) -> tuple[list[_Slot], torch.Tensor]:
+        """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``."""
+        slots = list(self._slots.values())
+        if device is None:
+            device = next(
+                (s.activations.device for s in slots if s.activations is not None), torch.device("cpu")
+            )
+        rows = []
+        for slot in slots:
+            grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)
+            if slot.gradients is not None:
+                g = slot.gradients.to(device)
+                grads = torch.stack([g[0].sqrt() / self.gradient_scale, g[1]])
+            units = finalize_units(slot.unit_counts, slot.unit_active)
+            rows.append(
+                torch.cat(
+                    [
+                        finalize_activations(slot.activations).to(device),
+                        units.to(device),
+                        grads,
+                        weight_stats(primary_layer(slot.module), device),
+                    ]
+                )
+            )
+        table = (
+            torch.stack(rows) if rows else torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
+        )
+        return slots, table
+
+
+def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.0) -> list[LayerRecord]:
+    """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``)."""
+    records = []
+    for index, (slot, row) in enumerate(zip(slots, values, strict=True)):
+        act = dict(zip(ACTIVATION_FIELDS, row[:6], strict=True))
+        records.append(
+            LayerRecord(
+                name=slot.name,
+                kind=kind_name(slot.module),
+                index=index,
+                call=slot.call,
+                act_mean=act["act_mean"],
+                act_std=act["act_std"],
+                act_min=act["act_min"],
+                act_max=act["act_max"],
+                act_second_moment=act["act_second_moment"],
+                nonfinite_act=int(act["nonfinite_act"]) if math.isfinite(act["nonfinite_act"]) else 0,
+                saturated=row[6],
+                dead=row[7],
+                grad_norm=row[8],
+                nonfinite_grad=int(row[9]) if math.isfinite(row[9]) else 0,
+                weight_grad_norm=row[10] / weight_grad_scale,
+                bias_grad_norm=row[11] / weight_grad_scale,
+                weight_var=row[12],
+            )
+        )
+    for current, following in itertools.pairwise(records):
+        if (
+            math.isfinite(current.grad_norm)
+            and math.isfinite(following.grad_norm)
+            and following.grad_norm > 0
+        ):
+            current.grad_ratio = current.grad_norm / following.grad_norm
+    return records
