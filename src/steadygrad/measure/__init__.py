@@ -1,6 +1,20 @@
-"""Instruments: how signal and gradient travel through a model (``probe``), as per-layer records."""
+"""Instruments: how signal and gradient travel through a model, as per-layer records.
 
+``probe`` looks at one step; ``Monitor`` at every logged step of training; both make ``LayerRecord``s.
+"""
+
+from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.probe import probe, select_layers
 from steadygrad.measure.records import FlowReport, LayerRecord
+from steadygrad.measure.sinks import HistorySink, JsonlSink, TensorBoardSink
 
-__all__ = ["FlowReport", "LayerRecord", "probe", "select_layers"]
+__all__ = [
+    "FlowReport",
+    "HistorySink",
+    "JsonlSink",
+    "LayerRecord",
+    "Monitor",
+    "TensorBoardSink",
+    "probe",
+    "select_layers",
+]

@@ -209,6 +209,7 @@ def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.
                 weight_grad_norm=row[10] / weight_grad_scale,
                 bias_grad_norm=row[11] / weight_grad_scale,
                 weight_var=row[12],
+                update_ratio=row[13] if len(row) > RECORD_WIDTH else math.nan,
             )
         )
     for current, following in itertools.pairwise(records):

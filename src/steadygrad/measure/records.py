@@ -34,6 +34,7 @@ class LayerRecord:
     weight_var: float = math.nan
     nonfinite_act: int = 0  # NaN/Inf values in the output
     nonfinite_grad: int = 0  # NaN/Inf values in the gradient
+    update_ratio: float = math.nan  # ||W_after - W_before|| / ||W_before|| over an optimizer step (Monitor)
     predicted_grad_norm: float = math.nan  # mean-field theory, where it applies
     predicted_second_moment: float = math.nan
 
@@ -72,6 +73,7 @@ class FlowReport:
     label: str = ""
     unused: list[str] = field(default_factory=list)  # selected layers the forward never called
     theory: str = ""  # what the mean-field prediction assumed, when one is attached
+    step: int | None = None  # the optimizer step, for a Monitor's reports
 
     # -- numbers -------------------------------------------------------------------------------------
     def _with_gradient(self) -> list[LayerRecord]:
@@ -187,6 +189,7 @@ class FlowReport:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
         return {
+            "step": self.step,
             "label": self.label,
             "loss": clean(self.loss),
             "input_grad_norm": clean(self.input_grad_norm),
@@ -217,6 +220,7 @@ class FlowReport:
             label=data.get("label", ""),
             unused=list(data.get("unused", [])),
             theory=data.get("theory", ""),
+            step=data.get("step"),
         )
 
     # -- pictures ------------------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""``Monitor``: the probe's per-layer records while a model trains, at almost no cost between logs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from steadygrad.measure.hooks import RECORD_WIDTH, Recorder, make_records
+from steadygrad.measure.probe import LayerSelector, select_layers
+from steadygrad.measure.records import FlowReport
+from steadygrad.measure.sinks import HistorySink, Sink
+from steadygrad.measure.stats import primary_layer
+
+__all__ = ["Monitor"]
+
+Schedule = Callable[[int], bool]
+
+
+def _schedule(every: int | Schedule) -> Schedule:
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer or a callable step -> bool; got {every!r}.")
+    return lambda step: (step - 1) % every == 0  # steps 1, 1 + every, 1 + 2 every, ...
+
+
+class Monitor:
+    """Record how signal and gradient travel through ``model`` at every logged optimizer step.
+
+    Each logged step gives a ``FlowReport`` of the same ``LayerRecord``s a ``probe`` makes, merged over
+    all the forward and backward passes of that step (gradient accumulation counts optimizer steps, not
+    backward calls), plus each layer's update-to-weight ratio ||W_after - W_before|| / ||W_before||.
+    Statistics accumulate on the device and reach the host once per logged step; on other steps the
+    hooks return at once. NaN and Inf are counted per layer, never dropped silently, never a crash.
+
+    Args:
+        model: the module to watch.
+        every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
+        layers: which modules to record, as for ``probe``.
+        sinks: where reports go besides ``history``: ``JsonlSink``, ``TensorBoardSink`` or your own.
+        optimizer: its steps delimit the monitor's steps (via step hooks). Without one, call
+            ``monitor.step()`` after the backward pass(es) and before ``optimizer.step()``.
+        scaler: a ``torch.amp.GradScaler``: its scale is divided out, so the records show true gradients.
+
+    Example:
+        >>> with Monitor(model, every=10, optimizer=opt) as monitor:
+        ...     for x, y in batches:
+        ...         opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward()
+        ...         monitor.observe_loss(loss); opt.step()
+        >>> monitor.history.to_dataframe()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int | Schedule = 1,
+        layers: LayerSelector = None,
+        sinks: Sequence[Sink] = (),
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler=None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.schedule = _schedule(every)
+        self.layers = select_layers(model, layers)
+        if not self.layers:
+            raise ValueError(f"No layer of the model matches layers={layers!r}.")
+        self.history = HistorySink()
+        self.sinks: list[Sink] = [self.history, *sinks]
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.step_count = 0  # optimizer steps seen so far
+        self._recorder = Recorder(self.layers)
+        self._handles: list = []
+        self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
+        self._loss: torch.Tensor | None = None
+        self._attached = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def attach(self) -> Monitor:
+        if self._attached:
+            return self
+        self._recorder.attach()
+        self._recorder.active = self.schedule(self.step_count + 1)
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
+        if self.optimizer is not None:
+            self._handles.append(
+                self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step())
+            )
+            self._handles.append(
+                self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+            )
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this monitor added and close its sinks."""
+        self._recorder.detach()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for sink in self.sinks:
+            sink.close()
+        self._attached = False
+
+    def __enter__(self) -> Monitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- the training loop's side ---------------------------------------------------------------------
+    @property
+    def logging(self) -> bool:
+        """Whether the optimizer step now being accumulated will be logged."""
+        return self._recorder.active
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Attach this step's loss to its report (kept on the device until the step is logged)."""
+        if self._recorder.active:
+            self._loss = loss.detach()
+
+    def step(self) -> FlowReport | None:
+        """Close the current step by hand (when no optimizer was given); returns its report if logged."""
+        self._before_step(snapshot=False)  # no update happens in between: the ratio is NaN
+        return self._after_step()
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def _on_forward(self, module, args) -> None:
+        self._recorder.new_pass()
+
+    def _weights(self) -> list[torch.Tensor | None]:
+        weights = []
+        for _, module in self.layers:
+            layer = primary_layer(module)
+            weight = getattr(layer, "weight", None) if layer is not None else None
+            weights.append(weight.detach() if isinstance(weight, torch.Tensor) else None)
+        return weights
+
+    def _before_step(self, snapshot: bool = True) -> None:
+        if not self._recorder.active or self._recorder.empty:
+            self._pending = None
+            return
+        if self.scaler is not None and self.scaler.is_enabled():
+            # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
+            # now (GradScaler.step unscales before optimizer.step), so only the former are divided
+            self._recorder.gradient_scale = float(self.scaler.get_scale())
+        slots, table = self._recorder.finalize()
+        before = [w.clone() if w is not None and snapshot else None for w in self._weights()]
+        self._pending = (slots, table, before)
+
+    def _after_step(self) -> FlowReport | None:
+        self.step_count += 1
+        report = None
+        if self._pending is not None:
+            slots, table, before = self._pending
+            device = table.device
+            ratios = []
+            for old, new in zip(before, self._weights(), strict=True):
+                if old is None or new is None:
+                    ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
+                else:
+                    change = (new.double() - old.double()).norm() / old.double().norm()
+                    ratios.append(change.to(device))
+            by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
+            column = (
+                torch.stack([by_module[id(slot.module)] for slot in slots]) if slots else table.new_zeros(0)
+            )
+            loss = (
+                self._loss.double().reshape(1).to(device)
+                if self._loss is not None
+                else table.new_full((1,), float("nan"))
+            )
+            values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
+            host = torch.cat([loss, values]).tolist()  # the one host copy of this step
+            rows = [
+                host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))
+            ]
+            report = FlowReport(
+                records=make_records(slots, rows),
+                loss=host[0],
+                step=self.step_count,
+                label=type(self.model).__name__,
+                unused=[n for n, _ in self.layers if n not in self._recorder.called],
+            )
+            for sink in self.sinks:
+                sink.write(report, self.layers)
+        self._pending = None
+        self._loss = None
+        self._recorder.reset()
+        self._recorder.gradient_scale = 1.0
+        self._recorder.active = self.schedule(self.step_count + 1)
+        return report

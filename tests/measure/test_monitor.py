@@ -1,0 +1,212 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
+from steadygrad.nets import NetSpec, build
+
+FIELDS = (
+    "act_mean",
+    "act_std",
+    "act_min",
+    "act_max",
+    "act_second_moment",
+    "saturated",
+    "dead",
+    "grad_norm",
+    "grad_ratio",
+    "weight_grad_norm",
+    "bias_grad_norm",
+    "weight_var",
+    "nonfinite_act",
+    "nonfinite_grad",
+)
+
+
+def net_and_data(norm="none", seed=0):
+    net = build(
+        NetSpec(depth=4, width=16, in_features=8, activation="tanh", norm=norm),
+        torch.Generator().manual_seed(seed),
+    )
+    g = torch.Generator().manual_seed(100 + seed)
+    return net, torch.randn(32, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def assert_same_records(a, b, rtol=1e-10):
+    assert [r.label for r in a.records] == [r.label for r in b.records]
+    for ra, rb in zip(a.records, b.records, strict=True):
+        for field in FIELDS:
+            va, vb = getattr(ra, field), getattr(rb, field)
+            if isinstance(va, float) and math.isnan(va):
+                assert math.isnan(vb), (ra.label, field)
+            else:
+                assert vb == pytest.approx(va, rel=rtol, abs=1e-12), (ra.label, field)
+
+
+def hook_count(model, optimizer=None):
+    n = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+    if optimizer is not None:
+        n += len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+    return n
+
+
+def test_monitor_records_equal_the_probe():
+    net, x, y = net_and_data()
+    expected = probe(net, x, y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, optimizer=opt) as monitor:
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        monitor.observe_loss(loss)
+        opt.step()
+    (report,) = monitor.history.reports
+    assert report.step == 1 and report.loss == pytest.approx(expected.loss)
+    assert_same_records(expected, report)
+    assert all(0 < r.update_ratio < 1 for r in report.records)
+
+
+def test_every_hook_is_gone_after_the_context():
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = hook_count(net, opt)
+    with Monitor(net, optimizer=opt):
+        assert hook_count(net, opt) > before
+        net(x).sum().backward()
+        opt.step()
+    assert hook_count(net, opt) == before
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    net, x, y = net_and_data()
+    expected = probe(net, x, y)  # the whole batch in one pass
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, optimizer=opt) as monitor:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):  # four micro-batches, one step
+            (F.cross_entropy(net(xs), ys) / 4).backward()
+        opt.step()
+    (report,) = monitor.history.reports
+    assert monitor.step_count == 1
+    assert_same_records(expected, report, rtol=1e-6)  # merged micro-batches == the whole batch
+
+
+def test_schedule_logs_every_kth_step_and_skips_the_work_between():
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with Monitor(net, every=10, optimizer=opt) as monitor:
+        for _ in range(25):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    assert [r.step for r in monitor.history.reports] == [1, 11, 21]
+    custom = Monitor(net, every=lambda step: step in (2, 3), optimizer=opt)
+    with custom:
+        for _ in range(4):
+            opt.zero_grad()
+            net(x).sum().backward()
+            opt.step()
+    assert [r.step for r in custom.history.reports] == [2, 3]
+
+
+def test_manual_step_without_an_optimizer():
+    net, x, y = net_and_data()
+    with Monitor(net) as monitor:
+        F.cross_entropy(net(x), y).backward()
+        report = monitor.step()
+    assert report is not None and report.step == 1 and math.isnan(report.records[0].update_ratio)
+
+
+def test_grad_scaler_is_divided_out():
+    net, x, y = net_and_data()
+    reference = probe(net, x, y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with Monitor(net, optimizer=opt, scaler=scaler) as monitor:
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(net(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    (report,) = monitor.history.reports
+    assert_same_records(reference, report, rtol=1e-6)
+
+
+def test_non_finite_values_are_counted_per_layer():
+    net, x, y = net_and_data()
+    with torch.no_grad():
+        net.block02.linear.weight[0, 0] = math.nan
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, optimizer=opt) as monitor:
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    records = {r.name: r for r in monitor.history.reports[0].records}
+    assert records["block01"].nonfinite_act == 0
+    assert records["block02"].nonfinite_act == 32  # one unit, every sample
+    assert records["head"].nonfinite_act > 0
+    assert math.isfinite(records["block02"].act_std)  # the finite values still give statistics
+
+
+def test_history_as_dicts_and_dataframe():
+    pd = pytest.importorskip("pandas")
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, optimizer=opt) as monitor:
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    rows = monitor.history.to_dicts()
+    assert len(rows) == 3 * 5 and rows[0]["step"] == 1 and rows[0]["name"] == "block01"
+    frame = monitor.history.to_dataframe()
+    assert isinstance(frame, pd.DataFrame) and set(frame["step"]) == {1, 2, 3}
+
+
+def test_jsonl_sink(tmp_path):
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    path = tmp_path / "logs" / "monitor.jsonl"
+    with Monitor(net, optimizer=opt, sinks=[JsonlSink(path)]):
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 10 and lines[-1]["step"] == 2 and lines[-1]["name"] == "head"
+
+
+def test_tensorboard_events_with_nan_gradients_are_readable(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, optimizer=opt, sinks=[TensorBoardSink(tmp_path)]):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        net.block01.linear.weight.grad[0, :3] = math.nan  # NaN in a gradient
+        net.block02.linear.weight.grad[1, 0] = math.inf
+        opt.step()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()
+    assert "block01/grad_norm" in tags["scalars"] and "loss" not in tags["scalars"]
+    assert "block01/weight_grad" in tags["histograms"]
+    histogram = events.Histograms("block01/weight_grad")[0].histogram_value
+    assert histogram.num == 16 * 8 - 3  # the NaNs left out
+    assert "block02/weight_grad_norm" not in tags["scalars"]  # an Inf norm is skipped, not written
+    assert "block02/grad_norm" in tags["scalars"]
+
+
+def test_bad_arguments():
+    net, _, _ = net_and_data()
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        Monitor(net, every=0)
+    with pytest.raises(TypeError, match=r"needs an nn\.Module"):
+        Monitor("model")
+    with pytest.raises(ValueError, match="No layer of the model matches"):
+        Monitor(net, layers="nothing*")
