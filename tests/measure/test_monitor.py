@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.nets import NetSpec, build
@@ -73,7 +72,7 @@ def test_monitor_records_equal_the_probe():
 
 
 def test_every_hook_is_gone_after_the_context():
-    net, x, y = net_and_data()
+    net, x, _ = net_and_data()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     before = hook_count(net, opt)
     with Monitor(net, optimizer=opt):
