@@ -25,9 +25,7 @@ def _summary(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples) * 1e3, (q3 - q1) * 1e3)
 
 
-def compare(
-    reference: Callable[[], object], candidate: Callable[[], object], repeats: int = 30, warmup: int = 3
-):
+def compare(reference: Callable[[], object], candidate: Callable[[], object], repeats: int = 30, warmup: int = 3):
     """Time both, alternating run by run so that machine noise hits them alike. Returns (ref, cand, ratio)."""
     for _ in range(warmup):
         reference()

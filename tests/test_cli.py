@@ -57,9 +57,7 @@ def test_console_script_and_module_entry_points():
     assert script, "the steadygrad console script is not installed next to this python"
     done = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert steadygrad.__version__ in done.stdout
-    done = subprocess.run(
-        [sys.executable, "-m", "steadygrad", "--help"], capture_output=True, text=True, check=True
-    )
+    done = subprocess.run([sys.executable, "-m", "steadygrad", "--help"], capture_output=True, text=True, check=True)
     assert "Usage" in done.stdout
 
 
@@ -164,3 +162,154 @@ def test_probe_help_teaches():
     text = " ".join(result.output.split())
     assert "Comma-separated values compare several networks" in text
     assert "--skip none,residual,dense" in text
+
+
+def test_train_writes_its_log_directory(tmp_path):
+    logdir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--depth",
+            "3",
+            "--width",
+            "16",
+            "--epochs",
+            "2",
+            "--logdir",
+            str(logdir),
+            "--tensorboard",
+            "--clip",
+            "norm:1.0",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Held-out metrics per epoch" in result.output
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["spec"]["in_features"] == 64
+    assert summary["config"]["clip"] == "norm:1" and len(summary["epochs"]) == 2
+    assert len((logdir / "history.jsonl").read_text().splitlines()) == 2
+    assert (logdir / "checkpoint.pt").is_file() and (logdir / "monitor.jsonl").is_file()
+    assert any((logdir / "tensorboard").iterdir())
+
+
+def test_train_prints_findings_for_a_deep_sigmoid_net(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--depth",
+            "10",
+            "--act",
+            "sigmoid",
+            "--init",
+            "glorot_uniform",
+            "--epochs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0
+    assert "Gradients vanish" in result.output and "try: reinit" in result.output
+
+
+def test_train_other_kinds_and_data(tmp_path):
+    for args in (
+        ["--kind", "cnn", "--depth", "2", "--width", "8"],
+        ["--kind", "rnn", "--cell", "gru", "--depth", "1"],
+        ["--data", "teacher", "--depth", "2"],
+        ["--data", "spirals", "--depth", "3"],
+    ):
+        result = runner.invoke(app, ["train", *args, "--epochs", "1", "--logdir", str(tmp_path), "--no-progress"])
+        assert result.exit_code == 0, (args, result.output)
+
+
+def test_train_divergence_exits_1_with_the_layer(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--depth",
+            "4",
+            "--lr",
+            "1e6",
+            "--optimizer",
+            "sgd",
+            "--epochs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "Training diverged at step" in result.output and "first appear in" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped_nonfinite"
+    rolled = runner.invoke(
+        app,
+        [
+            "train",
+            "--depth",
+            "4",
+            "--lr",
+            "1e6",
+            "--optimizer",
+            "sgd",
+            "--epochs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+            "--on-nonfinite",
+            "rollback",
+            "--no-progress",
+        ],
+    )
+    assert rolled.exit_code in (0, 1) and "Rolled back to step" in rolled.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "nowhere.npz"], "No data file at nowhere.npz"),
+        (["--optimizer", "lbfgs"], "Unknown optimizer 'lbfgs'"),
+        (["--clip", "norm"], "Clipping is MODE:THRESHOLD"),
+        (["--on-nonfinite", "ignore"], "Unknown on_nonfinite policy"),
+        (["--depth", "3,4"], "train takes one value per option"),
+        (["--kind", "cnn", "--data", "blobs"], "kind='cnn' needs image data"),
+        (["--lr", "0"], "lr must be a finite number > 0"),
+    ],
+    ids=["missing_data", "optimizer", "clip", "policy", "list", "cnn_on_tabular", "lr"],
+)
+def test_train_bad_options_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["train", *args, "--logdir", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_train_bad_data_files_exit_2(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "nan.npz", X=np.array([[np.nan, 1.0]] * 10), y=np.arange(10) % 2)
+    np.savez(tmp_path / "shape.npz", X=np.zeros((10, 2)), y=np.zeros(7))
+    np.savez(tmp_path / "labels.npz", X=np.zeros((10, 2)), y=np.arange(10) - 5)
+    for name, message in (
+        ("nan.npz", "NaN or infinite"),
+        ("shape.npz", "one entry per row"),
+        ("labels.npz", "must be 0 .. C-1"),
+    ):
+        result = runner.invoke(
+            app, ["train", "--data", str(tmp_path / name), "--logdir", str(tmp_path / "r"), "--no-progress"]
+        )
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_train_resume_from_a_corrupted_checkpoint_exits_2(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 64)
+    result = runner.invoke(app, ["train", "--resume", "--logdir", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2 and "not a readable checkpoint" in " ".join(result.output.split())
+    result = runner.invoke(app, ["train", "--resume", "--logdir", str(tmp_path / "empty"), "--no-progress"])
+    assert result.exit_code == 2 and "No checkpoint at" in result.output

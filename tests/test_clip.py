@@ -108,10 +108,7 @@ def test_per_layer_clipping_of_a_module():
     for layer, (_, grads) in zip((net[0], net[2]), expected, strict=True):
         torch.testing.assert_close(layer.weight.grad, grads[0])
         torch.testing.assert_close(layer.bias.grad, grads[1])
-        assert (
-            float(torch.linalg.vector_norm(torch.cat([layer.weight.grad.flatten(), layer.bias.grad])))
-            <= 0.5 + 1e-5
-        )
+        assert float(torch.linalg.vector_norm(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]))) <= 0.5 + 1e-5
 
 
 def test_per_layer_clipping_of_tensors_equals_torch_on_each():

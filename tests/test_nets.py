@@ -7,12 +7,8 @@ from steadygrad.nets import NetSpec, build
 
 SPECS = {
     "mlp": NetSpec(depth=3, width=16, in_features=5),
-    "mlp_bn_after_dense": NetSpec(
-        depth=3, width=16, in_features=5, norm="batch", norm_position="after", skip="dense"
-    ),
-    "mlp_ln_residual": NetSpec(
-        depth=4, width=16, in_features=5, norm="layer", skip="residual", residual_scale=0.5
-    ),
+    "mlp_bn_after_dense": NetSpec(depth=3, width=16, in_features=5, norm="batch", norm_position="after", skip="dense"),
+    "mlp_ln_residual": NetSpec(depth=4, width=16, in_features=5, norm="layer", skip="residual", residual_scale=0.5),
     "mlp_gn_nobias": NetSpec(depth=2, width=16, in_features=5, norm="group", norm_groups=4, bias=False),
     "cnn_bn_residual": NetSpec(kind="cnn", depth=3, width=8, in_features=3, norm="batch", skip="residual"),
     "cnn_in_dense": NetSpec(kind="cnn", depth=2, width=8, in_features=3, norm="instance", skip="dense"),
@@ -60,9 +56,7 @@ def test_norm_position_orders_the_parts():
 
 
 def test_residual_adds_the_scaled_branch():
-    spec = NetSpec(
-        depth=2, width=6, in_features=6, skip="residual", residual_scale=0.25, activation="identity"
-    )
+    spec = NetSpec(depth=2, width=6, in_features=6, skip="residual", residual_scale=0.25, activation="identity")
     net = build(spec, torch.Generator().manual_seed(0))
     x = torch.randn(3, 6)
     h = net.block01(x)
@@ -116,7 +110,7 @@ def test_spec_names_are_normalized_and_replace_validates():
         ({"norm": "instance"}, r"needs spatial positions"),
         (
             {"kind": "rnn", "activation": "sigmoid"},
-            r"NetSpec.activation for an rnn cell must be one of tanh, relu",
+            r"NetSpec.activation for the rnn cell must be one of tanh, relu",
         ),
         (
             {"kind": "rnn", "norm": "batch", "activation": "tanh"},

@@ -108,9 +108,7 @@ def test_moments_stay_accurate_where_the_activation_turns_sharp(q):
     s = math.sqrt(q)
 
     def quad(fn):
-        return integrate.quad(
-            lambda z: fn(z) * stats.norm.pdf(z), -12, 12, points=[0.0], limit=500, epsabs=1e-13
-        )[0]
+        return integrate.quad(lambda z: fn(z) * stats.norm.pdf(z), -12, 12, points=[0.0], limit=500, epsabs=1e-13)[0]
 
     m = theory.moments("tanh", q)
     assert m.phi2 == pytest.approx(quad(lambda z: math.tanh(s * z) ** 2), rel=1e-7)

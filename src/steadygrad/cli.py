@@ -12,6 +12,7 @@ import steadygrad
 from steadygrad import init as sg_init
 from steadygrad._cli_common import console, user_errors, write_json
 from steadygrad.cli_probe import probe_command
+from steadygrad.cli_train import train_command
 
 app = typer.Typer(
     name="steadygrad",
@@ -45,9 +46,7 @@ def _root(
 @user_errors
 def inits(
     fan_in: Annotated[int, typer.Option("--fan-in", min=1, help="Inputs of the layer (in_features).")] = 10,
-    fan_out: Annotated[
-        int, typer.Option("--fan-out", min=1, help="Outputs of the layer (out_features).")
-    ] = 32,
+    fan_out: Annotated[int, typer.Option("--fan-out", min=1, help="Outputs of the layer (out_features).")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed of the draw.")] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the table as JSON to this file.", dir_okay=False)
@@ -97,6 +96,7 @@ def inits(
 
 
 app.command("probe")(probe_command)
+app.command("train")(train_command)
 
 
 def main() -> None:

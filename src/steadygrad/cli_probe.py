@@ -187,15 +187,9 @@ def probe_command(
         str | None,
         _opt("Activation: sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu]"),
     ] = None,
-    init: Annotated[
-        str | None, _opt("Initialization scheme (see `steadygrad inits`). [default: he_uniform]")
-    ] = None,
-    norm: Annotated[
-        str | None, _opt("Normalization: none, batch, layer, group, instance. [default: none]")
-    ] = None,
-    norm_position: Annotated[
-        str | None, _opt("Norm before or after the activation. [default: before]")
-    ] = None,
+    init: Annotated[str | None, _opt("Initialization scheme (see `steadygrad inits`). [default: he_uniform]")] = None,
+    norm: Annotated[str | None, _opt("Normalization: none, batch, layer, group, instance. [default: none]")] = None,
+    norm_position: Annotated[str | None, _opt("Norm before or after the activation. [default: before]")] = None,
     skip: Annotated[str | None, _opt("Skip connections: none, residual, dense. [default: none]")] = None,
     bias: Annotated[str | None, _opt("Biases in the weight layers: yes or no. [default: yes]")] = None,
     residual_scale: Annotated[str | None, _opt("Residual branch multiplier. [default: 1]")] = None,
@@ -207,27 +201,21 @@ def probe_command(
         int,
         typer.Option(
             min=2,
-            help="Examples in the probing batch (standard normal inputs, "
-            "random class labels, cross-entropy).",
+            help="Examples in the probing batch (standard normal inputs, random class labels, cross-entropy).",
         ),
     ] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the batch.")] = 0,
     layers: Annotated[
         str | None,
         typer.Option(
-            help="Record only modules whose names match these "
-            "comma-separated glob patterns, e.g. 'block*.linear'."
+            help="Record only modules whose names match these comma-separated glob patterns, e.g. 'block*.linear'."
         ),
     ] = None,
     show_theory: Annotated[
         bool, typer.Option("--theory", help="Print the mean-field prediction beside the measurement.")
     ] = False,
-    details: Annotated[
-        bool, typer.Option(help="Print every network's per-layer table when comparing.")
-    ] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", dir_okay=False, help="Write the reports as JSON.")
-    ] = None,
+    details: Annotated[bool, typer.Option(help="Print every network's per-layer table when comparing.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Write the reports as JSON.")] = None,
     plot_path: Annotated[
         Path | None, typer.Option("--plot", dir_okay=False, help="Write the per-layer plot (PNG).")
     ] = None,
@@ -297,8 +285,7 @@ def probe_command(
                 "batch": batch,
                 "seed": seed,
                 "reports": [
-                    {"spec": spec.to_dict(), **report.to_dict()}
-                    for spec, report in zip(specs, reports, strict=True)
+                    {"spec": spec.to_dict(), **report.to_dict()} for spec, report in zip(specs, reports, strict=True)
                 ],
             },
         )

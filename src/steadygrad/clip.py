@@ -43,9 +43,7 @@ def _norm_type(norm_type: float) -> float:
 def _total_norm(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
     """||concat(tensors)||_p, computed as the p-norm of the per-tensor p-norms (one kernel each)."""
     device = tensors[0].device
-    norms = [
-        torch.linalg.vector_norm(t, p, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors
-    ]
+    norms = [torch.linalg.vector_norm(t, p, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
 
 
@@ -105,9 +103,7 @@ def _layer_groups(parameters: nn.Module | Params) -> list[list[torch.Tensor]]:
     return [[p] for p in parameters]
 
 
-def clip_grad_norm_per_layer_(
-    parameters: nn.Module | Params, max_norm: float, norm_type: float = 2.0
-) -> torch.Tensor:
+def clip_grad_norm_per_layer_(parameters: nn.Module | Params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """Clip by norm layer by layer: each group's gradients are rescaled to norm at most ``max_norm``.
 
     Given a module, a group is the parameters one submodule owns directly (a Linear's weight and bias

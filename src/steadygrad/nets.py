@@ -50,7 +50,7 @@ class NetSpec:
     width: int = 64  # units (mlp, rnn) or channels (cnn) of every block
     in_features: int = 64  # input features (mlp; rnn: per time step) or input channels (cnn)
     out_features: int = 10  # outputs of the linear head
-    activation: str = "relu"  # one of ACTIVATIONS; rnn: the tanh-RNN cell's nonlinearity (tanh or relu)
+    activation: str | None = None  # one of ACTIVATIONS; rnn: the cell's nonlinearity. None: relu, or tanh for rnn
     init: str | Callable = "he_uniform"  # an init registry name (the bad ones included) or a callable
     norm: str = "none"  # none, batch, layer, group or instance normalization in every block
     norm_position: str = "before"  # the norm before or after the activation
@@ -67,6 +67,8 @@ class NetSpec:
             object.__setattr__(self, field, check_choice(f"NetSpec.{field}", getattr(self, field), accepted))
 
         choose("kind", KINDS)
+        if self.activation is None:
+            object.__setattr__(self, "activation", "tanh" if self.kind == "rnn" else "relu")
         choose("activation", ACTIVATIONS)
         choose("norm", NORMS)
         choose("norm_position", NORM_POSITIONS)
@@ -91,8 +93,7 @@ class NetSpec:
         get_init(self.init)  # raises, listing the registry's names, on an unknown scheme
         if self.norm == "group" and self.width % self.norm_groups:
             raise ValueError(
-                f"NetSpec.norm_groups ({self.norm_groups}) must divide NetSpec.width ({self.width}) "
-                "for group norm."
+                f"NetSpec.norm_groups ({self.norm_groups}) must divide NetSpec.width ({self.width}) for group norm."
             )
         if self.kind == "mlp" and self.norm == "instance":
             raise ValueError(
@@ -105,7 +106,7 @@ class NetSpec:
             accepted = ("tanh", "relu") if self.cell == "rnn" else ("tanh",)
             if self.activation not in accepted:
                 raise ValueError(
-                    f"NetSpec.activation for an {self.cell} cell must be one of {', '.join(accepted)} "
+                    f"NetSpec.activation for the {self.cell} cell must be one of {', '.join(accepted)} "
                     f"(LSTM and GRU have fixed sigmoid gates and tanh candidates); got {self.activation!r}."
                 )
 

@@ -175,9 +175,7 @@ class DepthScales:
     q_star: float
     chi_1: float  # < 1 ordered (vanishing), > 1 chaotic (exploding), = 1 critical
     xi_q: float  # depth over which the second moment approaches q*
-    xi_c: (
-        float  # depth over which correlations between inputs approach their fixed point (inf at criticality)
-    )
+    xi_c: float  # depth over which correlations between inputs approach their fixed point (inf at criticality)
 
 
 def depth_scales(sigma_w2: float, sigma_b2: float, activation: Activation) -> DepthScales:
@@ -191,9 +189,7 @@ def depth_scales(sigma_w2: float, sigma_b2: float, activation: Activation) -> De
     return DepthScales(q_star=q_star, chi_1=chi_1, xi_q=xi_q, xi_c=abs(xi_c))
 
 
-def critical_sigma_w2(
-    sigma_b2: float, activation: Activation, low: float = 1e-3, high: float = 100.0
-) -> float:
+def critical_sigma_w2(sigma_b2: float, activation: Activation, low: float = 1e-3, high: float = 100.0) -> float:
     """The sigma_w^2 at which chi_1 = 1 (the edge of chaos) for a given sigma_b^2, by bisection.
 
     For tanh with sigma_b^2 = 0.05 it is about 1.76 (Schoenholz et al. 2017, fig. 1)."""

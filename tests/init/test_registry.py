@@ -23,15 +23,11 @@ def test_every_registered_scheme_fills_a_weight_and_matches_its_variance(generat
         w = info.fn(torch.empty(shape, dtype=torch.float64), generator=generator)
         assert torch.isfinite(w).all()
         if info.variance is not None:
-            assert float(w.var(unbiased=False)) == pytest.approx(info.variance(shape), rel=0.05, abs=1e-12), (
-                name
-            )
+            assert float(w.var(unbiased=False)) == pytest.approx(info.variance(shape), rel=0.05, abs=1e-12), name
 
 
 def test_unknown_name_lists_every_accepted_name():
-    with pytest.raises(
-        ValueError, match=r"Unknown initialization scheme 'he'.*he_uniform.*orthogonal.*identical"
-    ):
+    with pytest.raises(ValueError, match=r"Unknown initialization scheme 'he'.*he_uniform.*orthogonal.*identical"):
         get("he")
 
 

@@ -143,9 +143,7 @@ def test_orthogonal_is_orthogonal(shape, generator):
 def test_orthogonal_is_haar_distributed(generator):
     # entries of a Haar-random orthogonal n x n matrix have mean 0, variance 1/n, and are sign-symmetric
     # on the diagonal (without the sign(diag(R)) correction the diagonal of Q is biased positive)
-    diagonals = torch.stack(
-        [orthogonal_(torch.empty(8, 8), generator=generator).diagonal() for _ in range(2000)]
-    )
+    diagonals = torch.stack([orthogonal_(torch.empty(8, 8), generator=generator).diagonal() for _ in range(2000)])
     assert abs(float(diagonals.mean())) < 5 * math.sqrt(1 / 8 / diagonals.numel())
     assert float(diagonals.var()) == pytest.approx(1 / 8, rel=0.1)
 

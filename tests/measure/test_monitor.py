@@ -47,9 +47,7 @@ def assert_same_records(a, b, rtol=1e-10):
 
 
 def hook_count(model, optimizer=None):
-    n = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
+    n = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     if optimizer is not None:
         n += len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
     return n

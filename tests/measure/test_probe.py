@@ -165,9 +165,7 @@ def test_model_is_unchanged_after_a_probe():
     net.block02.register_forward_hook(lambda *a: None)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     grads = [p.grad.clone() for p in net.parameters()]
-    hooks = sum(
-        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in net.modules()
-    )
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
     targets = torch.randint(0, 10, (32,))
     rng = torch.get_rng_state()
     report = probe(net, _x(32, 8), targets=targets)
@@ -213,14 +211,10 @@ def test_dict_tuple_outputs_shared_unused_and_frozen_modules():
 
 
 def test_convolutional_and_recurrent_models():
-    cnn = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
-    )
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     report = probe(cnn, _x(4, 3, 8, 8), targets=torch.tensor([0, 1, 2, 3]))
     assert [r.kind for r in report.records] == ["Conv2d", "BatchNorm2d", "Linear"]
-    lstm = build(
-        NetSpec(kind="rnn", cell="lstm", depth=3, width=8, in_features=4, activation="tanh", seq_len=5)
-    )
+    lstm = build(NetSpec(kind="rnn", cell="lstm", depth=3, width=8, in_features=4, activation="tanh", seq_len=5))
     report = probe(lstm, _x(6, 5, 4))
     assert len(report.records) == 4 and all(math.isfinite(r.grad_norm) for r in report.records)
     raw = probe(nn.LSTM(4, 8, batch_first=True), _x(2, 5, 4))

@@ -87,9 +87,7 @@ def test_double_backward_raises_a_clear_error():
     (grad,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=False)  # first order: fine
     assert grad.shape == x.shape
     with pytest.raises(RuntimeError, match=r"differentiable once.*convert_norms\(model, to='torch'\)"):
-        torch.autograd.grad(
-            F.batch_norm(x, None, None, w, None, training=True).pow(3).sum(), x, create_graph=True
-        )
+        torch.autograd.grad(F.batch_norm(x, None, None, w, None, training=True).pow(3).sum(), x, create_graph=True)
 
 
 def test_group_norm_with_one_group_is_layer_norm_over_channels_and_space():

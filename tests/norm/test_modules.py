@@ -168,9 +168,7 @@ def test_low_precision_is_computed_in_float32_and_returned_in_its_dtype(case, dt
     assert y.dtype == dtype and x_low.grad.dtype == dtype and low.weight.grad.dtype == dtype
     # the float32 computation on the same (rounded) input and parameters, rounded once at the end
     ref = reference.to(torch.float32)
-    ref.load_state_dict(
-        {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in low.state_dict().items()}
-    )
+    ref.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in low.state_dict().items()})
     expected = ref(x_low.detach().float())
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y.float(), expected, rtol=2 * eps, atol=4 * eps)
@@ -203,9 +201,7 @@ def test_module_input_errors_say_what_arrived_and_what_is_expected(module, x, me
 
 
 def test_constructor_errors():
-    with pytest.raises(
-        ValueError, match=r"groups \(3\) must divide the number of channels \(8\); choose one of 1, 2"
-    ):
+    with pytest.raises(ValueError, match=r"groups \(3\) must divide the number of channels \(8\); choose one of 1, 2"):
         norm.GroupNorm(3, 8)
     with pytest.raises(ValueError, match="num_features must be a positive integer"):
         norm.BatchNorm1d(0)

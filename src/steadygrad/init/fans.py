@@ -48,8 +48,7 @@ def fans(tensor: torch.Tensor, gates: int = 1) -> Fans:
         )
     if not isinstance(gates, int) or gates < 1 or tensor.size(0) % gates:
         raise ValueError(
-            "gates must be a positive integer dividing the first dimension "
-            f"({tensor.size(0)}); got {gates!r}."
+            f"gates must be a positive integer dividing the first dimension ({tensor.size(0)}); got {gates!r}."
         )
     receptive_field = math.prod(tensor.shape[2:])
     return Fans(fan_in=tensor.size(1) * receptive_field, fan_out=tensor.size(0) // gates * receptive_field)

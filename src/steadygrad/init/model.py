@@ -66,9 +66,7 @@ def next_activation(model: nn.Module) -> dict[str, tuple[str, float | None]]:
     after a layer, skipping normalizations and dropout; ``("linear", None)`` when another weight layer or
     the end comes first. Activations applied functionally in ``forward`` (``F.relu``) are invisible to it.
     """
-    leaves = [
-        (name, m) for name, m in model.named_modules() if not list(m.children()) or isinstance(m, nn.RNNBase)
-    ]
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children()) or isinstance(m, nn.RNNBase)]
     found: dict[str, tuple[str, float | None]] = {}
     for index, (name, module) in enumerate(leaves):
         if not isinstance(module, _WEIGHT_LAYERS):
@@ -132,9 +130,7 @@ def init_model(
     elif nonlinearity in NONLINEARITIES:
         detected = {name: (nonlinearity, None) for name, _ in model.named_modules()}
     else:
-        raise ValueError(
-            f"Unknown nonlinearity {nonlinearity!r}. Accepted: auto, {', '.join(NONLINEARITIES)}."
-        )
+        raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Accepted: auto, {', '.join(NONLINEARITIES)}.")
 
     records: list[LayerInit] = []
     for name, module in model.named_modules():

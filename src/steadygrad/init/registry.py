@@ -144,9 +144,7 @@ def _builtin() -> list[InitScheme]:
             glorot,
             "Glorot & Bengio 2010, normal",
         ),
-        InitScheme(
-            "lecun_uniform", schemes.lecun_uniform_, "1 / fan_in", lecun, "LeCun et al. 1998, uniform"
-        ),
+        InitScheme("lecun_uniform", schemes.lecun_uniform_, "1 / fan_in", lecun, "LeCun et al. 1998, uniform"),
         InitScheme(
             "lecun_normal",
             schemes.lecun_normal_,
@@ -161,9 +159,7 @@ def _builtin() -> list[InitScheme]:
             _orthogonal_variance,
             "Saxe et al. 2014: preserves every singular value of a linear net",
         ),
-        InitScheme(
-            "zeros", _zeros_, "0", lambda shape: 0.0, "all weights zero: symmetry is never broken", bad=True
-        ),
+        InitScheme("zeros", _zeros_, "0", lambda shape: 0.0, "all weights zero: symmetry is never broken", bad=True),
         InitScheme(
             "identical",
             schemes.identical_,

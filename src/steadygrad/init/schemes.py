@@ -96,9 +96,7 @@ def _glorot_std(tensor: torch.Tensor, gain: float) -> float:
     return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
-def glorot_uniform_(
-    tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def glorot_uniform_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Glorot (Xavier) uniform: U(-b, b) with b = gain * sqrt(6 / (fan_in + fan_out)).
 
     Var[w] = 2 gain^2 / (fan_in + fan_out).
@@ -110,9 +108,7 @@ def glorot_uniform_(
     return _uniform_(tensor, _glorot_std(tensor, gain), generator)
 
 
-def glorot_normal_(
-    tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def glorot_normal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Glorot (Xavier) normal: N(0, 2 gain^2 / (fan_in + fan_out)). Glorot & Bengio 2010."""
     return _normal_(tensor, _glorot_std(tensor, gain), generator)
 
@@ -134,9 +130,7 @@ def lecun_normal_(tensor: torch.Tensor, generator: torch.Generator | None = None
 
 
 @torch.no_grad()
-def orthogonal_(
-    tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def orthogonal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """A (semi-)orthogonal matrix times ``gain``, drawn uniformly (Haar measure).
 
     The tensor is viewed as (size(0), numel / size(0)). Q from the QR decomposition of a Gaussian matrix,
@@ -145,9 +139,7 @@ def orthogonal_(
     neither vanish nor explode (Saxe, McClelland, Ganguli 2014).
     """
     if tensor.dim() < 2:
-        raise ValueError(
-            f"orthogonal_ needs a tensor with at least 2 dimensions; got shape {tuple(tensor.shape)}."
-        )
+        raise ValueError(f"orthogonal_ needs a tensor with at least 2 dimensions; got shape {tuple(tensor.shape)}.")
     rows = tensor.size(0)
     cols = tensor.numel() // rows
     # QR in float32 at least: half-precision QR is not supported and would lose orthogonality.

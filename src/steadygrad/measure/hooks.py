@@ -135,9 +135,7 @@ class Recorder:
             if y is None:
                 return
             moments = activation_moments(y)
-            slot.activations = (
-                moments if slot.activations is None else merge_activations(slot.activations, moments)
-            )
+            slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
             units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
             if units is not None:
                 counts, active = units
@@ -159,9 +157,7 @@ class Recorder:
         """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``."""
         slots = list(self._slots.values())
         if device is None:
-            device = next(
-                (s.activations.device for s in slots if s.activations is not None), torch.device("cpu")
-            )
+            device = next((s.activations.device for s in slots if s.activations is not None), torch.device("cpu"))
         rows = []
         for slot in slots:
             grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)
@@ -179,9 +175,7 @@ class Recorder:
                     ]
                 )
             )
-        table = (
-            torch.stack(rows) if rows else torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
-        )
+        table = torch.stack(rows) if rows else torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
         return slots, table
 
 
@@ -213,10 +207,6 @@ def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.
             )
         )
     for current, following in itertools.pairwise(records):
-        if (
-            math.isfinite(current.grad_norm)
-            and math.isfinite(following.grad_norm)
-            and following.grad_norm > 0
-        ):
+        if math.isfinite(current.grad_norm) and math.isfinite(following.grad_norm) and following.grad_norm > 0:
             current.grad_ratio = current.grad_norm / following.grad_norm
     return records

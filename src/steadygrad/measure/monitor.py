@@ -87,12 +87,8 @@ class Monitor:
         self._recorder.active = self.schedule(self.step_count + 1)
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
         if self.optimizer is not None:
-            self._handles.append(
-                self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step())
-            )
-            self._handles.append(
-                self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
-            )
+            self._handles.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()))
+            self._handles.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
         self._attached = True
         return self
 
@@ -166,9 +162,7 @@ class Monitor:
                     change = (new.double() - old.double()).norm() / old.double().norm()
                     ratios.append(change.to(device))
             by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
-            column = (
-                torch.stack([by_module[id(slot.module)] for slot in slots]) if slots else table.new_zeros(0)
-            )
+            column = torch.stack([by_module[id(slot.module)] for slot in slots]) if slots else table.new_zeros(0)
             loss = (
                 self._loss.double().reshape(1).to(device)
                 if self._loss is not None
@@ -176,9 +170,7 @@ class Monitor:
             )
             values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
             host = torch.cat([loss, values]).tolist()  # the one host copy of this step
-            rows = [
-                host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))
-            ]
+            rows = [host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))]
             report = FlowReport(
                 records=make_records(slots, rows),
                 loss=host[0],

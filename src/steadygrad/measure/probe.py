@@ -154,9 +154,7 @@ def probe(
     saved_grads = [p.grad for p in parameters]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     recorder = Recorder(selected)
-    devices = sorted(
-        {p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None}
-    )
+    devices = sorted({p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None})
     try:
         for p in parameters:
             p.grad = None
@@ -172,9 +170,7 @@ def probe(
         records = make_records(slots, table.tolist())  # one host copy
         input_grads = [t.grad for t in _tensors(prepared) if t.is_floating_point() and t.grad is not None]
         input_grad_norm = (
-            float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm())
-            if input_grads
-            else math.nan
+            float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
         )
         report = FlowReport(
             records=records,
@@ -200,18 +196,12 @@ def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:
     if not isinstance(model, DeepNet):
         return
     spec = model.spec
-    if (
-        spec.kind != "mlp"
-        or spec.norm != "none"
-        or spec.skip != "none"
-        or not isinstance(inputs, torch.Tensor)
-    ):
+    if spec.kind != "mlp" or spec.norm != "none" or spec.skip != "none" or not isinstance(inputs, torch.Tensor):
         return
     linears = [block.linear for block in model.blocks] + [model.head]
     sigma_w2 = [float(m.weight.detach().double().var()) * m.in_features for m in linears]
     sigma_b2 = [
-        float(m.bias.detach().double().var()) if m.bias is not None and m.bias.numel() > 1 else 0.0
-        for m in linears
+        float(m.bias.detach().double().var()) if m.bias is not None and m.bias.numel() > 1 else 0.0 for m in linears
     ]
     q_input = float(inputs.detach().double().square().mean())
     second_moments, relative = theory.mlp_prediction(sigma_w2, sigma_b2, spec.activation, q_input)

@@ -137,9 +137,7 @@ class FlowReport:
         if len(predicted) >= 2:
             p = predicted[0].predicted_grad_norm / predicted[-1].predicted_grad_norm
             m = predicted[0].grad_norm / predicted[-1].grad_norm
-            lines.append(
-                f"Mean-field theory predicts a first/last gradient ratio of {p:.3g}; measured {m:.3g}."
-            )
+            lines.append(f"Mean-field theory predicts a first/last gradient ratio of {p:.3g}; measured {m:.3g}.")
         if self.unused:
             lines.append(f"Never called in the forward pass: {', '.join(self.unused)}.")
         return "\n".join(lines)
@@ -234,8 +232,7 @@ class FlowReport:
         from steadygrad.measure.plot import figure_png
 
         head = "".join(
-            f"<th>{html.escape(c)}</th>"
-            for c in ("#", "layer", "kind", "act std", "sat", "dead", "grad norm", "ratio")
+            f"<th>{html.escape(c)}</th>" for c in ("#", "layer", "kind", "act std", "sat", "dead", "grad norm", "ratio")
         )
         rows = "".join(
             "<tr>"

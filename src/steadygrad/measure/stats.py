@@ -88,9 +88,7 @@ def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     delta = b[1] - a[1]
     mean = a[1] + delta * b[0] / n.clamp(min=1)
     m2 = a[2] + b[2] + delta.square() * a[0] * b[0] / n.clamp(min=1)
-    return torch.stack(
-        [n, mean, m2, torch.minimum(a[3], b[3]), torch.maximum(a[4], b[4]), a[5] + b[5], a[6] + b[6]]
-    )
+    return torch.stack([n, mean, m2, torch.minimum(a[3], b[3]), torch.maximum(a[4], b[4]), a[5] + b[5], a[6] + b[6]])
 
 
 def finalize_activations(acc: torch.Tensor | None) -> torch.Tensor:

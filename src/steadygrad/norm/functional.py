@@ -200,8 +200,7 @@ def _channel_view(param: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
 def _check_channels(what: str, x: torch.Tensor, channels: int | None) -> None:
     if x.dim() < 2:
         raise ValueError(
-            f"{what} expects an input of shape (N, C, *) with at least 2 dimensions; "
-            f"got shape {tuple(x.shape)}."
+            f"{what} expects an input of shape (N, C, *) with at least 2 dimensions; got shape {tuple(x.shape)}."
         )
     if channels is not None and x.size(1) != channels:
         raise ValueError(

@@ -28,9 +28,7 @@ __all__ = [
 def _affine_parameters(module: nn.Module, shape: tuple[int, ...], affine: bool, bias: bool, factory) -> None:
     """Register gamma (``weight``) and beta (``bias``), or None for those not learned."""
     module.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
-    module.register_parameter(
-        "bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None
-    )
+    module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
 
 
 def _reset_affine(module: nn.Module) -> None:
@@ -120,17 +118,13 @@ class _NormBase(nn.Module):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
-    ):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
         # state_dicts saved before num_batches_tracked existed (torch's version < 2) load with it at 0
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
-        )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
 
 
 class _BatchNorm(_NormBase):

@@ -1,0 +1,292 @@
+"""Data to train on, with no download: scikit-learn's bundled digits, generated sets, and the user's files.
+
+Every loader returns a ``Dataset``: a train/test split, standardized with the training split's
+statistics by default (``standardize=False`` keeps the raw scale, e.g. the all-positive digit pixels
+for the zero-centring experiment of LeCun et al. 1998).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steadygrad._checks import check_choice
+
+__all__ = [
+    "BUILTIN",
+    "DataError",
+    "Dataset",
+    "blobs",
+    "digits",
+    "from_file",
+    "load",
+    "teacher_student",
+    "two_spirals",
+]
+
+TASKS = ("classification", "regression")
+
+
+class DataError(ValueError):
+    """A data file or data option that cannot be used: the message says why and what is accepted."""
+
+
+@dataclass
+class Dataset:
+    """Inputs and targets, split into train and test. Classification targets are int64 class indices."""
+
+    name: str
+    x_train: torch.Tensor  # (N, features) float32
+    y_train: torch.Tensor  # (N,) int64 classes or (N,) / (N, k) float32 targets
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task: str  # "classification" or "regression"
+    num_classes: int | None = None
+    image_shape: tuple[int, ...] | None = None  # (C, H, W) when the features are an image's pixels
+    standardized: bool = True
+    feature_mean: torch.Tensor | None = field(default=None, repr=False)  # the training split's statistics
+    feature_std: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        if self.task == "classification":
+            return int(self.num_classes)
+        return 1 if self.y_train.dim() == 1 else self.y_train.shape[1]
+
+    def inputs_for(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """Shape flat features for a network kind: mlp (N, F); cnn (N, C, H, W) for image data; rnn
+        (N, T, F'): an image's rows as time steps, else one feature per step."""
+        if kind == "cnn":
+            if self.image_shape is None:
+                raise DataError(f"kind='cnn' needs image data; {self.name} has flat features. Use kind='mlp'.")
+            return x.reshape(x.shape[0], *self.image_shape)
+        if kind == "rnn":
+            if self.image_shape is not None:
+                _, height, _ = self.image_shape
+                return x.reshape(x.shape[0], height, -1)
+            return x.reshape(x.shape[0], -1, 1)
+        return x
+
+    def spec_sizes(self, kind: str) -> dict:
+        """``in_features`` (and ``seq_len``/``image_size``) a NetSpec of ``kind`` needs for this data."""
+        if kind == "cnn":
+            channels, height, _ = self.inputs_for("cnn", self.x_train[:1]).shape[1:]
+            return {"in_features": channels, "image_size": height, "out_features": self.out_features}
+        if kind == "rnn":
+            _, steps, features = self.inputs_for("rnn", self.x_train[:1]).shape
+            return {"in_features": features, "seq_len": steps, "out_features": self.out_features}
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+
+def _split_and_scale(name, x, y, task, test_fraction, standardize, seed, num_classes=None, image_shape=None):
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must be between 0 and 1 (exclusive); got {test_fraction!r}.")
+    n = len(x)
+    n_test = max(1, round(n * test_fraction))
+    if n - n_test < 2:
+        raise DataError(f"{name} has {n} examples: too few to hold out {n_test} for testing and still train.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    x = torch.as_tensor(x, dtype=torch.float32)[order]
+    y = torch.as_tensor(y)[order]
+    y = y.long() if task == "classification" else y.float()
+    x_train, x_test, y_train, y_test = x[n_test:], x[:n_test], y[n_test:], y[:n_test]
+    mean = std = None
+    if standardize:
+        mean = x_train.mean(0)
+        std = x_train.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # constant features stay, shifted to 0
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return Dataset(name, x_train, y_train, x_test, y_test, task, num_classes, image_shape, standardize, mean, std)
+
+
+def digits(test_fraction: float = 0.2, standardize: bool = True, seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 handwritten digits (8 x 8 pixels, values 0-16, 10 classes), bundled with it."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return _split_and_scale(
+        "digits",
+        bunch.data,
+        bunch.target,
+        "classification",
+        test_fraction,
+        standardize,
+        seed,
+        num_classes=10,
+        image_shape=(1, 8, 8),
+    )
+
+
+def two_spirals(
+    n: int = 1000, noise: float = 0.2, test_fraction: float = 0.2, standardize: bool = True, seed: int = 0
+) -> Dataset:
+    """Two interleaved spirals in the plane (Lang & Witbrock 1988): 2 classes, hard for shallow nets."""
+    g = torch.Generator().manual_seed(seed)
+    half = n // 2
+    t = torch.sqrt(torch.rand(half, generator=g)) * 3 * math.pi
+    arm = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+    x = torch.cat([arm, -arm]) + noise * torch.randn(2 * half, 2, generator=g)
+    y = torch.cat([torch.zeros(half), torch.ones(half)]).long()
+    return _split_and_scale("spirals", x, y, "classification", test_fraction, standardize, seed, num_classes=2)
+
+
+def blobs(
+    n: int = 1000,
+    centers: int = 4,
+    dim: int = 2,
+    spread: float = 1.0,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """Gaussian blobs: ``centers`` classes around random centres in ``dim`` dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    middles = torch.randn(centers, dim, generator=g) * 4
+    y = torch.randint(0, centers, (n,), generator=g)
+    x = middles[y] + spread * torch.randn(n, dim, generator=g)
+    return _split_and_scale("blobs", x, y, "classification", test_fraction, standardize, seed, num_classes=centers)
+
+
+def teacher_student(
+    n: int = 2000,
+    dim: int = 20,
+    hidden: int = 32,
+    noise: float = 0.1,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """Regression on the outputs of a random two-layer tanh "teacher" network, plus Gaussian noise: a
+    target a student network of enough capacity can learn exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w1 = torch.randn(dim, hidden, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(hidden, generator=g) / math.sqrt(hidden)
+    y = torch.tanh(x @ w1 * 1.5) @ w2 + noise * torch.randn(n, generator=g)
+    return _split_and_scale("teacher", x, y, "regression", test_fraction, standardize, seed)
+
+
+BUILTIN = {"digits": digits, "spirals": two_spirals, "blobs": blobs, "teacher": teacher_student}
+
+
+def _infer_task(y: np.ndarray) -> str:
+    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
+        return "classification"
+    return "regression"
+
+
+def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if len(rows) < 2:
+        raise DataError(f"{path} has no data rows: a CSV needs a header line and at least one row.")
+    header = [h.strip() for h in rows[0]]
+    if target is None:
+        raise DataError(
+            f"Name the target column of {path} (e.g. --target {header[-1]}); its columns: {', '.join(header)}."
+        )
+    if target not in header:
+        raise DataError(f"{path} has no column {target!r}; its columns: {', '.join(header)}.")
+    column = header.index(target)
+    values = np.empty((len(rows) - 1, len(header)))
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {i}: {len(row)} values where the header has {len(header)}.")
+        for j, cell in enumerate(row):
+            try:
+                values[i - 2, j] = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {i}, column {header[j]!r}: {cell!r} is not a number. "
+                    "Encode categories as numbers first."
+                ) from None
+    y = values[:, column]
+    x = np.delete(values, column, axis=1)
+    if np.all(y == np.round(y)) and len(np.unique(y)) <= max(2, len(y) // 5):
+        y = y.astype(np.int64)  # whole numbers with few distinct values: class labels
+    return x, y
+
+
+def from_file(
+    path: str | Path,
+    target: str | None = None,
+    task: str | None = None,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """The user's own data: ``.npz`` with arrays ``X`` (N, features) and ``y`` (N,) or ``.csv`` with a
+    header line and a ``target`` column. The task is classification for integer labels (0 .. C-1), else
+    regression, unless ``task`` says otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"No data file at {path}. Give a .npz (arrays X, y) or .csv file, or a built-in set: {', '.join(BUILTIN)}."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path} is not a readable .npz archive ({error}).") from None
+        keys = {k.lower(): k for k in archive.files}
+        if "x" not in keys or "y" not in keys:
+            raise DataError(f"{path} must hold arrays named X and y; it holds {', '.join(archive.files) or 'none'}.")
+        x, y = archive[keys["x"]], archive[keys["y"]]
+    elif suffix == ".csv":
+        x, y = _read_csv(path, target)
+    else:
+        raise DataError(f"{path}: unknown data format {suffix or '(none)'}; accepted: .npz (arrays X, y), .csv.")
+    if x.ndim != 2:
+        raise DataError(f"X in {path} must be 2-D (examples, features); got shape {x.shape}.")
+    if y.ndim not in (1, 2) or len(y) != len(x):
+        raise DataError(f"y in {path} must have one entry per row of X ({len(x)}); got shape {y.shape}.")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"X in {path} must be numeric; got dtype {x.dtype}.")
+    bad = ~np.isfinite(x.astype(np.float64))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(
+            f"X in {path} has {int(bad.sum())} NaN or infinite values (first at row {row}, column "
+            f"{col}). Impute or drop them first."
+        )
+    task = _infer_task(y) if task is None else check_choice("task", task, TASKS)
+    num_classes = None
+    if task == "classification":
+        if y.ndim != 1 or not np.all(np.asarray(y) == np.round(np.asarray(y, dtype=np.float64))):
+            raise DataError(f"Class labels in {path} must be whole numbers 0 .. C-1 in a 1-D y.")
+        y = np.asarray(y, dtype=np.int64)
+        if y.min() < 0:
+            raise DataError(
+                f"Class labels in {path} must be 0 .. C-1; found {int(y.min())}. Map them to 0 .. C-1 first."
+            )
+        num_classes = int(y.max()) + 1
+        if num_classes < 2:
+            raise DataError(f"{path} has a single class (0): classification needs at least two.")
+    elif not np.all(np.isfinite(np.asarray(y, dtype=np.float64))):
+        raise DataError(f"Targets y in {path} contain NaN or infinite values.")
+    return _split_and_scale(
+        path.stem, x.astype(np.float32), y, task, test_fraction, standardize, seed, num_classes=num_classes
+    )
+
+
+def load(
+    source: str,
+    target: str | None = None,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """A built-in set by name (``digits``, ``spirals``, ``blobs``, ``teacher``) or a file path."""
+    if source in BUILTIN:
+        return BUILTIN[source](test_fraction=test_fraction, standardize=standardize, seed=seed)
+    return from_file(source, target=target, test_fraction=test_fraction, standardize=standardize, seed=seed)

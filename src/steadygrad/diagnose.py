@@ -1,0 +1,437 @@
+"""Rules over per-layer records: what is wrong, where, the numbers that show it, and what to try.
+
+``diagnose(report_or_history, model=None, inputs=None)`` returns ``Finding``s. Each rule's thresholds
+are the named constants below; rules that need the model's weights (symmetric units, bias before a
+BatchNorm) or the inputs (centring) run when those are given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from steadygrad.measure.records import FlowReport, LayerRecord
+
+__all__ = ["Finding", "Fix", "diagnose"]
+
+# -- thresholds ---------------------------------------------------------------------------------------
+VANISHING_RATIO = 1e-3  # first layer's gradient below 1/1000 of the last layer's
+VANISHING_ABSOLUTE = 1e-7  # or a layer's gradient norm below this, whatever the last layer's
+EXPLODING_RATIO = 1e3  # first layer's gradient above 1000x the last layer's
+EXPLODING_GROWTH = 1e2  # the gradient norm grew 100x from the first logged step to the last
+SATURATION_FRACTION = 0.5  # over half of a layer's tanh/sigmoid outputs saturated (|tanh| > 0.99, ...)
+DEAD_FRACTION = 0.5  # over half of a layer's rectifier units dead (SageMaker Debugger's rule)
+SIGNAL_CHANGE = 10.0  # activation std changes more than 10x from the first layer to the last at init
+NONCENTERED_RATIO = 0.5  # input features' mean |mean_j| / std_j above this: not zero-centred
+UPDATE_RATIO_LOW = 1e-5  # median ||dW|| / ||W|| per step below this: the layer barely learns
+UPDATE_RATIO_HIGH = 1e-1  # above this: steps are large relative to the weights (1e-3 is typical)
+SYMMETRY_TOLERANCE = 1e-6  # relative spread of a layer's rows below this: its units are identical
+
+SEVERITIES = ("info", "warning", "critical")
+ACTIONS = (
+    "reinit",
+    "add_norm",
+    "add_skips",
+    "clip",
+    "lower_lr",
+    "raise_lr",
+    "standardize_inputs",
+    "swap_activation",
+    "remove_bias",
+)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A candidate fix as a structured action that a program can apply (``steadygrad doctor``)."""
+
+    action: str  # one of ACTIONS
+    params: dict = field(default_factory=dict)  # e.g. {"scheme": "he_normal"}, {"mode": "norm", "threshold": 1.0}
+    reason: str = ""
+
+    def __str__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.action}({params})" if params else self.action
+
+
+@dataclass
+class Finding:
+    """One diagnosis: what, how bad, where, the numbers, in a sentence, and what to try."""
+
+    kind: str  # e.g. "vanishing_gradients"
+    severity: str  # info, warning or critical
+    layers: list[str]
+    evidence: dict
+    message: str
+    fixes: list[Fix] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["fixes"] = [asdict(f) for f in self.fixes]
+        return out
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}"
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _with_gradient(report: FlowReport) -> list[LayerRecord]:
+    return [r for r in report.records if math.isfinite(r.grad_norm) and r.grad_norm > 0]
+
+
+def _saturating(report: FlowReport) -> bool:
+    return any(k in r.kind for r in report.records for k in ("Sigmoid", "Tanh"))
+
+
+def _reinit_fix(report: FlowReport) -> Fix:
+    """He for rectifier nets, Glorot for saturating ones (He et al. 2015; Glorot & Bengio 2010)."""
+    if _saturating(report):
+        return Fix(
+            "reinit",
+            {"scheme": "glorot_normal"},
+            "Glorot init keeps tanh/sigmoid layers in their linear range",
+        )
+    return Fix("reinit", {"scheme": "he_normal"}, "He init keeps the variance of rectifier layers")
+
+
+# -- rules --------------------------------------------------------------------------------------------
+
+
+def _nonfinite(history: Sequence[FlowReport]) -> list[Finding]:
+    for report in history:
+        broken = [r for r in report.records if r.nonfinite_act or r.nonfinite_grad]
+        if broken:
+            first = broken[0]
+            where = "outputs" if first.nonfinite_act else "gradients"
+            step = f" at step {report.step}" if report.step is not None else ""
+            norms = _finite(r.weight_grad_norm for r in history[0].records)
+            threshold = statistics.median(norms) if norms else 1.0
+            return [
+                Finding(
+                    "nonfinite",
+                    "critical",
+                    [r.label for r in broken],
+                    {
+                        "step": report.step,
+                        "first_layer": first.label,
+                        "nonfinite_act": first.nonfinite_act,
+                        "nonfinite_grad": first.nonfinite_grad,
+                    },
+                    f"NaN or Inf appears{step} in the {where} of {first.label} first.",
+                    [
+                        Fix(
+                            "clip",
+                            {"mode": "norm", "threshold": round(threshold, 6)},
+                            "clip at the median gradient norm seen",
+                        ),
+                        Fix("lower_lr", {"factor": 0.1}),
+                        _reinit_fix(report),
+                    ],
+                )
+            ]
+    return []
+
+
+def _vanishing(report: FlowReport) -> list[Finding]:
+    layers = _with_gradient(report)
+    if len(layers) < 2:
+        return []
+    last = layers[-1].grad_norm
+    weak = [r for r in layers[:-1] if r.grad_norm / last < VANISHING_RATIO or r.grad_norm < VANISHING_ABSOLUTE]
+    if not weak:
+        return []
+    ratio = layers[0].grad_norm / last
+    per_layer = ratio ** (1 / (len(layers) - 1))
+    fixes = [_reinit_fix(report), Fix("add_norm", {"kind": "batch"}), Fix("add_skips", {"kind": "residual"})]
+    if _saturating(report):
+        fixes.append(Fix("swap_activation", {"to": "relu"}, "ReLU does not saturate for positive inputs"))
+    return [
+        Finding(
+            "vanishing_gradients",
+            "warning",
+            [r.label for r in weak],
+            {
+                "first_to_last_ratio": ratio,
+                "per_layer_factor": per_layer,
+                "smallest_grad_norm": min(r.grad_norm for r in weak),
+            },
+            f"Gradients vanish: at {layers[0].label} the gradient is {ratio:.2g} of its size at {layers[-1].label} "
+            f"(about {per_layer:.2f}x per layer); {len(weak)} layer(s) receive almost none.",
+            fixes,
+        )
+    ]
+
+
+def _exploding(history: Sequence[FlowReport]) -> list[Finding]:
+    findings = []
+    report = history[-1]
+    layers = _with_gradient(report)
+    if len(layers) >= 2 and layers[0].grad_norm / layers[-1].grad_norm > EXPLODING_RATIO:
+        ratio = layers[0].grad_norm / layers[-1].grad_norm
+        threshold = statistics.median(_finite(r.weight_grad_norm for r in report.records) or [1.0])
+        findings.append(
+            Finding(
+                "exploding_gradients",
+                "warning",
+                [layers[0].label],
+                {"first_to_last_ratio": ratio},
+                f"Gradients explode across depth: {ratio:.2g}x larger at {layers[0].label} than at {layers[-1].label}.",
+                [
+                    Fix("clip", {"mode": "norm", "threshold": round(threshold, 6)}),
+                    _reinit_fix(report),
+                    Fix("add_norm", {"kind": "batch"}),
+                ],
+            )
+        )
+    if len(history) >= 2:
+
+        def total(rep):
+            return math.sqrt(sum(v**2 for v in _finite(r.weight_grad_norm for r in rep.records)))
+
+        first, last = total(history[0]), total(history[-1])
+        if first > 0 and last / first > EXPLODING_GROWTH:
+            findings.append(
+                Finding(
+                    "exploding_gradients",
+                    "warning",
+                    [],
+                    {
+                        "growth_over_steps": last / first,
+                        "first_step": history[0].step,
+                        "last_step": history[-1].step,
+                    },
+                    f"The gradient norm grew {last / first:.2g}x between steps {history[0].step} and "
+                    f"{history[-1].step}.",
+                    [
+                        Fix("clip", {"mode": "norm", "threshold": round(first, 6)}),
+                        Fix("lower_lr", {"factor": 0.1}),
+                    ],
+                )
+            )
+    return findings
+
+
+def _fractions(history: Sequence[FlowReport], attr: str, limit: float) -> dict[str, float]:
+    """Layers whose ``attr`` exceeds ``limit`` in the latest report."""
+    return {
+        r.label: getattr(r, attr)
+        for r in history[-1].records
+        if math.isfinite(getattr(r, attr)) and getattr(r, attr) > limit
+    }
+
+
+def _saturated(history: Sequence[FlowReport]) -> list[Finding]:
+    layers = _fractions(history, "saturated", SATURATION_FRACTION)
+    if not layers:
+        return []
+    worst = max(layers, key=layers.get)
+    return [
+        Finding(
+            "saturated_activations",
+            "warning",
+            list(layers),
+            {"saturated_fraction": layers},
+            f"{len(layers)} layer(s) have most tanh/sigmoid units saturated, where their derivative is almost 0 "
+            f"(worst: {worst}, {100 * layers[worst]:.0f}%).",
+            [
+                Fix("reinit", {"scheme": "glorot_normal"}),
+                Fix("add_norm", {"kind": "batch", "position": "before"}),
+                Fix("swap_activation", {"to": "relu"}),
+            ],
+        )
+    ]
+
+
+def _dead(history: Sequence[FlowReport]) -> list[Finding]:
+    layers = _fractions(history, "dead", DEAD_FRACTION)
+    if not layers:
+        return []
+    worst = max(layers, key=layers.get)
+    return [
+        Finding(
+            "dead_units",
+            "warning",
+            list(layers),
+            {"dead_fraction": layers},
+            f"{len(layers)} layer(s) have most rectifier units dead, never positive on the batch "
+            f"(worst: {worst}, {100 * layers[worst]:.0f}%); dead units pass no gradient.",
+            [
+                Fix("reinit", {"scheme": "he_normal"}),
+                Fix("lower_lr", {"factor": 0.1}),
+                Fix("swap_activation", {"to": "leaky_relu"}),
+            ],
+        )
+    ]
+
+
+def _signal(history: Sequence[FlowReport]) -> list[Finding]:
+    stds = [(r.label, r.act_std) for r in history[0].records if math.isfinite(r.act_std) and r.act_std > 0]
+    if len(stds) < 3:
+        return []
+    (first_name, first), (last_name, last) = (
+        stds[0],
+        stds[-2],
+    )  # the head's output is the logits: leave it out
+    change = last / first
+    if 1 / SIGNAL_CHANGE <= change <= SIGNAL_CHANGE:
+        return []
+    direction = "shrinks" if change < 1 else "grows"
+    return [
+        Finding(
+            "poor_signal_propagation",
+            "warning",
+            [first_name, last_name],
+            {"std_first": first, "std_last": last, "change": change},
+            f"At the first logged step the activation std {direction} {change:.2g}x from {first_name} to "
+            f"{last_name}: the "
+            "initialization does not preserve the signal's variance.",
+            [_reinit_fix(history[0]), Fix("add_norm", {"kind": "batch"})],
+        )
+    ]
+
+
+def _update_ratio(history: Sequence[FlowReport]) -> list[Finding]:
+    by_layer: dict[str, list[float]] = {}
+    for report in history:
+        for r in report.records:
+            if math.isfinite(r.update_ratio):
+                by_layer.setdefault(r.label, []).append(r.update_ratio)
+    medians = {name: statistics.median(values) for name, values in by_layer.items()}
+    low = {n: v for n, v in medians.items() if v < UPDATE_RATIO_LOW}
+    high = {n: v for n, v in medians.items() if v > UPDATE_RATIO_HIGH}
+    findings = []
+    if high:
+        findings.append(
+            Finding(
+                "update_ratio_high",
+                "warning",
+                list(high),
+                {"median_update_ratio": high},
+                f"Updates are large relative to the weights in {len(high)} layer(s) (median ||dW||/||W|| up to "
+                f"{max(high.values()):.2g}; about 1e-3 is typical): the learning rate is likely too high.",
+                [Fix("lower_lr", {"factor": 0.1})],
+            )
+        )
+    if low:
+        findings.append(
+            Finding(
+                "update_ratio_low",
+                "info",
+                list(low),
+                {"median_update_ratio": low},
+                f"{len(low)} layer(s) barely change (median ||dW||/||W|| down to {min(low.values()):.2g}): "
+                "the learning "
+                "rate may be too low, or their gradient vanishes.",
+                [Fix("raise_lr", {"factor": 10.0})],
+            )
+        )
+    return findings
+
+
+def _symmetric(model: nn.Module) -> list[Finding]:
+    identical = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or weight is None or weight.shape[0] < 2:
+            continue
+        rows = weight.detach().reshape(weight.shape[0], -1).double()
+        spread = (rows - rows[:1]).abs().max()
+        if float(spread) <= SYMMETRY_TOLERANCE * max(float(rows.abs().max()), 1e-12):
+            identical.append(name)
+    if not identical:
+        return []
+    return [
+        Finding(
+            "symmetric_units",
+            "critical",
+            identical,
+            {"layers_with_identical_rows": len(identical)},
+            f"Every unit of {', '.join(identical)} has the same weights: they compute the same function and get the "
+            "same gradient, so training can never tell them apart.",
+            [Fix("reinit", {"scheme": "he_normal"}, "random weights break the symmetry")],
+        )
+    ]
+
+
+def _bias_before_norm(model: nn.Module) -> list[Finding]:
+    redundant = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, layer), (_, after) in itertools.pairwise(children):
+            is_bn = isinstance(after, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(after).__name__
+            has_bias = isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and layer.bias is not None
+            if is_bn and has_bias:
+                redundant.append(f"{parent_name}.{name}" if parent_name else name)
+    if not redundant:
+        return []
+    return [
+        Finding(
+            "bias_before_batchnorm",
+            "info",
+            redundant,
+            {"layers": len(redundant)},
+            f"{', '.join(redundant)} add a bias that the BatchNorm right after subtracts again with the batch mean: "
+            "it gets zero gradient and can be dropped (bias=False); BatchNorm's beta takes its role.",
+            [Fix("remove_bias", {"layers": redundant})],
+        )
+    ]
+
+
+def _noncentred(inputs: torch.Tensor) -> list[Finding]:
+    x = inputs.detach().double().reshape(inputs.shape[0], -1)
+    mean, std = x.mean(0), x.std(0)
+    varying = std > 1e-8 * float(std.max().clamp(min=1e-300))  # constant features (blank pixels) say nothing
+    if not bool(varying.any()):
+        return []
+    ratio = float((mean[varying].abs() / std[varying]).mean())
+    all_positive = bool((x >= 0).all())
+    if ratio <= NONCENTERED_RATIO and not all_positive:
+        return []
+    return [
+        Finding(
+            "noncentred_inputs",
+            "warning",
+            ["input"],
+            {"mean_abs_mean_over_std": ratio, "all_non_negative": all_positive},
+            f"The inputs are not zero-centred (mean |mean|/std over features: {ratio:.2g}"
+            f"{'; every value is >= 0' if all_positive else ''}): the first layer's weight updates then share a "
+            "sign and zig-zag (LeCun et al. 1998).",
+            [Fix("standardize_inputs")],
+        )
+    ]
+
+
+def diagnose(
+    report_or_history: FlowReport | Sequence[FlowReport],
+    model: nn.Module | None = None,
+    inputs: torch.Tensor | None = None,
+) -> list[Finding]:
+    """Findings, most severe first, from one probe report or a monitor's history of reports.
+
+    Args:
+        report_or_history: a ``FlowReport`` or a sequence of them (``Monitor.history.reports``).
+        model: enables the rules that read weights (symmetric units, bias before BatchNorm).
+        inputs: a batch of inputs; enables the centring rule.
+    """
+    history = [report_or_history] if isinstance(report_or_history, FlowReport) else list(report_or_history)
+    if not history or not all(isinstance(r, FlowReport) for r in history):
+        raise TypeError("diagnose takes a FlowReport or a non-empty sequence of them (a Monitor's history).")
+    findings = _nonfinite(history)
+    findings += _vanishing(history[-1]) + _exploding(history) + _saturated(history) + _dead(history)
+    findings += _signal(history) + _update_ratio(history)
+    if model is not None:
+        findings += _symmetric(model) + _bias_before_norm(model)
+    if inputs is not None:
+        findings += _noncentred(inputs)
+    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from steadygrad import diagnose as dg
+from steadygrad.measure import FlowReport, LayerRecord
+from steadygrad.nets import NetSpec, build
+
+
+def report(grads=(1.0, 1.0, 1.0), stds=(1.0, 1.0, 1.0), step=None, **fields):
+    records = []
+    for i, (g, s) in enumerate(zip(grads, stds, strict=True)):
+        extra = {k: v[i] for k, v in fields.items()}
+        records.append(LayerRecord(name=f"layer{i}", kind="Linear+Tanh", index=i, grad_norm=g, act_std=s, **extra))
+    return FlowReport(records=records, step=step)
+
+
+def kinds(findings):
+    return [f.kind for f in findings]
+
+
+def test_healthy_report_has_no_findings():
+    assert dg.diagnose(report()) == []
+
+
+def test_vanishing_relative_and_absolute():
+    found = dg.diagnose(report(grads=(1e-5, 1e-2, 1.0)))
+    assert kinds(found) == ["vanishing_gradients"]
+    assert found[0].layers == ["layer0"] and found[0].evidence["first_to_last_ratio"] == pytest.approx(1e-5)
+    assert {f.action for f in found[0].fixes} >= {"reinit", "add_norm", "add_skips", "swap_activation"}
+    assert kinds(dg.diagnose(report(grads=(2e-3, 1.0, 1.0)))) == []  # above the 1e-3 threshold
+    assert kinds(dg.diagnose(report(grads=(1e-8, 5e-8, 5e-8)))) == ["vanishing_gradients"]  # absolute
+
+
+def test_exploding_across_layers_and_over_steps():
+    assert kinds(dg.diagnose(report(grads=(1e4, 10.0, 1.0)))) == ["exploding_gradients"]
+    early = report(step=1, weight_grad_norm=(1.0, 1.0, 1.0))
+    late = report(step=50, weight_grad_norm=(500.0, 1.0, 1.0))
+    found = dg.diagnose([early, late])
+    assert kinds(found) == ["exploding_gradients"] and found[0].evidence["growth_over_steps"] > 100
+    clip = next(f for f in found[0].fixes if f.action == "clip")
+    assert clip.params["mode"] == "norm" and clip.params["threshold"] > 0
+
+
+def test_nonfinite_is_critical_and_first():
+    found = dg.diagnose(report(step=7, nonfinite_act=(0, 3, 9), grads=(1e-6, 1.0, 1.0)))
+    assert found[0].kind == "nonfinite" and found[0].severity == "critical"
+    assert found[0].evidence["first_layer"] == "layer1" and "step 7" in found[0].message
+
+
+def test_saturation_dead_and_signal():
+    assert kinds(dg.diagnose(report(saturated=(0.2, 0.7, math.nan)))) == ["saturated_activations"]
+    assert kinds(dg.diagnose(report(dead=(0.9, 0.1, math.nan)))) == ["dead_units"]
+    assert kinds(dg.diagnose(report(dead=(0.5, 0.1, math.nan)))) == []  # "over half": 0.5 is not
+    assert kinds(dg.diagnose(report(stds=(1.0, 0.01, 5.0)))) == ["poor_signal_propagation"]
+
+
+def test_update_ratio_out_of_range():
+    high = [report(step=s, update_ratio=(0.5, 1e-3, 1e-3)) for s in (1, 2, 3)]
+    low = [report(step=s, update_ratio=(1e-7, 1e-3, 1e-3)) for s in (1, 2, 3)]
+    assert kinds(dg.diagnose(high)) == ["update_ratio_high"]
+    assert kinds(dg.diagnose(low)) == ["update_ratio_low"]
+
+
+def test_model_rules_symmetry_and_bias_before_batchnorm():
+    net = build(NetSpec(depth=2, width=8, in_features=4, init="identical"))
+    found = dg.diagnose(report(), model=net)
+    assert found[0].kind == "symmetric_units" and "block01.linear" in found[0].layers
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8))
+    found = dg.diagnose(report(), model=bn)
+    assert kinds(found) == ["bias_before_batchnorm"] and found[0].layers == ["0"]
+
+
+def test_input_rule():
+    positive = torch.rand(100, 5) * 16
+    assert kinds(dg.diagnose(report(), inputs=positive)) == ["noncentred_inputs"]
+    assert kinds(dg.diagnose(report(), inputs=torch.randn(100, 5))) == []
+
+
+def test_findings_serialize_and_read_well():
+    (finding,) = dg.diagnose(report(grads=(1e-5, 1e-2, 1.0)))
+    data = finding.to_dict()
+    assert data["kind"] == "vanishing_gradients" and data["fixes"][0]["action"] == "reinit"
+    assert str(finding).startswith("[warning] Gradients vanish")
+    with pytest.raises(TypeError, match="takes a FlowReport"):
+        dg.diagnose([])

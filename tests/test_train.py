@@ -1,0 +1,186 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from steadygrad import data
+from steadygrad.nets import NetSpec, build
+from steadygrad.train import CheckpointError, ClipSpec, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.digits()
+
+
+def net(seed=0, **spec):
+    defaults = {"depth": 4, "width": 32, "in_features": 64}
+    return build(NetSpec(**{**defaults, **spec}), torch.Generator().manual_seed(seed))
+
+
+def quiet(**kwargs):
+    return TrainConfig(progress=False, **kwargs)
+
+
+def test_fixed_seeds_give_identical_runs(digits):
+    a, b = net(), net()
+    ra = Trainer(a, digits, quiet(epochs=2, seed=5)).fit()
+    rb = Trainer(b, digits, quiet(epochs=2, seed=5)).fit()
+    assert ra.epochs[-1]["test_loss"] == rb.epochs[-1]["test_loss"]
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_training_learns_and_evaluates_each_epoch(digits):
+    result = Trainer(net(norm="batch"), digits, quiet(epochs=3, lr=3e-3)).fit()
+    assert result.status == "completed" and [e["epoch"] for e in result.epochs] == [1, 2, 3]
+    assert result.final["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("clip", ["norm:0.5", "value:0.01", "agc:0.01", "layer_norm:0.1"])
+def test_every_clipping_mode_trains(digits, clip):
+    result = Trainer(net(), digits, quiet(epochs=1, clip=clip)).fit()
+    assert result.status == "completed"
+
+
+def test_deep_sigmoid_vanishes_and_relu_he_batchnorm_does_not(digits):
+    sigmoid = Trainer(
+        net(depth=10, width=64, activation="sigmoid", init="glorot_uniform"), digits, quiet(epochs=1)
+    ).fit()
+    assert "vanishing_gradients" in [f.kind for f in sigmoid.findings]
+    healthy = Trainer(
+        net(depth=10, width=64, activation="relu", init="he_normal", norm="batch"), digits, quiet(epochs=1)
+    ).fit()
+    assert "vanishing_gradients" not in [f.kind for f in healthy.findings]
+
+
+def test_huge_learning_rate_stops_naming_the_first_bad_layer(digits, tmp_path):
+    result = Trainer(net(), digits, quiet(epochs=2, lr=1e6, optimizer="sgd", logdir=tmp_path)).fit()
+    assert result.status == "stopped_nonfinite"
+    assert "Training diverged at step" in result.message and "first appear in" in result.message
+    assert (tmp_path / "checkpoint.pt").is_file()  # nothing written before is lost
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped_nonfinite" and summary["message"] == result.message
+
+
+def test_huge_learning_rate_with_rollback_halves_until_it_trains(digits):
+    result = Trainer(
+        net(), digits, quiet(epochs=2, lr=1e6, optimizer="sgd", on_nonfinite="rollback", max_rollbacks=40)
+    ).fit()
+    assert result.status == "completed" and result.rollbacks > 0
+    assert result.final["lr"] == pytest.approx(1e6 / 2**result.rollbacks)
+
+
+def test_checkpoints_are_atomic_and_validated(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 3}, path)
+    assert load_checkpoint(path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+    path.write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="not a steadygrad checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="No checkpoint at"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_resume_with_another_model_is_refused(digits, tmp_path):
+    Trainer(net(), digits, quiet(epochs=1, logdir=tmp_path)).fit()
+    with pytest.raises(CheckpointError, match="different model"):
+        Trainer(net(width=16), digits, quiet(epochs=2, logdir=tmp_path)).fit(resume=True)
+
+
+def test_in_process_resume_matches_an_uninterrupted_run(digits, tmp_path):
+    whole = net()
+    Trainer(whole, digits, quiet(epochs=3, checkpoint_every=7, logdir=tmp_path / "whole")).fit()
+    first = net()
+    Trainer(first, digits, quiet(epochs=1, checkpoint_every=7, logdir=tmp_path / "split")).fit()
+    resumed = net(seed=99)  # different initial weights: everything must come from the checkpoint
+    Trainer(resumed, digits, quiet(epochs=3, checkpoint_every=7, logdir=tmp_path / "split")).fit(resume=True)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_clip_spec_parsing():
+    assert ClipSpec.parse("norm:1.0") == ClipSpec("norm", 1.0)
+    for bad in ("norm", "median:1", "norm:-1", "norm:x"):
+        with pytest.raises(ValueError, match="MODE:THRESHOLD"):
+            ClipSpec.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "lbfgs"}, "Unknown optimizer"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"on_nonfinite": "ignore"}, "Unknown on_nonfinite"),
+        ({"tensorboard": True}, "needs a logdir"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+# ---- the real thing: kill -9 in the middle of a run, resume, compare ------------------------------------
+
+TRAIN = [
+    sys.executable,
+    "-m",
+    "steadygrad",
+    "train",
+    "--depth",
+    "6",
+    "--width",
+    "64",
+    "--epochs",
+    "12",
+    "--batch-size",
+    "16",
+    "--checkpoint-every",
+    "7",
+    "--no-progress",
+]
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run([*TRAIN, "--logdir", str(whole)], check=True, capture_output=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*TRAIN, "--logdir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    deadline = time.monotonic() + 120
+    step = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        if (killed / "checkpoint.pt").is_file():
+            step = load_checkpoint(killed / "checkpoint.pt")["step"]
+            if step >= 40:
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    assert step < 12 * 90  # killed well before the end
+
+    subprocess.run([*TRAIN, "--logdir", str(killed), "--resume"], check=True, capture_output=True, env=env, timeout=300)
+    a = load_checkpoint(whole / "checkpoint.pt")
+    b = load_checkpoint(killed / "checkpoint.pt")
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "monitor.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the resumed run did not log a step twice
+    history = [json.loads(line)["epoch"] for line in (killed / "history.jsonl").read_text().splitlines()]
+    assert history == list(range(1, 13))
