@@ -313,3 +313,58 @@ def test_train_resume_from_a_corrupted_checkpoint_exits_2(tmp_path):
     assert result.exit_code == 2 and "not a readable checkpoint" in " ".join(result.output.split())
     result = runner.invoke(app, ["train", "--resume", "--logdir", str(tmp_path / "empty"), "--no-progress"])
     assert result.exit_code == 2 and "No checkpoint at" in result.output
+
+
+def test_demo_list_and_a_quick_partial_run(tmp_path):
+    listed = runner.invoke(app, ["demo", "--list"])
+    assert listed.exit_code == 0 and "He-uniform weights have variance" in listed.output
+    result = runner.invoke(app, ["demo", "--quick", "--only", "1,10", "--out", str(tmp_path / "lab")])
+    assert result.exit_code == 0, result.output
+    assert "2 reproduced" in result.output
+    assert (tmp_path / "lab" / "index.html").is_file()
+    claims = json.loads((tmp_path / "lab" / "results.json").read_text())["claims"]
+    assert [c["number"] for c in claims] == [1, 10]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [(["--only", "a,b"], "--only takes claim numbers"), (["--only", "0"], "No claim numbered 0")]
+)
+def test_demo_bad_options_exit_2(args, message):
+    result = runner.invoke(app, ["demo", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_report_of_a_run_and_of_a_probe(tmp_path):
+    run = tmp_path / "run"
+    assert (
+        runner.invoke(app, ["train", "--depth", "3", "--epochs", "1", "--logdir", str(run), "--no-progress"]).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    page = (run / "index.html").read_text()
+    assert "Held-out metrics" in page and "Findings" in page and "data:image/png;base64," in page
+    probe_json = tmp_path / "p.json"
+    assert runner.invoke(app, ["probe", "--act", "tanh,relu", "--depth", "5", "--json", str(probe_json)]).exit_code == 0
+    result = runner.invoke(app, ["report", str(probe_json), "--out", str(tmp_path / "page")])
+    assert result.exit_code == 0, result.output
+    assert "Side by side" in (tmp_path / "page" / "index.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "nowhere", "Nothing at"),
+        (lambda p: _touch(p / "s.sqlite"), "sweep database"),
+        (lambda p: _touch(p / "x.json", "{}"), "neither a training log directory"),
+    ],
+    ids=["missing", "sqlite", "foreign_json"],
+)
+def test_report_bad_inputs_exit_2(tmp_path, make, message):
+    result = runner.invoke(app, ["report", str(make(tmp_path))])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def _touch(path, text=""):
+    path.write_text(text)
+    return path

@@ -96,7 +96,8 @@ def theory_lines(spec: NetSpec, report: FlowReport, net) -> list[str]:
             "Mean-field theory here covers plain MLPs without normalization (this spec has "
             f"kind={spec.kind}, norm={spec.norm})."
         ]
-    hidden = [block.linear for block in net.blocks[1:]] or [net.blocks[0].linear]
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    hidden = linears[1:-1] or linears[:1]  # leave out the stem (input-sized) and the head
     sigma_w2 = sum(float(m.weight.detach().double().var()) * m.in_features for m in hidden) / len(hidden)
     lines = [f"Measured weight scale sigma_w^2 = Var[W] * fan_in = {sigma_w2:.3g} (sigma_b^2 = 0 at init)."]
     if spec.skip == "residual":

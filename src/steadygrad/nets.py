@@ -57,6 +57,7 @@ class NetSpec:
     skip: str = "none"  # none; residual: x + scale * block(x); dense: each block sees all earlier outputs
     bias: bool = True  # biases in the Linear/conv/recurrent layers (redundant right before a norm)
     residual_scale: float = 1.0  # the residual branch's multiplier (depth ** -0.5 cures variance growth)
+    branch_layers: int = 1  # residual: weight layers per branch; >= 2 makes pre-activation branches (see DeepNet)
     cell: str = "rnn"  # rnn kind: rnn (Elman, tanh or relu), lstm or gru
     seq_len: int = 20  # rnn kind: time steps of the input
     image_size: int = 8  # cnn kind: height and width of the input
@@ -82,6 +83,7 @@ class NetSpec:
             "seq_len",
             "image_size",
             "norm_groups",
+            "branch_layers",
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -99,6 +101,11 @@ class NetSpec:
             raise ValueError(
                 "NetSpec.norm='instance' needs spatial positions to average over; an mlp has none. "
                 "Use kind='cnn', or norm='layer' or 'batch'."
+            )
+        if self.branch_layers > 1 and (self.skip != "residual" or self.kind == "rnn"):
+            raise ValueError(
+                "NetSpec.branch_layers > 1 describes residual branches: "
+                "it needs skip='residual' and kind 'mlp' or 'cnn'."
             )
         if self.kind == "rnn":
             if self.norm not in ("none", "layer"):
@@ -177,6 +184,24 @@ def _norm(spec: NetSpec) -> nn.Module:
     }[spec.norm]()
 
 
+def _weight_layer(spec: NetSpec, in_features: int) -> nn.Module:
+    if spec.kind == "cnn":
+        return nn.Conv2d(in_features, spec.width, 3, padding=1, bias=spec.bias)
+    return nn.Linear(in_features, spec.width, bias=spec.bias)
+
+
+def _preactivation_branch(spec: NetSpec) -> nn.Sequential:
+    """(norm -> activation -> layer) x branch_layers: a branch that ends in a weight layer, as in the
+    pre-activation ResNet (He et al. 2016), which is what Fixup's zero-initialized last layer needs."""
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    for i in range(1, spec.branch_layers + 1):
+        if spec.norm != "none":
+            parts[f"norm{i}"] = _norm(spec)
+        parts[f"act{i}"] = ACTIVATIONS[spec.activation]()
+        parts[f"linear{i}" if spec.kind == "mlp" else f"conv{i}"] = _weight_layer(spec, spec.width)
+    return nn.Sequential(parts)
+
+
 def _block(spec: NetSpec, in_features: int) -> nn.Sequential:
     """layer -> norm -> activation (norm_position "before") or layer -> activation -> norm ("after")."""
     parts: OrderedDict[str, nn.Module] = OrderedDict()
@@ -185,10 +210,7 @@ def _block(spec: NetSpec, in_features: int) -> nn.Sequential:
         if spec.norm != "none":
             parts["norm"] = _norm(spec)
         return nn.Sequential(parts)
-    if spec.kind == "cnn":
-        parts["conv"] = nn.Conv2d(in_features, spec.width, 3, padding=1, bias=spec.bias)
-    else:
-        parts["linear"] = nn.Linear(in_features, spec.width, bias=spec.bias)
+    parts["conv" if spec.kind == "cnn" else "linear"] = _weight_layer(spec, in_features)
     activation = ("act", ACTIVATIONS[spec.activation]())
     norm = ("norm", _norm(spec)) if spec.norm != "none" else None
     ordered = [norm, activation] if spec.norm_position == "before" else [activation, norm]
@@ -200,7 +222,8 @@ class DeepNet(nn.Module):
     """The network ``build`` returns: ``block01`` ... ``blockNN`` then ``head``.
 
     - skip "none": x -> block01 -> ... -> blockNN -> head.
-    - skip "residual": block01 maps the input to ``width``; then x <- x + residual_scale * block(x).
+    - skip "residual": block01 maps the input to ``width``; then x <- x + residual_scale * block(x). With
+      ``branch_layers`` >= 2 each later block is a pre-activation branch (norm -> act -> layer) x m.
     - skip "dense" (DenseNet, Huang et al. 2017): each block, and the head, receives the concatenation
       of the input and every earlier block's output along the feature axis.
     """
@@ -215,7 +238,9 @@ class DeepNet(nn.Module):
                 in_features = spec.in_features + i * spec.width
             else:
                 in_features = spec.in_features if i == 0 else spec.width
-            self.add_module(f"block{i + 1:0{digits}d}", _block(spec, in_features))
+            preactivation = spec.skip == "residual" and spec.branch_layers > 1 and i > 0
+            block = _preactivation_branch(spec) if preactivation else _block(spec, in_features)
+            self.add_module(f"block{i + 1:0{digits}d}", block)
         head_in = spec.in_features + spec.depth * spec.width if spec.skip == "dense" else spec.width
         head = nn.Linear(head_in, spec.out_features)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head) if spec.kind == "cnn" else head

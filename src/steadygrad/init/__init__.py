@@ -6,7 +6,10 @@ sg.init.init_model(model, "he_normal")          # every Linear/Conv/RNN, matched
 """
 
 from steadygrad.init.fans import NONLINEARITIES, Fans, calculate_gain, fans
-from steadygrad.init.model import LayerInit, init_model, next_activation
+from steadygrad.init.fixup import fixup_
+from steadygrad.init.lsuv import lsuv_
+from steadygrad.init.model import LayerInit, init_model, mean_field_, next_activation
+from steadygrad.init.pretrain import pretrain_autoencoders
 from steadygrad.init.registry import InitScheme, available, get, register, scheme_info
 from steadygrad.init.schemes import (
     constant_,
@@ -30,6 +33,7 @@ __all__ = [
     "calculate_gain",
     "constant_",
     "fans",
+    "fixup_",
     "get",
     "glorot_normal_",
     "glorot_uniform_",
@@ -39,8 +43,11 @@ __all__ = [
     "init_model",
     "lecun_normal_",
     "lecun_uniform_",
+    "lsuv_",
+    "mean_field_",
     "next_activation",
     "orthogonal_",
+    "pretrain_autoencoders",
     "register",
     "scaled_normal_",
     "scheme_info",

@@ -13,7 +13,7 @@ from torch import nn
 from steadygrad.init.fans import NONLINEARITIES, fans
 from steadygrad.init.registry import Initializer, get
 
-__all__ = ["LayerInit", "init_model", "next_activation"]
+__all__ = ["LayerInit", "init_model", "mean_field_", "next_activation"]
 
 # Activation modules whose gain calculate_gain knows; anything else is not an activation to us.
 _ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], tuple[str, float | None]]] = {
@@ -181,3 +181,23 @@ def init_model(
                 )
             )
     return records
+
+
+@torch.no_grad()
+def mean_field_(
+    model: nn.Module, sigma_w2: float, sigma_b2: float = 0.0, generator: torch.Generator | None = None
+) -> nn.Module:
+    """The mean-field papers' parametrization: every Linear weight ~ N(0, sigma_w^2 / fan_in) and bias
+    ~ N(0, sigma_b^2) (Poole et al. 2016; Schoenholz et al. 2017), so ``steadygrad.theory`` applies.
+
+    Example: ``mean_field_(net, theory.critical_sigma_w2(0.05, "tanh"), 0.05)`` puts a tanh MLP at the edge
+    of chaos.
+    """
+    if sigma_w2 < 0 or sigma_b2 < 0:
+        raise ValueError(f"sigma_w2 and sigma_b2 are variances, >= 0; got {sigma_w2} and {sigma_b2}.")
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, (sigma_w2 / module.in_features) ** 0.5, generator=generator)
+            if module.bias is not None:
+                module.bias.normal_(0.0, sigma_b2**0.5, generator=generator)
+    return model
