@@ -368,3 +368,103 @@ def test_report_bad_inputs_exit_2(tmp_path, make, message):
 def _touch(path, text=""):
     path.write_text(text)
     return path
+
+
+USER_MODELS = """
+import torch
+from torch import nn
+
+
+def deep_sigmoid(depth=8):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(64, 64), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+def broken():
+    return helper()
+
+
+def helper():
+    raise RuntimeError("the user's own bug")
+
+
+def not_a_model():
+    return 42
+
+
+def conv():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(USER_MODELS)
+    return path
+
+
+def test_doctor_on_a_users_file(user_file, tmp_path):
+    before = user_file.read_text()
+    result = runner.invoke(
+        app,
+        [
+            "doctor",
+            f"{user_file}:deep_sigmoid",
+            "--arg",
+            "depth=10",
+            "--data",
+            "digits",
+            "--budget",
+            "30",
+            "--json",
+            str(tmp_path / "d.json"),
+            "--out",
+            str(tmp_path / "page"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Gradients vanish" in result.output and "Patch:" in result.output
+    payload = json.loads((tmp_path / "d.json").read_text())
+    assert {"kind", "severity", "layers", "evidence"} <= set(payload["findings"][0])
+    assert "final_loss" in payload["control"]
+    assert {"fix", "final_loss", "grad_ratio", "nonfinite", "seconds"} <= set(payload["candidates"][0])
+    losses = [c["final_loss"] for c in payload["candidates"] if c["final_loss"] is not None]
+    assert losses == sorted(losses)  # best first
+    assert (tmp_path / "page" / "index.html").is_file()
+    assert user_file.read_text() == before  # the user's files are never touched
+
+
+def test_doctor_with_synthetic_inputs(user_file):
+    result = runner.invoke(
+        app,
+        ["doctor", f"{user_file}:conv", "--input-shape", "3,8,8", "--classes", "10", "--budget", "10", "--steps", "10"],
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "message"),
+    [
+        ("nowhere.py:make", [], "No file nowhere.py"),
+        ("{file}:missing", [], "has no callable 'missing'. Callables there: broken, conv, deep_sigmoid"),
+        ("{file}:broken", [], "raised:"),
+        ("{file}:not_a_model", [], "returned int, not an nn.Module"),
+        ("{file}:conv", ["--input-shape", "5,8,8"], "rejects inputs of shape (N, 5, 8, 8)"),
+        ("{file}", [], "Give the model factory as FILE.py:FUNCTION"),
+        ("no_such_package.mod:make", [], "Cannot import no_such_package.mod"),
+        ("{file}:deep_sigmoid", ["--arg", "depth"], "--arg takes KEY=VALUE"),
+    ],
+    ids=["no_file", "no_function", "factory_raises", "not_a_module", "bad_shape", "no_colon", "no_module", "bad_arg"],
+)
+def test_doctor_bad_input_exits_2_with_a_clear_message(user_file, target, extra, message):
+    args = extra if "--input-shape" in extra else [*extra, "--input-shape", "64", "--classes", "10"]
+    result = runner.invoke(app, ["doctor", target.format(file=user_file), *args, "--budget", "5"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert message in text
+    if "raised" in message:
+        assert "helper()" in text and "the user's own bug" in text  # the relevant lines of the user's traceback
+    assert "Traceback (most recent call last)" not in result.output

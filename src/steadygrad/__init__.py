@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from steadygrad import clip, init, norm, theory
 from steadygrad.clip import clip_grads_
+from steadygrad.doctor import doctor
 from steadygrad.init import init_model
 from steadygrad.measure import FlowReport, LayerRecord, probe
 from steadygrad.nets import NetSpec, build
@@ -30,6 +31,7 @@ __all__ = [
     "build",
     "clip",
     "clip_grads_",
+    "doctor",
     "init",
     "init_model",
     "norm",

@@ -11,6 +11,7 @@ from rich.table import Table
 import steadygrad
 from steadygrad import init as sg_init
 from steadygrad._cli_common import console, user_errors, write_json
+from steadygrad.cli_doctor import doctor_command
 from steadygrad.cli_lab import demo_command, report_command
 from steadygrad.cli_probe import probe_command
 from steadygrad.cli_train import train_command
@@ -100,6 +101,7 @@ app.command("probe")(probe_command)
 app.command("train")(train_command)
 app.command("demo")(demo_command)
 app.command("report")(report_command)
+app.command("doctor")(doctor_command)
 
 
 def main() -> None:

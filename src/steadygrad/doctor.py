@@ -1,0 +1,549 @@
+"""The doctor: diagnose a model, try each candidate fix on a copy, and recommend the one that measurably works.
+
+    report = steadygrad.doctor(make_model, inputs=x, targets=y)   # the function; this module is steadygrad.doctor
+    print(report.summary()); print(report.patch())
+
+Every candidate is applied to a deep copy of a freshly built model and measured the same way as the
+unchanged model (the control): a probe for the gradient flow, then the same optimizer steps on the same
+batches from the same seed. The user's model object is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steadygrad.clip import clip_grad_norm_
+from steadygrad.diagnose import Finding, Fix, diagnose
+from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
+from steadygrad.init import fixup_, lsuv_
+from steadygrad.measure import probe
+from steadygrad.nets import DeepNet
+
+__all__ = ["Candidate", "DoctorReport", "Trial", "doctor"]
+
+IMPROVEMENT = 0.1  # a fix is recommended only if its final loss is at least 10% below the control's
+DEEP_WITHOUT_SKIPS = 20  # a plain stack this deep (weight layers) gets a "deep_without_skips" finding
+_SATURATING = (nn.Sigmoid, nn.Tanh)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# -- candidates and trials ----------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A fix to try: how to make the model (and training settings) it describes, and its patch."""
+
+    name: str
+    fix: Fix
+    make: Callable[[nn.Module], nn.Module]  # fresh model -> fixed model
+    patch: str  # Python a user can paste
+    lr_factor: float = 1.0
+    clip_norm: float | None = None
+
+
+@dataclass
+class Trial:
+    """One candidate (or the control) measured: gradient flow at start, then ``steps`` optimizer steps."""
+
+    fix: str
+    initial_loss: float = math.nan
+    final_loss: float = math.nan
+    loss_drop: float = math.nan  # 1 - final / initial
+    grad_ratio: float = math.nan  # first-layer / last-layer gradient norm at the start
+    nonfinite: int = 0  # steps whose loss or gradient was NaN/Inf (the trial stops at the first)
+    seconds: float = 0.0
+    steps: int = 0
+    losses: list[float] = field(default_factory=list, repr=False)
+    grad_norms: list[float] = field(default_factory=list, repr=False)
+    patch: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.nonfinite == 0 and math.isfinite(self.final_loss)
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "fix": self.fix,
+            "initial_loss": clean(self.initial_loss),
+            "final_loss": clean(self.final_loss),
+            "loss_drop": clean(self.loss_drop),
+            "grad_ratio": clean(self.grad_ratio),
+            "nonfinite": self.nonfinite,
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "patch": self.patch,
+            "error": self.error,
+        }
+
+
+@dataclass
+class DoctorReport:
+    findings: list[Finding]
+    control: Trial
+    candidates: list[Trial]  # best first
+    skipped: list[str] = field(default_factory=list)  # candidates not run (budget) or not applicable, with why
+    seconds: float = 0.0
+
+    @property
+    def recommended(self) -> Trial | None:
+        """The best candidate, if it beats the control by the required margin (or the control diverged)."""
+        for trial in self.candidates:
+            if not trial.ok:
+                return None
+            if not self.control.ok or trial.final_loss < (1 - IMPROVEMENT) * self.control.final_loss:
+                return trial
+            return None
+        return None
+
+    def summary(self) -> str:
+        lines = [str(f) for f in self.findings] or ["No findings: the gradient flow and the inputs look healthy."]
+        best = self.recommended
+        if best is not None:
+            lines.append(
+                f"Recommended: {best.fix} (final loss {best.final_loss:.4g} against the control's "
+                f"{self.control.final_loss:.4g})."
+            )
+        elif self.candidates:
+            lines.append("No candidate fix beat the unchanged model by 10%: no change recommended.")
+        else:
+            lines.append("No change recommended.")
+        return "\n".join(lines)
+
+    def patch(self) -> str:
+        best = self.recommended
+        return best.patch if best is not None else ""
+
+    def to_dict(self) -> dict:
+        return {
+            "findings": [f.to_dict() for f in self.findings],
+            "control": self.control.to_dict(),
+            "candidates": [t.to_dict() for t in self.candidates],
+            "recommended": None if self.recommended is None else self.recommended.fix,
+            "patch": self.patch(),
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+        }
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _loss(output, targets: torch.Tensor, task: str) -> torch.Tensor:
+    y = _first_tensor(output)
+    if y is None or not y.is_floating_point():
+        raise ValueError("The model's output holds no floating-point tensor to compute a loss on.")
+    if task == "classification":
+        if y.dim() != 2:
+            raise ValueError(
+                f"For classification the model's (first) output must be (N, classes); got {tuple(y.shape)}. "
+                "Pass --task regression to fit its outputs instead."
+            )
+        return F.cross_entropy(y, targets)
+    return F.mse_loss(y, targets.reshape(y.shape) if targets.numel() == y.numel() else targets.expand_as(y))
+
+
+def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patch, deadline) -> Trial:
+    trial = Trial(name, patch=patch)
+    start = time.perf_counter()
+    try:
+        x0, y0 = batches[0]
+        flow = probe(model, x0, loss=lambda out: _loss(out, y0, task), theory_prediction=False)
+        trial.grad_ratio = flow.gradient_ratio
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(optimizer, params, lr)
+        model.train()
+        for step, (x, y) in zip(range(steps), itertools.cycle(batches), strict=False):
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(model(x), y, task)
+            if not torch.isfinite(loss):
+                trial.nonfinite += 1
+                break
+            loss.backward()
+            norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else _grad_norm(params)
+            trial.grad_norms.append(float(norm))
+            opt.step()
+            trial.losses.append(float(loss.detach()))
+            trial.steps = step + 1
+            if time.perf_counter() > deadline:
+                break
+        if trial.losses and not trial.nonfinite:
+            trial.initial_loss = trial.losses[0]
+            trial.final_loss = statistics.mean(trial.losses[-5:])
+            trial.loss_drop = 1 - trial.final_loss / trial.initial_loss if trial.initial_loss > 0 else math.nan
+    except Exception as error:  # a fix that does not fit this model is reported, not fatal
+        trial.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    trial.seconds = time.perf_counter() - start
+    return trial
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().double().square().sum() for p in params if p.grad is not None]
+    return torch.stack(grads).sum().sqrt() if grads else torch.zeros(())
+
+
+# -- findings the records cannot show -----------------------------------------------------------------
+
+
+def _architecture_findings(model: nn.Module) -> list[Finding]:
+    findings = []
+    weight_layers = [name for name, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    plain = (isinstance(model, DeepNet) and model.spec.skip == "none") or isinstance(model, nn.Sequential)
+    if plain and len(weight_layers) >= DEEP_WITHOUT_SKIPS:
+        findings.append(
+            Finding(
+                "deep_without_skips",
+                "warning",
+                weight_layers[:1] + weight_layers[-1:],
+                {"weight_layers": len(weight_layers)},
+                f"{len(weight_layers)} weight layers in a plain stack with no skip connection: every layer "
+                "multiplies the "
+                "gradient once more on its way down.",
+                [Fix("add_skips", {"kind": "residual"}), Fix("add_norm", {"kind": "batch"})],
+            )
+        )
+    exposed = []
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (_, layer), (after_name, after) in itertools.pairwise(children):
+            if isinstance(layer, _WEIGHTED) and isinstance(after, _SATURATING):
+                exposed.append(f"{parent_name}.{after_name}" if parent_name else after_name)
+    if exposed:
+        findings.append(
+            Finding(
+                "saturating_without_norm",
+                "info",
+                exposed,
+                {"activations": len(exposed)},
+                f"{len(exposed)} sigmoid/tanh activation(s) take an unnormalized layer's output directly: "
+                "nothing keeps "
+                "their inputs out of the flat tails.",
+                [Fix("add_norm", {"kind": "batch"}), Fix("swap_activation", {"to": "relu"})],
+            )
+        )
+    return findings
+
+
+EXPLODING_OVER_TIME = 1e3  # first input step's gradient above 1000x the last's
+VANISHING_OVER_TIME = 1e-4  # or below 1/10000 of it
+
+
+def _recurrent_findings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> list[Finding]:
+    """For a recurrent model on (N, T, F) inputs: how the gradient reaching input step t changes along time,
+    ||dL/dx_1|| / ||dL/dx_T||: a recurrent net is T layers deep in time (Bengio et al. 1994)."""
+    if x.dim() != 3 or x.shape[1] < 2 or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return []
+    copy_ = copy.deepcopy(model)
+    inputs = x.detach().clone().requires_grad_(True)
+    _loss(copy_(inputs), y, task).backward()
+    per_step = inputs.grad.norm(dim=(0, 2))
+    ratio = float(per_step[0] / per_step[-1]) if float(per_step[-1]) > 0 else math.inf
+    evidence = {"first_to_last_step_ratio": ratio, "steps": x.shape[1]}
+    if not math.isfinite(ratio) or ratio > EXPLODING_OVER_TIME:
+        return [
+            Finding(
+                "exploding_over_time",
+                "warning",
+                [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)],
+                evidence,
+                f"The gradient grows {ratio:.2g}x going back {x.shape[1]} time steps: the recurrence explodes.",
+                [
+                    Fix("clip", {"mode": "norm"}),
+                    Fix("reinit", {"scheme": "orthogonal"}),
+                    Fix("lower_lr", {"factor": 0.1}),
+                ],
+            )
+        ]
+    if ratio < VANISHING_OVER_TIME:
+        return [
+            Finding(
+                "vanishing_over_time",
+                "warning",
+                [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)],
+                evidence,
+                f"The gradient reaching the first of {x.shape[1]} time steps is {ratio:.2g} of the last's: "
+                "early inputs barely affect learning.",
+                [Fix("reinit", {"scheme": "orthogonal"})],
+            )
+        ]
+    return []
+
+
+# -- from findings to candidates ----------------------------------------------------------------------
+
+
+def _remove_bias_before_norm(model: nn.Module, layers: list[str]) -> nn.Module:
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name in modules and getattr(modules[name], "bias", None) is not None:
+            modules[name].register_parameter("bias", None)
+    return model
+
+
+def _candidates(
+    findings: list[Finding], model: nn.Module, inputs: torch.Tensor, clip_threshold: float, generator_seed: int
+) -> tuple[list[Candidate], list[str]]:
+    wanted: dict[str, Fix] = {}
+    for finding in findings:
+        for fix in finding.fixes:
+            wanted.setdefault(fix.action, fix)
+    candidates, skipped = [], []
+
+    def add(name, fix, make, patch, **settings):
+        if name not in {c.name for c in candidates}:
+            candidates.append(Candidate(name, fix, make, patch, **settings))
+
+    def generator():
+        return torch.Generator().manual_seed(generator_seed)
+
+    for action, fix in wanted.items():
+        if action == "reinit":
+            add(
+                "re-initialize matched to each activation",
+                fix,
+                lambda m: init_matched(m, generator()),
+                "steadygrad.fixes.init_matched(model)  # He for ReLU-family, Glorot for tanh/sigmoid, LeCun for SELU",
+            )
+            add(
+                "LSUV initialization",
+                fix,
+                lambda m: (lsuv_(m, inputs[:256], generator=generator()), m)[1],
+                "steadygrad.init.lsuv_(model, x_batch)  # x_batch: a few hundred training inputs",
+            )
+        elif action == "add_norm":
+            add(
+                "insert BatchNorm after each layer",
+                fix,
+                lambda m: insert_norm(m, "batch"),
+                'model = steadygrad.fixes.insert_norm(model, "batch")',
+            )
+            add(
+                "insert LayerNorm after each layer",
+                fix,
+                lambda m: insert_norm(m, "layer"),
+                'model = steadygrad.fixes.insert_norm(model, "layer")',
+            )
+        elif action == "add_skips":
+            if isinstance(model, DeepNet):
+                spec = model.spec.replace(skip="residual", residual_scale=model.spec.depth**-0.5)
+                add(
+                    "residual skips (branches scaled by 1/sqrt(depth))",
+                    fix,
+                    lambda m, spec=spec: _rebuild(spec, generator()),
+                    "model = steadygrad.build(spec.replace(skip='residual', "
+                    f"residual_scale={spec.residual_scale:.3g}))",
+                )
+            else:
+                skipped.append(
+                    "residual skips: the model is not a steadygrad.build network, so they cannot be added "
+                    "automatically; add x + f(x) connections in its forward."
+                )
+        elif action == "clip":
+            add(
+                f"clip gradient norm at {clip_threshold:.3g}",
+                fix,
+                lambda m: m,
+                f"steadygrad.clip.clip_grad_norm_(model.parameters(), {clip_threshold:.3g})  # after loss.backward()",
+                clip_norm=clip_threshold,
+            )
+        elif action == "lower_lr":
+            add("learning rate / 10", fix, lambda m: m, "lr = lr / 10  # in your optimizer", lr_factor=0.1)
+        elif action == "raise_lr":
+            add("learning rate x 10", fix, lambda m: m, "lr = lr * 10  # in your optimizer", lr_factor=10.0)
+        elif action == "standardize_inputs":
+            add(
+                "standardize the inputs",
+                fix,
+                lambda m: standardize_inputs(m, inputs),
+                "x = (x - x_train.mean(0)) / x_train.std(0)  "
+                "# or: model = steadygrad.fixes.standardize_inputs(model, x_train)",
+            )
+        elif action == "swap_activation":
+            to = fix.params.get("to", "relu")
+            add(
+                f"swap sigmoid/tanh for {to} (and re-initialize)",
+                fix,
+                lambda m, to=to: init_matched(swap_activation(m, to), generator()),
+                f'model = steadygrad.fixes.swap_activation(model, "{to}"); steadygrad.fixes.init_matched(model)',
+            )
+        elif action == "remove_bias":
+            layers = list(fix.params.get("layers", []))
+            add(
+                "drop the bias before each BatchNorm",
+                fix,
+                lambda m, layers=layers: _remove_bias_before_norm(m, layers),
+                f"# construct {', '.join(layers)} with bias=False",
+            )
+    if isinstance(model, DeepNet) and model.spec.skip == "residual" and model.spec.norm == "none":
+        add(
+            "Fixup initialization",
+            Fix("reinit", {"scheme": "fixup"}),
+            lambda m: fixup_(m, generator=generator()),
+            "steadygrad.init.fixup_(model)",
+        )
+    return candidates, skipped
+
+
+def _rebuild(spec, generator):
+    from steadygrad.nets import build
+
+    return build(spec, generator)
+
+
+# -- the doctor ------------------------------------------------------------------------------------------
+
+
+def _synthetic_targets(inputs: torch.Tensor, task: str, classes: int | None, seed: int) -> torch.Tensor:
+    """Learnable targets for synthetic inputs: a fixed random teacher (linear for classes, tanh for regression)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    flat = inputs.reshape(inputs.shape[0], -1)
+    if task == "classification":
+        return (flat @ torch.randn(flat.shape[1], classes or 10, generator=g)).argmax(1)
+    return torch.tanh(flat @ torch.randn(flat.shape[1], generator=g) / math.sqrt(flat.shape[1]))
+
+
+def doctor(
+    model_factory: Callable[[], nn.Module] | nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    task: str | None = None,
+    classes: int | None = None,
+    steps: int = 60,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    optimizer: str = "momentum",
+    budget: float = 60.0,
+    seed: int = 0,
+) -> DoctorReport:
+    """Diagnose the model ``model_factory()`` builds, try the candidate fixes, rank them by measured effect.
+
+    Args:
+        model_factory: a callable returning a fresh ``nn.Module`` (called once per trial, under the same seed),
+            or a module (deep-copied for each trial; never modified).
+        inputs: a batch of training inputs, (N, *input_shape); at least ``batch_size``.
+        targets: class labels (int) or regression targets; None makes learnable synthetic ones.
+        task: ``classification`` or ``regression``; inferred from ``targets`` (or ``classes``) when None.
+        classes: number of classes for synthetic classification targets.
+        steps: optimizer steps per trial, over the same fixed batches.
+        lr, optimizer: the training settings every trial uses: ``momentum`` (SGD with momentum 0.9, the default:
+            the classic setting where bad scales bite), ``sgd`` or ``adam`` (whose per-parameter step sizes hide
+            some problems, clipping's effect among them).
+        budget: seconds for all trials together; candidates left when it runs out are listed as skipped.
+        seed: seeds the model factory, the batches and the synthetic targets.
+    """
+    start = time.perf_counter()
+    deadline = start + budget
+    if isinstance(model_factory, nn.Module):
+        template = model_factory
+
+        def fresh() -> nn.Module:
+            return copy.deepcopy(template)
+
+    elif callable(model_factory):
+
+        def fresh() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = model_factory()
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"The model factory returned {type(model).__name__}, not an nn.Module.")
+            return model
+
+    else:
+        raise TypeError(
+            f"doctor needs a model factory (a callable returning an nn.Module) or a module; got "
+            f"{type(model_factory).__name__}."
+        )
+    if task is None:
+        task = (
+            ("classification" if not targets.is_floating_point() else "regression")
+            if targets is not None
+            else ("classification" if classes else "regression")
+        )
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}. Accepted: {', '.join(OPTIMIZERS)}.")
+    if task not in ("classification", "regression"):
+        raise ValueError(f"Unknown task {task!r}. Accepted: classification, regression.")
+    if inputs.shape[0] < 2:
+        raise ValueError(f"The doctor needs at least 2 input examples; got {inputs.shape[0]}.")
+    if targets is None:
+        targets = _synthetic_targets(inputs, task, classes, seed)
+    elif len(targets) != len(inputs):
+        raise ValueError(f"targets has {len(targets)} entries for {len(inputs)} inputs.")
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    batch_size = min(batch_size, len(inputs))
+    batches = [(inputs[i], targets[i]) for i in order[: 8 * batch_size].split(batch_size) if len(i) >= 2]
+
+    model = fresh()
+    x0, y0 = batches[0]
+    preflight = probe(model, x0, loss=lambda out: _loss(out, y0, task), theory_prediction=False)
+    findings = diagnose(preflight, model=model, inputs=inputs) + _architecture_findings(model)
+    findings += _recurrent_findings(model, x0, y0, task)
+    findings.sort(key=lambda f: -["info", "warning", "critical"].index(f.severity))
+    control = _run_trial("unchanged model (control)", fresh(), batches, task, steps, lr, optimizer, None, "", math.inf)
+    norms = [n for n in control.grad_norms if math.isfinite(n) and n > 0]
+    threshold = statistics.median(norms) if norms else 1.0
+    candidates, skipped = _candidates(findings, model, inputs, threshold, seed)
+    trials = []
+    for candidate in candidates:
+        if time.perf_counter() > deadline:
+            skipped.append(f"{candidate.name}: the --budget of {budget:g} s ran out before it could run.")
+            continue
+        try:
+            fixed = candidate.make(fresh())
+        except Exception as error:
+            skipped.append(
+                f"{candidate.name}: does not apply to this model ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]})."
+            )
+            continue
+        trials.append(
+            _run_trial(
+                candidate.name,
+                fixed,
+                batches,
+                task,
+                steps,
+                lr * candidate.lr_factor,
+                optimizer,
+                candidate.clip_norm,
+                candidate.patch,
+                deadline,
+            )
+        )
+    trials.sort(key=lambda t: (not t.ok, t.final_loss if t.ok else math.inf))
+    return DoctorReport(findings, control, trials, skipped, time.perf_counter() - start)

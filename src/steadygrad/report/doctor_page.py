@@ -1,0 +1,84 @@
+"""The doctor's page: findings, the candidates' measured effect, the loss curves, and the patch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from steadygrad.lab.base import Table
+from steadygrad.measure.plot import _pyplot, figure_png
+from steadygrad.report.html import Page, Section, figure, write_page
+
+__all__ = ["write_doctor_report"]
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
+
+
+def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for trial in [report.control, *report.candidates]:
+        if trial.losses:
+            ax.plot(
+                range(1, len(trial.losses) + 1),
+                trial.losses,
+                label=trial.fix,
+                lw=2.5 if trial is report.control else 1.2,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step (same batches, same seed)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7)
+    rows = [
+        [
+            t.fix,
+            _fmt(t.final_loss),
+            _fmt(t.loss_drop),
+            _fmt(t.grad_ratio),
+            t.nonfinite,
+            f"{t.seconds:.2f}",
+            t.error or "",
+        ]
+        for t in [report.control, *report.candidates]
+    ]
+    best = report.recommended
+    sections = [
+        Section(
+            "findings",
+            "Findings",
+            badge=str(len(report.findings)),
+            badge_kind="not" if report.findings else "reproduced",
+            paragraphs=[
+                str(f) + (" Try: " + ", ".join(str(x) for x in f.fixes) if f.fixes else "") for f in report.findings
+            ]
+            or ["No findings."],
+        ),
+        Section(
+            "candidates",
+            "Candidates, measured",
+            tables=[
+                Table(
+                    "Each fix on a fresh copy, against the control",
+                    ["fix", "final loss", "loss drop", "gradient first/last", "non-finite", "seconds", "error"],
+                    rows,
+                )
+            ],
+            figures=[figure("Training loss of every candidate", figure_png(fig))],
+        ),
+        Section(
+            "patch",
+            "Recommendation",
+            badge="change" if best else "none",
+            badge_kind="reproduced" if best else "info",
+            paragraphs=[report.summary().splitlines()[-1]],
+            pre=report.patch(),
+        ),
+    ]
+    if report.skipped:
+        sections.append(Section("skipped", "Skipped", paragraphs=report.skipped))
+    page = Page(
+        title="steadygrad doctor", subtitle=target, meta=[("Time", f"{report.seconds:.1f} s")], sections=sections
+    )
+    return write_page(page, out_dir, report.to_dict())
