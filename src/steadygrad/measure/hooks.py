@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from steadygrad.measure.stats import (
     ACTIVATION_FIELDS,
     activation_kind,
     activation_moments,
+    fast_activation_moments,
+    fast_gradient_moments,
     finalize_activations,
     finalize_units,
     gradient_moments,
@@ -66,6 +68,10 @@ class _Slot:
     unit_counts: torch.Tensor | None = None
     unit_active: torch.Tensor | None = None
     gradients: torch.Tensor | None = None
+    # the tensors behind the fast statistics, kept until the step ends in case one holds NaN/Inf and its
+    # statistics must be recomputed with masking (the fast path cannot exclude them)
+    outputs: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
 
 
 class Recorder:
@@ -134,7 +140,8 @@ class Recorder:
             y = first_tensor(output)
             if y is None:
                 return
-            moments = activation_moments(y)
+            moments = fast_activation_moments(y)
+            slot.outputs.append(y.detach())
             slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
             units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
             if units is not None:
@@ -145,7 +152,8 @@ class Recorder:
             if y.requires_grad:
 
                 def grad_hook(grad, slot=slot):
-                    moments = gradient_moments(grad)
+                    moments = fast_gradient_moments(grad)
+                    slot.grads.append(grad.detach())
                     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
                 y.register_hook(grad_hook)
@@ -153,11 +161,38 @@ class Recorder:
         return hook
 
     # -- results ---------------------------------------------------------------------------------------
+    def _recompute_masked(self, slot: _Slot) -> None:
+        """The exact, NaN/Inf-excluding statistics of one slot (the rare path: it held non-finite values)."""
+        slot.activations = None
+        for y in slot.outputs:
+            moments = activation_moments(y)
+            slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
+        if slot.grads:
+            slot.gradients = torch.stack([gradient_moments(g) for g in slot.grads]).sum(0)
+
     def finalize(self, device: torch.device | None = None) -> tuple[list[_Slot], torch.Tensor]:
-        """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``."""
+        """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``.
+
+        One host synchronization checks whether any layer's fast statistics met NaN/Inf; only those layers
+        are recomputed, with masking, from the tensors kept for that purpose.
+        """
         slots = list(self._slots.values())
         if device is None:
-            device = next((s.activations.device for s in slots if s.activations is not None), torch.device("cpu"))
+            seen = (s.activations.device for s in slots if s.activations is not None)
+            device = next(seen, torch.device("cpu"))
+        sums = [
+            torch.stack(
+                [
+                    s.activations[1] if s.activations is not None else torch.zeros((), dtype=torch.float64),
+                    s.gradients[0] if s.gradients is not None else torch.zeros((), dtype=torch.float64),
+                ]
+            ).to(device)
+            for s in slots
+        ]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            for slot, pair in zip(slots, sums, strict=True):
+                if not bool(torch.isfinite(pair).all()):
+                    self._recompute_masked(slot)
         rows = []
         for slot in slots:
             grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)
@@ -175,8 +210,12 @@ class Recorder:
                     ]
                 )
             )
-        table = torch.stack(rows) if rows else torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
-        return slots, table
+        if not rows:
+            return slots, torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
+        for slot in slots:  # release the kept tensors now that the statistics are final
+            slot.outputs.clear()
+            slot.grads.clear()
+        return slots, torch.stack(rows)
 
 
 def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.0) -> list[LayerRecord]:

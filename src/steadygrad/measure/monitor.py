@@ -159,7 +159,9 @@ class Monitor:
                 if old is None or new is None:
                     ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
                 else:
-                    change = (new.double() - old.double()).norm() / old.double().norm()
+                    change = torch.linalg.vector_norm(new - old, dtype=torch.float64) / torch.linalg.vector_norm(
+                        old, dtype=torch.float64
+                    )
                     ratios.append(change.to(device))
             by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
             column = torch.stack([by_module[id(slot.module)] for slot in slots]) if slots else table.new_zeros(0)

@@ -82,6 +82,27 @@ def activation_moments(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([n, mean, m2, lo, hi, zeroed.square().sum(), y.numel() - n])
 
 
+def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
+    """The same vector as ``activation_moments`` from three cheap reductions (a sum and a norm accumulated in
+    float64, and ``aminmax``), assuming every value is finite. NaN or Inf propagate into the sum, so a caller
+    can tell and recompute that one layer with ``activation_moments``.
+
+    M2 = sum(y^2) - sum(y)^2 / n is the one-pass formula; accumulated in float64 it stays accurate unless the
+    mean exceeds the std by about 1e6, which activations do not (normalization inputs can, and
+    ``steadygrad.norm`` uses a shifted two-pass algorithm). ``torch.var_mean`` would be exact but costs ~8x
+    more per call on CPU, and this runs on every logged layer of every logged step.
+    """
+    y = y.detach()
+    n = float(y.numel())
+    total = y.sum(dtype=torch.float64)
+    squares = torch.linalg.vector_norm(y, dtype=torch.float64).square()
+    lo, hi = torch.aminmax(y) if y.numel() else (total, total)
+    m2 = (squares - total * total / max(n, 1.0)).clamp(min=0.0)
+    return torch.stack(
+        [total.new_tensor(n), total / max(n, 1.0), m2, lo.double(), hi.double(), squares, total.new_zeros(())]
+    )
+
+
 def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Combine two activation accumulators (Chan, Golub, LeVeque 1983: exact for mean and M2)."""
     n = a[0] + b[0]
@@ -144,6 +165,12 @@ def finalize_units(counts: torch.Tensor | None, active: torch.Tensor | None) -> 
 # -- gradients and weights --------------------------------------------------------------------------
 
 
+def fast_gradient_moments(grad: torch.Tensor) -> torch.Tensor:
+    """[sum of squares, 0] in one reduction, assuming every value is finite (NaN/Inf propagate into the sum)."""
+    squares = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
+    return torch.stack([squares, squares.new_zeros(())])
+
+
 def gradient_moments(grad: torch.Tensor) -> torch.Tensor:
     """[sum of squares of the finite values, non-finite count] of a gradient."""
     grad = grad.detach().double()
@@ -161,8 +188,18 @@ def weight_stats(layer: nn.Module | None, device: torch.device) -> torch.Tensor:
     biases = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("bias")]
 
     def grad_norm(params):
-        grads = [p.grad.detach().double().square().sum().to(device) for p in params if p.grad is not None]
-        return torch.stack(grads).sum().sqrt() if grads else nan
+        grads = [
+            torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).to(device)
+            for p in params
+            if p.grad is not None
+        ]
+        return torch.linalg.vector_norm(torch.stack(grads)) if grads else nan
 
-    variance = weights[0].detach().double().var().to(device) if weights and weights[0].numel() > 1 else nan
+    variance = nan
+    if weights and weights[0].numel() > 1:
+        w = weights[0].detach()
+        n = w.numel()
+        total = w.sum(dtype=torch.float64)
+        squares = torch.linalg.vector_norm(w, dtype=torch.float64).square()
+        variance = ((squares - total * total / n) / (n - 1)).clamp(min=0.0).to(device)  # unbiased, as torch.var
     return torch.stack([grad_norm(weights), grad_norm(biases), variance])
