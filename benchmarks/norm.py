@@ -9,12 +9,14 @@ ratio ours / torch (below 1: ours is faster).
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch import nn
 
 from _timing import compare, machine
 from steadygrad import norm
+from steadygrad.norm import fast
 
 # name -> (ours, theirs, input shape); the shapes of issue 3, plus a small-batch BN2d
 CASES = {
@@ -34,18 +36,33 @@ def _step(layer, x, dy):
     return run
 
 
-def main(repeats: int = 20) -> list[tuple[str, str, str, float]]:
+def main(repeats: int = 20) -> list[tuple[str, str, str, str, float, float]]:
     torch.manual_seed(0)
+    start = time.perf_counter()
+    compiled = fast.enable()
+    first_call = time.perf_counter() - start
     rows = []
     for name, (make_ours, make_theirs, shape) in CASES.items():
         x = torch.randn(shape, requires_grad=True)
         dy = torch.randn(shape)
-        ref, ours, ratio = compare(_step(make_theirs(), x, dy), _step(make_ours(), x, dy), repeats=repeats)
-        rows.append((name, str(ref), str(ours), ratio))
+        theirs, ours = make_theirs(), make_ours()
+        fast.disable()
+        ref, eager, eager_ratio = compare(_step(theirs, x, dy), _step(ours, x, dy), repeats=repeats)
+        fused, fused_ratio = "n/a", float("nan")
+        if compiled:
+            fast.enable()
+            ref, fused_t, fused_ratio = compare(_step(theirs, x, dy), _step(ours, x, dy), repeats=repeats)
+            fused = str(fused_t)
+        rows.append((name, str(ref), str(eager), fused, eager_ratio, fused_ratio))
+    fast.disable()
     print(f"# normalization forward+backward, float32, training mode; {machine()}")
-    print(f"{'layer':26} {'torch.nn (native)':>22} {'steadygrad':>22} {'ratio':>7}")
-    for name, ref_s, ours_s, ratio in rows:
-        print(f"{name:26} {ref_s:>22} {ours_s:>22} {ratio:7.2f}")
+    print(
+        f"# fused kernels: {'built' if compiled else 'NOT available'}; first enable() took {first_call:.1f} s "
+        "(a compile, or a load from torch's extension cache)"
+    )
+    print(f"{'layer':26} {'torch.nn (native)':>22} {'eager':>22} {'fused':>22} {'eager/nat':>9} {'fused/nat':>9}")
+    for name, ref_s, eager_s, fused_s, eager_r, fused_r in rows:
+        print(f"{name:26} {ref_s:>22} {eager_s:>22} {fused_s:>22} {eager_r:9.2f} {fused_r:9.2f}")
     return rows
 
 

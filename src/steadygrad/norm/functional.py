@@ -187,6 +187,76 @@ class _Normalize(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+def _fast(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether the opt-in fused kernels (``steadygrad.norm.fast``) take this call."""
+    from steadygrad.norm import fast
+
+    return (
+        fast.enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and all(p is None or (p.dtype == torch.float32 and p.is_contiguous()) for p in params)
+    )
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
+            "(create_graph=True) is not supported. Convert the model to torch's norms for that: "
+            "steadygrad.norm.convert_norms(model, to='torch')."
+        )
+
+
+class _FastRows(torch.autograd.Function):
+    """Layer and group norm on (rows, d) through the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, cpg, hw, per_element, eps):
+        from steadygrad.norm.fast import kernels
+
+        y, shift, dev, rstd = kernels().rows_forward(x, weight, bias, groups, cpg, hw, per_element, eps)
+        ctx.save_for_backward(x, shift, dev, rstd, weight)
+        ctx.layout = (groups, cpg, hw, per_element)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from steadygrad.norm.fast import kernels
+
+        _no_double_backward()
+        x, shift, dev, rstd, weight = ctx.saved_tensors
+        need_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dx, dw, db = kernels().rows_backward(grad_y, x, shift, dev, rstd, weight, *ctx.layout, need_affine)
+        dw = dw if ctx.needs_input_grad[1] else None
+        db = db if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+class _FastBatch(torch.autograd.Function):
+    """Batch norm in training mode on (N, C, L) through the fused kernel; returns the batch statistics too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        from steadygrad.norm.fast import kernels
+
+        y, mean, var, shift, dev = kernels().batch_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, shift, dev, var, weight)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        from steadygrad.norm.fast import kernels
+
+        _no_double_backward()
+        x, shift, dev, var, weight = ctx.saved_tensors
+        dx, dw, db = kernels().batch_backward(grad_y, x, shift, dev, var, weight, ctx.eps)
+        return dx, (dw if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), None
+
+
 # --------------------------------------------------------------------------------------------------
 # Public functional ops, with torch.nn.functional's signatures.
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +332,11 @@ def batch_norm(
             "call model.eval() for single-example inference, or use LayerNorm/GroupNorm, which do not "
             "depend on the batch."
         )
-    y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
+    if _fast(input, weight, bias):
+        y, mean, var = _FastBatch.apply(input.reshape(input.shape[0], input.shape[1], -1), weight, bias, eps)
+        y = y.reshape(input.shape)
+    else:
+        y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
     with torch.no_grad():
         _update_running(running_mean, mean.flatten(), momentum)
         _update_running(running_var, var.flatten() * (count / (count - 1)), momentum)
@@ -339,6 +413,19 @@ def layer_norm(
     """Layer normalization over the trailing ``normalized_shape`` axes (Ba, Kiros, Hinton 2016);
     ``F.layer_norm``'s signature. weight and bias have shape ``normalized_shape`` (elementwise affine)."""
     shape = _check_layer_shape(input, normalized_shape)
+    if _fast(input, weight, bias):
+        d = math.prod(shape)
+        y = _FastRows.apply(
+            input.reshape(-1, d),
+            None if weight is None else weight.reshape(-1),
+            None if bias is None else bias.reshape(-1),
+            1,
+            d,
+            1,
+            True,
+            eps,
+        )
+        return y.reshape(input.shape)
     dims = tuple(range(input.dim() - len(shape), input.dim()))
     y, _, _ = _Normalize.apply(input, weight, bias, dims, eps)
     return y
@@ -371,6 +458,11 @@ def group_norm(
     channels = input.size(1)
     check_groups(num_groups, channels)
     n = input.size(0)
+    if _fast(input, weight, bias):
+        cpg = channels // num_groups
+        hw = input.numel() // (n * channels)
+        y = _FastRows.apply(input.reshape(n * num_groups, cpg * hw), weight, bias, num_groups, cpg, hw, False, eps)
+        return y.reshape(input.shape)
     grouped = input.reshape(n, num_groups, channels // num_groups, -1)  # (N, G, C/G, L)
     param_shape = (1, num_groups, channels // num_groups, 1)
     weight_b = None if weight is None else weight.reshape(param_shape)
