@@ -14,6 +14,7 @@ from steadygrad._cli_common import console, user_errors, write_json
 from steadygrad.cli_doctor import doctor_command
 from steadygrad.cli_lab import demo_command, report_command
 from steadygrad.cli_probe import probe_command
+from steadygrad.cli_sweep import sweep_command
 from steadygrad.cli_train import train_command
 
 app = typer.Typer(
@@ -102,6 +103,7 @@ app.command("train")(train_command)
 app.command("demo")(demo_command)
 app.command("report")(report_command)
 app.command("doctor")(doctor_command)
+app.command("sweep")(sweep_command)
 
 
 def main() -> None:

@@ -10,8 +10,7 @@ from rich.table import Table
 
 from steadygrad import data as sg_data
 from steadygrad._cli_common import console, fail, user_errors
-from steadygrad.cli_probe import expand_specs
-from steadygrad.nets import build
+from steadygrad.nets import build, expand_specs
 from steadygrad.train import CheckpointError, TrainConfig, Trainer
 
 DIVERGED = 1  # exit code of a run stopped by the non-finite guard

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,7 +23,19 @@ from steadygrad.init import get as get_init
 from steadygrad.init import init_model
 from steadygrad.norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
 
-__all__ = ["ACTIVATIONS", "CELLS", "KINDS", "NORMS", "NORM_POSITIONS", "SKIPS", "DeepNet", "NetSpec", "build"]
+__all__ = [
+    "ACTIVATIONS",
+    "CELLS",
+    "KINDS",
+    "NORMS",
+    "NORM_POSITIONS",
+    "SKIPS",
+    "SPEC_OPTIONS",
+    "DeepNet",
+    "NetSpec",
+    "build",
+    "expand_specs",
+]
 
 KINDS = ("mlp", "cnn", "rnn")
 CELLS = ("rnn", "lstm", "gru")
@@ -288,3 +301,72 @@ def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet:
     net = DeepNet(spec)
     init_model(net, spec.init, generator=generator)
     return net
+
+
+# option name -> NetSpec field; the option names users type
+SPEC_OPTIONS = {
+    "kind": "kind",
+    "depth": "depth",
+    "width": "width",
+    "in-features": "in_features",
+    "out-features": "out_features",
+    "act": "activation",
+    "init": "init",
+    "norm": "norm",
+    "norm-position": "norm_position",
+    "skip": "skip",
+    "bias": "bias",
+    "residual-scale": "residual_scale",
+    "cell": "cell",
+    "seq-len": "seq_len",
+    "image-size": "image_size",
+    "norm-groups": "norm_groups",
+    "branch-layers": "branch_layers",
+}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(NetSpec)}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _convert(option: str, text: str):
+    field = SPEC_OPTIONS[option]
+    kind = _FIELD_TYPES[field]
+    text = text.strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--{option} takes {'integers' if kind == 'int' else 'numbers'}, comma-separated; got {text!r}."
+        ) from None
+    if kind == "bool":
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"--{option} takes yes or no (or true/false), comma-separated; got {text!r}.")
+    return text
+
+
+def expand_specs(values: dict[str, str | None]) -> list[NetSpec]:
+    """Every combination of the comma-separated option values, as validated NetSpecs.
+
+    ``values`` maps option names (``"act"``) to their raw text (``"relu,tanh"``) or None for the default.
+    """
+    axes = []
+    for option, raw in values.items():
+        if raw is None:
+            continue
+        items = [item for item in raw.split(",") if item.strip()]
+        if not items:
+            raise ValueError(f"--{option} got no value.")
+        axes.append([(SPEC_OPTIONS[option], _convert(option, item)) for item in items])
+    specs = []
+    for combination in itertools.product(*axes):
+        try:
+            specs.append(NetSpec(**dict(combination)))
+        except ValueError as error:
+            message = str(error)
+            for option, field in SPEC_OPTIONS.items():
+                message = message.replace(f"NetSpec.{field} ", f"--{option} ")
+            raise ValueError(message) from None
+    return specs

@@ -191,10 +191,9 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
             "JSON file (steadygrad probe --json)."
         )
     if path.suffix in (".sqlite", ".db"):
-        raise ValueError(
-            f"{path} looks like a sweep database; this version of steadygrad has no sweeps yet. Report a "
-            "training run's log directory or a probe's JSON file."
-        )
+        from steadygrad.report.sweep_page import write_sweep_report
+
+        return write_sweep_report(path, out)
     if path.is_dir() and (path / "summary.json").is_file():
         page, target = _run_page(path), out or path
     else:
