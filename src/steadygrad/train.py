@@ -20,8 +20,10 @@ from steadygrad._checks import check_choice, check_positive
 from steadygrad.clip import CLIP_MODES, clip_grads_
 from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
+from steadygrad.distributed import setup as setup_distributed
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.nets import DeepNet
+from steadygrad.norm.modules import convert_sync_batchnorm
 
 __all__ = ["CheckpointError", "ClipSpec", "TrainConfig", "TrainResult", "Trainer", "load_checkpoint", "save_checkpoint"]
 
@@ -215,6 +217,16 @@ class Trainer:
         self.config = config or TrainConfig()
         self.kind = model.spec.kind if isinstance(model, DeepNet) else "mlp"
         self.logdir = None if self.config.logdir is None else Path(self.config.logdir)
+        # Data parallelism (under torchrun): every rank trains a replica on its share of each global batch;
+        # BatchNorm statistics are synchronized, so N processes compute what one would on the whole batch.
+        self.rank, self.world = setup_distributed()
+        self.writes = self.rank == 0  # only rank 0 writes logs, checkpoints and summaries
+        self.forward_model = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            convert_sync_batchnorm(model)
+            self.forward_model = DistributedDataParallel(model)
         self.optimizer = self._make_optimizer()
 
     # -- pieces ----------------------------------------------------------------------------------------
@@ -301,20 +313,22 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         """Train; with ``resume``, continue from ``logdir/checkpoint.pt`` exactly where it was written."""
         c, start = self.config, time.perf_counter()
-        checkpoint = self.logdir / "checkpoint.pt" if self.logdir else None
+        source = self.logdir / "checkpoint.pt" if self.logdir else None  # every rank reads it on resume
+        checkpoint = source if self.writes else None  # rank 0 writes it
         epochs_done: list[dict] = []
         epoch, batch, step, rollbacks = 0, 0, 0, 0
         torch.manual_seed(c.seed)
         if resume:
-            if checkpoint is None:
+            if source is None:
                 raise ValueError("resume=True needs the logdir of the run to resume.")
-            state = load_checkpoint(checkpoint)
+            state = load_checkpoint(source)
             self._restore(state)
             epoch, batch, step, rollbacks = state["epoch"], state["batch"], state["step"], state["rollbacks"]
             epochs_done = list(state["epochs"])
-            _truncate_jsonl(self.logdir / "monitor.jsonl", lambda row: row["step"] <= step)
-            _truncate_jsonl(self.logdir / "history.jsonl", lambda row: row["epoch"] <= len(epochs_done))
-        elif self.logdir is not None:
+            if self.writes:
+                _truncate_jsonl(self.logdir / "monitor.jsonl", lambda row: row["step"] <= step)
+                _truncate_jsonl(self.logdir / "history.jsonl", lambda row: row["epoch"] <= len(epochs_done))
+        elif self.logdir is not None and self.writes:
             self.logdir.mkdir(parents=True, exist_ok=True)
             for name in ("monitor.jsonl", "history.jsonl", "summary.json"):
                 (self.logdir / name).unlink(missing_ok=True)
@@ -324,14 +338,14 @@ class Trainer:
             last_good = self._checkpoint(checkpoint, epoch, batch, step, epochs_done, rollbacks)
 
         sinks = []
-        if self.logdir is not None:
+        if self.logdir is not None and self.writes:
             sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
             if c.tensorboard:
                 sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
         monitor = Monitor(self.model, every=c.monitor_every, optimizer=self.optimizer, sinks=sinks)
         monitor.step_count = step
         status, message = "completed", ""
-        progress = _progress(c.progress)
+        progress = _progress(c.progress and self.writes)
         steps_per_epoch = len(self._batches(0))
         task = progress.add_task(
             "training",
@@ -347,12 +361,20 @@ class Trainer:
                 batches = self._batches(epoch)
                 restart = False
                 while batch < len(batches):
-                    index = batches[batch]
+                    index = batches[batch][self.rank :: self.world]  # this rank's share of the global batch
                     x, y = self._inputs(self.data.x_train[index]), self.data.y_train[index]
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss = self._loss(self.model(x), y)
+                    loss = self._loss(self.forward_model(x), y)
                     grad_norm = math.nan
-                    if torch.isfinite(loss):
+                    if self.world > 1:  # decide on the global loss, so that every rank takes the same branch
+                        import torch.distributed as dist
+
+                        shared = loss.detach().clone()
+                        dist.all_reduce(shared)
+                        loss_value = shared / self.world
+                    else:
+                        loss_value = loss.detach()
+                    if torch.isfinite(loss_value):
                         loss.backward()
                         monitor.observe_loss(loss)
                         if c.clip is not None:
@@ -360,11 +382,11 @@ class Trainer:
                             grad_norm = float(clipped) if c.clip.mode == "norm" else _total_norm(self.model)
                         else:
                             grad_norm = _total_norm(self.model)
-                    if not (torch.isfinite(loss) and math.isfinite(grad_norm)):
+                    if not (torch.isfinite(loss_value) and math.isfinite(grad_norm)):
                         where = self._first_nonfinite_layer(x, y)
                         what = (
-                            f"loss {float(loss.detach()):g}"
-                            if not torch.isfinite(loss)
+                            f"loss {float(loss_value):g}"
+                            if not torch.isfinite(loss_value)
                             else f"gradient norm {grad_norm:g}"
                         )
                         message = (
@@ -394,7 +416,7 @@ class Trainer:
                     self.optimizer.step()
                     step += 1
                     batch += 1
-                    progress.update(task, advance=1, loss=float(loss.detach()), grad=grad_norm)
+                    progress.update(task, advance=1, loss=float(loss_value), grad=grad_norm)
                     if step % c.checkpoint_every == 0:
                         last_good = self._checkpoint(checkpoint, epoch, batch, step, epochs_done, rollbacks)
                 if status != "completed":
@@ -410,7 +432,7 @@ class Trainer:
                 }
                 epochs_done.append(metrics)
                 progress.update(task, acc=metrics.get("test_accuracy", math.nan))
-                if self.logdir is not None:
+                if self.logdir is not None and self.writes:
                     with (self.logdir / "history.jsonl").open("a") as handle:
                         handle.write(json.dumps(metrics) + "\n")
                 epoch, batch = epoch + 1, 0
@@ -427,7 +449,7 @@ class Trainer:
             time.perf_counter() - start,
             monitor.history.reports,
         )
-        if self.logdir is not None:
+        if self.logdir is not None and self.writes:
             summary = {
                 **result.to_dict(),
                 "config": c.to_dict(),

@@ -170,6 +170,60 @@ class Recorder:
         if slot.grads:
             slot.gradients = torch.stack([gradient_moments(g) for g in slot.grads]).sum(0)
 
+    def _repair_nonfinite(self, slots: list[_Slot], device: torch.device) -> None:
+        """One host synchronization: recompute, with masking, only the slots whose fast statistics met NaN/Inf."""
+        zero = torch.zeros((), dtype=torch.float64)
+        sums = [
+            torch.stack(
+                [
+                    (s.activations[1] if s.activations is not None else zero).to(device),
+                    (s.gradients[0] if s.gradients is not None else zero).to(device),
+                ]
+            )
+            for s in slots
+        ]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            for slot, pair in zip(slots, sums, strict=True):
+                if not bool(torch.isfinite(pair).all()):
+                    self._recompute_masked(slot)
+
+    def all_reduce(self, group=None) -> None:
+        """Merge every rank's accumulators so that ``finalize`` reports the statistics of the global batch.
+
+        Slots line up across ranks (the same model ran the same forward). Activation moments merge by Chan's
+        update over an all-gather; unit counts add; a unit is active if it is on any rank. Under data
+        parallelism each rank's loss is the mean over its own share, so its output gradients are world_size
+        times those of the global mean loss: the summed squares are divided by world_size^2.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        slots = list(self._slots.values())
+        if not slots:
+            return
+        device = next((s.activations.device for s in slots if s.activations is not None), torch.device("cpu"))
+        self._repair_nonfinite(slots, device)
+        empty = torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64, device=device)
+        for slot in slots:
+            local = slot.activations if slot.activations is not None else empty
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local.contiguous(), group=group)
+            merged = gathered[0]
+            for other in gathered[1:]:
+                merged = merge_activations(merged, other)
+            slot.activations = merged
+            if slot.unit_counts is not None:
+                dist.all_reduce(slot.unit_counts, group=group)
+            if slot.unit_active is not None:
+                active = slot.unit_active.double()
+                dist.all_reduce(active, op=dist.ReduceOp.MAX, group=group)
+                slot.unit_active = active > 0
+            if slot.gradients is not None:
+                dist.all_reduce(slot.gradients, group=group)
+                slot.gradients = slot.gradients * torch.tensor(
+                    [1.0 / world**2, 1.0], dtype=torch.float64, device=slot.gradients.device
+                )
+
     def finalize(self, device: torch.device | None = None) -> tuple[list[_Slot], torch.Tensor]:
         """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``.
 
@@ -180,19 +234,7 @@ class Recorder:
         if device is None:
             seen = (s.activations.device for s in slots if s.activations is not None)
             device = next(seen, torch.device("cpu"))
-        sums = [
-            torch.stack(
-                [
-                    s.activations[1] if s.activations is not None else torch.zeros((), dtype=torch.float64),
-                    s.gradients[0] if s.gradients is not None else torch.zeros((), dtype=torch.float64),
-                ]
-            ).to(device)
-            for s in slots
-        ]
-        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
-            for slot, pair in zip(slots, sums, strict=True):
-                if not bool(torch.isfinite(pair).all()):
-                    self._recompute_masked(slot)
+        self._repair_nonfinite(slots, device)
         rows = []
         for slot in slots:
             grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)

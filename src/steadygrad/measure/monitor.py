@@ -144,6 +144,10 @@ class Monitor:
             # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
             self._recorder.gradient_scale = float(self.scaler.get_scale())
+        from steadygrad.distributed import is_distributed
+
+        if is_distributed():  # statistics of the global batch, not of this rank's share
+            self._recorder.all_reduce()
         slots, table = self._recorder.finalize()
         before = [w.clone() if w is not None and snapshot else None for w in self._weights()]
         self._pending = (slots, table, before)

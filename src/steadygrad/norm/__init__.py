@@ -19,6 +19,7 @@ from steadygrad.norm.modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    convert_sync_batchnorm,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "convert_norms",
+    "convert_sync_batchnorm",
     "fold_batchnorm",
     "functional",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "layer_norm",
     "normalize_backward",
     "normalize_forward",
+    "sync_batch_norm",
 ]
 
 Dims = tuple[int, ...]
@@ -255,6 +256,96 @@ class _FastBatch(torch.autograd.Function):
         x, shift, dev, var, weight = ctx.saved_tensors
         dx, dw, db = kernels().batch_backward(grad_y, x, shift, dev, var, weight, ctx.eps)
         return dx, (dw if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), None
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+class _SyncBatch(torch.autograd.Function):
+    """Batch norm in training mode over the batch of every rank of ``group`` (synchronized BatchNorm).
+
+    Forward: two all-reduces make the statistics exactly those of the concatenated batch (the two-pass
+    variance: counts and sums give the global mean, then the squared deviations from it). Backward: the
+    same hand-derived formula, with the two sums it needs, sum(g) and sum(g * x_hat), all-reduced, so each
+    rank's dx is the derivative of the sum of every rank's loss, as on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):
+        compute = _compute_dtype(x.dtype)
+        xc = x.to(compute)
+        dims = (0, *range(2, x.dim()))
+        local = torch.stack(
+            [
+                torch.tensor(float(xc.numel() // xc.size(1)), dtype=torch.float64).expand(xc.size(1)),
+                xc.sum(dim=dims, dtype=torch.float64),
+            ]
+        )
+        _all_reduce(local, group)
+        count = local[0, 0]
+        mean = (local[1] / count).to(compute)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        centered = xc - mean.reshape(view)
+        squares = _all_reduce(centered.square().sum(dim=dims, dtype=torch.float64), group)
+        var = (squares / count).clamp(min=0.0).to(compute)
+        inv_std = torch.rsqrt(var + eps).reshape(view)
+        x_hat = centered * inv_std
+        y = x_hat if weight is None else x_hat * weight.to(compute).reshape(view)
+        if bias is not None:
+            y = y + bias.to(compute).reshape(view)
+        ctx.save_for_backward(x_hat, inv_std, weight)
+        ctx.group, ctx.count, ctx.dims, ctx.view = group, float(count), dims, view
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var, torch.tensor(float(count))
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+        _no_double_backward()
+        x_hat, inv_std, weight = ctx.saved_tensors
+        dy = grad_y.to(x_hat.dtype)
+        g = dy if weight is None else dy * weight.to(x_hat.dtype).reshape(ctx.view)  # (1) dL/dx_hat
+        sums = torch.stack(
+            [g.sum(dim=ctx.dims, dtype=torch.float64), (g * x_hat).sum(dim=ctx.dims, dtype=torch.float64)]
+        )
+        _all_reduce(sums, ctx.group)  # (2), (3): the sums run over every rank's examples
+        mean_g = (sums[0] / ctx.count).to(x_hat.dtype).reshape(ctx.view)
+        mean_gx = (sums[1] / ctx.count).to(x_hat.dtype).reshape(ctx.view)
+        grad_x = (inv_std * (g - mean_g - x_hat * mean_gx)).to(grad_y.dtype)  # (4)
+        # this rank's share of dgamma and dbeta: data parallelism (DDP) sums or averages them across ranks
+        grad_w = (
+            (dy * x_hat).sum(dim=ctx.dims).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        )
+        grad_b = dy.sum(dim=ctx.dims).to(grad_y.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> torch.Tensor:
+    """Training-mode batch norm with the statistics of the batch of every rank in ``process_group``
+    (all ranks by default); the running averages move toward the global mean and unbiased variance."""
+    _check_channels(
+        "sync_batch_norm", input, next((t.numel() for t in (running_mean, weight, bias) if t is not None), None)
+    )
+    y, mean, var, count = _SyncBatch.apply(input, weight, bias, eps, process_group)
+    n = float(count)
+    if n <= 1:
+        raise ValueError("Synchronized BatchNorm needs more than one value per channel across all ranks.")
+    with torch.no_grad():
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var * (n / (n - 1)), momentum)
+    return y
 
 
 # --------------------------------------------------------------------------------------------------

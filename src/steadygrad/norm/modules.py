@@ -22,6 +22,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "convert_sync_batchnorm",
 ]
 
 
@@ -128,8 +129,45 @@ class _NormBase(nn.Module):
 
 
 class _BatchNorm(_NormBase):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        sync: bool = False,
+        process_group=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.sync = sync  # in training, normalize with the statistics of every rank's batch
+        self.process_group = process_group  # None: all ranks
+
+    def _synchronized(self) -> bool:
+        if not (self.sync and self.training):
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        if self._synchronized():
+            factor = self._averaging_factor()
+            return F.sync_batch_norm(
+                x,
+                self.running_mean if self.track_running_stats else None,
+                self.running_var if self.track_running_stats else None,
+                self.weight,
+                self.bias,
+                factor,
+                self.eps,
+                self.process_group,
+            )
         factor = self._averaging_factor()
         # batch statistics in training, and in eval when no running statistics are kept (as torch)
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
@@ -356,3 +394,17 @@ class GroupNorm(nn.Module):
             f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
             f"bias={self.bias is not None}"
         )
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Switch every steadygrad BatchNorm of ``model`` to synchronized statistics across ranks (in place;
+    returns the model). torch's BatchNorms are converted to steadygrad's first (weights and buffers kept).
+    Outside a multi-process run it changes nothing: with one rank the statistics are the local ones."""
+    from steadygrad.norm.convert import convert_norms
+
+    model = convert_norms(model, to="steadygrad", inplace=True)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.sync = True
+            module.process_group = process_group
+    return model
