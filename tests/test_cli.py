@@ -355,7 +355,7 @@ def test_report_of_a_run_and_of_a_probe(tmp_path):
     ("make", "message"),
     [
         (lambda p: p / "nowhere", "Nothing at"),
-        (lambda p: _touch(p / "s.sqlite"), "sweep database"),
+        (lambda p: _touch(p / "s.sqlite"), "holds no runs yet"),
         (lambda p: _touch(p / "x.json", "{}"), "neither a training log directory"),
     ],
     ids=["missing", "sqlite", "foreign_json"],

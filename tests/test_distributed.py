@@ -187,3 +187,24 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
     assert summary["status"] == "completed"
     assert done.stdout.count("Held-out metrics per epoch") == 2  # each rank prints; only rank 0 writes files
     assert len((double / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_torchrun_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    two_epochs = [a if a != "1" else "2" for a in TRAIN]  # --epochs 2
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for args in (
+        [*two_epochs, "--logdir", str(whole)],
+        [*TRAIN, "--logdir", str(split)],
+        [*two_epochs, "--logdir", str(split), "--resume"],
+    ):
+        done = subprocess.run(
+            [*launch, "--master_port", str(_free_port()), *args], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
