@@ -147,6 +147,8 @@ TRAIN = [
     "sgd",
     "--lr",
     "0.1",
+    "--clip",  # clipping under DDP sees the all-reduced gradients: its norm is the whole model's
+    "norm:0.5",
 ]
 
 
