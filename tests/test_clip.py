@@ -12,6 +12,7 @@ from steadygrad.clip import (
     clip_grad_norm_per_layer_,
     clip_grad_value_,
     clip_grads_,
+    grad_norm,
 )
 
 
@@ -179,3 +180,14 @@ def test_dispatcher_matches_each_function():
 def test_bad_input_messages(call, message):
     with pytest.raises(ValueError, match=message):
         call(make_params(0))
+
+
+def test_grad_norm_measures_without_clipping():
+    params = make_params(2, scale=3.0)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    norm = grad_norm(params)
+    expected = torch.nn.utils.clip_grad_norm_(clone(params), 1e9)
+    torch.testing.assert_close(norm, expected)
+    for p, b in zip(params, before, strict=True):
+        assert (p.grad is None and b is None) or torch.equal(p.grad, b)
+    assert float(grad_norm([nn.Parameter(torch.ones(2))])) == 0.0

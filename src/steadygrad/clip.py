@@ -21,6 +21,7 @@ __all__ = [
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "clip_grads_",
+    "grad_norm",
 ]
 
 Params = torch.Tensor | Iterable[torch.Tensor]
@@ -45,6 +46,14 @@ def _total_norm(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
     device = tensors[0].device
     norms = [torch.linalg.vector_norm(t, p, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
+
+
+def grad_norm(parameters: Params, norm_type: float = 2.0) -> torch.Tensor:
+    """The joint p-norm of all gradients (those that are not None), as a 0-d tensor; 0 when there are none.
+
+    What ``clip_grad_norm_`` measures, without clipping: for logging, and for choosing a threshold."""
+    grads = _grads(parameters)
+    return _total_norm(grads, _norm_type(norm_type)) if grads else torch.tensor(0.0)
 
 
 def clip_grad_value_(parameters: Params, clip_value: float) -> None:

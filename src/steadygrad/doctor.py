@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steadygrad.clip import clip_grad_norm_
+from steadygrad.clip import clip_grad_norm_, grad_norm
 from steadygrad.diagnose import Finding, Fix, diagnose
 from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.init import fixup_, lsuv_
 from steadygrad.measure import probe
+from steadygrad.measure.hooks import first_tensor
 from steadygrad.nets import DeepNet
 
 __all__ = ["Candidate", "DoctorReport", "Trial", "doctor"]
@@ -140,21 +141,8 @@ class DoctorReport:
         }
 
 
-def _first_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
 def _loss(output, targets: torch.Tensor, task: str) -> torch.Tensor:
-    y = _first_tensor(output)
+    y = first_tensor(output)
     if y is None or not y.is_floating_point():
         raise ValueError("The model's output holds no floating-point tensor to compute a loss on.")
     if task == "classification":
@@ -184,7 +172,7 @@ def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patc
                 trial.nonfinite += 1
                 break
             loss.backward()
-            norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else _grad_norm(params)
+            norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else grad_norm(params)
             trial.grad_norms.append(float(norm))
             opt.step()
             trial.losses.append(float(loss.detach()))
@@ -208,11 +196,6 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
-
-
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().double().square().sum() for p in params if p.grad is not None]
-    return torch.stack(grads).sum().sqrt() if grads else torch.zeros(())
 
 
 # -- findings the records cannot show -----------------------------------------------------------------

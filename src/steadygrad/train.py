@@ -18,6 +18,7 @@ from torch import nn
 
 from steadygrad._checks import check_choice, check_positive
 from steadygrad.clip import CLIP_MODES, clip_grads_
+from steadygrad.clip import grad_norm as total_grad_norm
 from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
@@ -379,9 +380,13 @@ class Trainer:
                         monitor.observe_loss(loss)
                         if c.clip is not None:
                             clipped = clip_grads_(self.model, c.clip.mode, c.clip.threshold)
-                            grad_norm = float(clipped) if c.clip.mode == "norm" else _total_norm(self.model)
+                            grad_norm = (
+                                float(clipped)
+                                if c.clip.mode == "norm"
+                                else float(total_grad_norm(self.model.parameters()))
+                            )
                         else:
-                            grad_norm = _total_norm(self.model)
+                            grad_norm = float(total_grad_norm(self.model.parameters()))
                     if not (torch.isfinite(loss_value) and math.isfinite(grad_norm)):
                         where = self._first_nonfinite_layer(x, y)
                         what = (
@@ -469,11 +474,6 @@ class Trainer:
         if path is not None:
             save_checkpoint(self._state(epoch, batch, step, epochs_done, rollbacks), path)
         return epoch, batch, step, _snapshot(self.model, self.optimizer), torch.get_rng_state()
-
-
-def _total_norm(model: nn.Module) -> float:
-    grads = [p.grad.detach().double().square().sum() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(grads).sum().sqrt()) if grads else 0.0
 
 
 def _progress(enabled: bool):

@@ -151,6 +151,20 @@ def subplots(ncols: int = 1, width: float = 5.5, height: float = 3.6):
     return figure, list(axes[0])
 
 
+def plot_accuracy(ax, results: dict, title: str = "") -> None:
+    """Held-out accuracy per epoch of several training results (name -> TrainResult) on one axis."""
+    for name, result in results.items():
+        if result.epochs:
+            ax.plot(
+                [e["epoch"] for e in result.epochs], [e["test_accuracy"] for e in result.epochs], marker="o", label=name
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out accuracy")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"

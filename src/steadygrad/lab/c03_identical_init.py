@@ -1,6 +1,6 @@
 """Claim 3: identical initial weights are never differentiated by training; random ones are."""
 
-from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, fmt, png, subplots, verdict
+from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, fmt, plot_accuracy, png, subplots, verdict
 from steadygrad.nets import NetSpec, build
 
 CLAIM = Claim(
@@ -36,11 +36,7 @@ def run(ctx: Context) -> ClaimResult:
     spread = {k: _spread(n) for k, n in nets.items()}
     acc = {k: r.final["test_accuracy"] for k, r in results.items()}
     figure, (ax,) = subplots()
-    for init, r in results.items():
-        ax.plot([e["epoch"] for e in r.epochs], [e["test_accuracy"] for e in r.epochs], marker="o", label=init)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("held-out accuracy")
-    ax.legend()
+    plot_accuracy(ax, results)
     never_differentiated = spread["identical"] < 1e-6
     random_differs = spread["he_normal"] > 1e-2 and acc["he_normal"] > acc["identical"] + 0.2
     return ClaimResult(

@@ -1,6 +1,6 @@
 """Claim 5: Glorot suits tanh, He suits ReLU: a deep ReLU MLP trains with He and stalls with Glorot."""
 
-from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, png, subplots, verdict
+from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, plot_accuracy, png, subplots, verdict
 from steadygrad.measure import probe
 from steadygrad.nets import NetSpec, build
 
@@ -28,12 +28,7 @@ def run(ctx: Context) -> ClaimResult:
         results[init] = ctx.train(net, epochs=epochs, lr=1e-3, optimizer="adam")
     acc = {k: r.final.get("test_accuracy", 0.0) for k, r in results.items()}
     figure, (ax,) = subplots()
-    for init, r in results.items():
-        ax.plot([e["epoch"] for e in r.epochs], [e["test_accuracy"] for e in r.epochs], marker="o", label=init)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("30-layer ReLU MLP on digits")
-    ax.legend()
+    plot_accuracy(ax, results, "30-layer ReLU MLP on digits")
     he_trains = acc["he_normal"] > acc["glorot_normal"] + 0.15
     glorot_starves = ratios["glorot_normal"] < 1e-2 * ratios["he_normal"]
     return ClaimResult(

@@ -1,7 +1,7 @@
 """Claim 17: Fixup trains a deep residual network with no normalization layer."""
 
 from steadygrad.init import fixup_
-from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, png, subplots, verdict
+from steadygrad.lab.base import Claim, ClaimResult, Context, Figure, Table, plot_accuracy, png, subplots, verdict
 from steadygrad.nets import NetSpec, build
 
 CLAIM = Claim(
@@ -40,13 +40,7 @@ def run(ctx: Context) -> ClaimResult:
         k: (r.final.get("test_accuracy", 0.0) if r.status == "completed" else float("nan")) for k, r in results.items()
     }
     figure, (ax,) = subplots()
-    for name, r in results.items():
-        if r.epochs:
-            ax.plot([e["epoch"] for e in r.epochs], [e["test_accuracy"] for e in r.epochs], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"{blocks}-block residual MLP without and with normalization")
-    ax.legend(fontsize=8)
+    plot_accuracy(ax, results, f"{blocks}-block residual MLP without and with normalization")
     trains = all(results[k].status == "completed" and accuracy[k] > 0.5 for k in ("fixup", "batchnorm"))
     plain_diverges = results["plain He"].status != "completed"
 

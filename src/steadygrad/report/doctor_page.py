@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from steadygrad.lab.base import Table
 from steadygrad.measure.plot import _pyplot, figure_png
-from steadygrad.report.html import Page, Section, figure, write_page
+from steadygrad.report.html import Page, Section, figure, fmt, write_page
 
 __all__ = ["write_doctor_report"]
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
 
 
 def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
@@ -34,9 +29,9 @@ def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
     rows = [
         [
             t.fix,
-            _fmt(t.final_loss),
-            _fmt(t.loss_drop),
-            _fmt(t.grad_ratio),
+            fmt(t.final_loss),
+            fmt(t.loss_drop),
+            fmt(t.grad_ratio),
             t.nonfinite,
             f"{t.seconds:.2f}",
             t.error or "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import jinja2
 
 import steadygrad
 
-__all__ = ["Page", "Section", "write_page"]
+__all__ = ["Page", "Section", "figure", "fmt", "slug", "write_page"]
 
 
 @dataclass
@@ -42,6 +43,13 @@ class Page:
 
 def figure(title: str, png: bytes, caption: str = "") -> dict:
     return {"title": title, "data": base64.b64encode(png).decode("ascii"), "caption": caption}
+
+
+def fmt(value) -> str:
+    """A number for a table: 4 significant digits, "n/a" for None, NaN and infinities; other values as text."""
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return "n/a" if value is None else str(value)
 
 
 def slug(text: str) -> str:

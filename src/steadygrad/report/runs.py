@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from steadygrad.lab.base import Table
 from steadygrad.measure.plot import _pyplot, figure_png, plot_flow
 from steadygrad.measure.records import FlowReport
-from steadygrad.report.html import Page, Section, figure, slug, write_page
+from steadygrad.report.html import Page, Section, figure, fmt, slug, write_page
 
 __all__ = ["write_report"]
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
-    return "n/a" if value is None else str(value)
 
 
 def _probe_page(payload: dict, source: Path) -> Page:
@@ -25,9 +18,7 @@ def _probe_page(payload: dict, source: Path) -> Page:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{source} has no 'reports' list: it is not the output of `steadygrad probe --json`.")
     reports = [FlowReport.from_dict(entry) for entry in entries]
-    rows = [
-        [r.label, _fmt(r.input_grad_norm), _fmt(r.gradient_ratio), _fmt(r.gradient_factor_per_layer)] for r in reports
-    ]
+    rows = [[r.label, fmt(r.input_grad_norm), fmt(r.gradient_ratio), fmt(r.gradient_factor_per_layer)] for r in reports]
     sections = [
         Section(
             "all",
@@ -44,11 +35,11 @@ def _probe_page(payload: dict, source: Path) -> Page:
                     r.index + 1,
                     r.label,
                     r.kind,
-                    _fmt(r.act_std),
-                    _fmt(r.saturated),
-                    _fmt(r.dead),
-                    _fmt(r.grad_norm),
-                    _fmt(r.grad_ratio),
+                    fmt(r.act_std),
+                    fmt(r.saturated),
+                    fmt(r.dead),
+                    fmt(r.grad_norm),
+                    fmt(r.grad_ratio),
                 ]
                 for r in report.records
             ],
@@ -112,7 +103,7 @@ def _run_page(folder: Path) -> Page:
             Section(
                 "metrics",
                 "Held-out metrics",
-                tables=[Table("Per epoch", columns, [[_fmt(e[c]) for c in columns] for e in epochs])],
+                tables=[Table("Per epoch", columns, [[fmt(e[c]) for c in columns] for e in epochs])],
                 figures=[figure("Learning curves", figure_png(fig))],
             )
         )
@@ -163,7 +154,7 @@ def _run_page(folder: Path) -> Page:
                 Table(
                     "Network and training settings",
                     ["setting", "value"],
-                    [[k, _fmt(v)] for k, v in {**spec, **config}.items()],
+                    [[k, fmt(v)] for k, v in {**spec, **config}.items()],
                 )
             ],
         )
@@ -176,7 +167,7 @@ def _run_page(folder: Path) -> Page:
             ("Status", summary.get("status", "?")),
             ("Steps", str(summary.get("steps", "?"))),
             ("Data", str(summary.get("data", {}).get("name", "?"))),
-            ("Seconds", _fmt(summary.get("seconds"))),
+            ("Seconds", fmt(summary.get("seconds"))),
         ],
         sections=sections,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from steadygrad.lab.base import Table
 from steadygrad.measure.plot import _pyplot, figure_png
-from steadygrad.report.html import Page, Section, figure, write_page
+from steadygrad.report.html import Page, Section, figure, fmt, write_page
 
 __all__ = ["write_sweep_report"]
 
@@ -23,12 +23,6 @@ PREFERRED = (
     "max_saturated",
     "max_dead",
 )
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
-    return "n/a" if value is None else str(value)
 
 
 def _axes(rows: list[dict]) -> list[str]:
@@ -76,7 +70,7 @@ def _heatmap(rows, metric, x_axis, y_axis):
     ax.set_xlabel(x_axis)
     ax.set_ylabel(y_axis)
     for i, j in itertools.product(range(len(ys)), range(len(xs))):
-        ax.text(j, i, _fmt(grid[i][j]), ha="center", va="center", color="white", fontsize=8)
+        ax.text(j, i, fmt(grid[i][j]), ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax, label=f"log10 {metric}" if log else metric)
     ax.set_title(f"{metric} ({'geometric ' if log else ''}mean over the other axes and seeds)")
     return figure_png(fig)
@@ -142,8 +136,8 @@ def write_sweep_report(db_path: str | Path, out_dir: str | Path | None = None) -
                 *(str(r["spec"][a]) for a in axes),
                 r["seed"],
                 r["status"],
-                *(_fmt(r["metrics"].get(m)) for m in table_metrics),
-                _fmt(r["seconds"]),
+                *(fmt(r["metrics"].get(m)) for m in table_metrics),
+                fmt(r["seconds"]),
             ]
             for r in rows
         ],
