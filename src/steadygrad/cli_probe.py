@@ -14,7 +14,7 @@ from rich.table import Table
 from steadygrad import theory
 from steadygrad._cli_common import console, fail, user_errors, write_json
 from steadygrad.measure import FlowReport, probe
-from steadygrad.nets import NetSpec, build, expand_specs
+from steadygrad.nets import NetSpec, build, expand_specs, spec_options
 
 
 def varying_fields(specs: list[NetSpec]) -> list[str]:
@@ -167,25 +167,7 @@ def probe_command(
 
       steadygrad probe --act relu --init he_uniform,glorot_uniform --depth 30 --plot flow.png
     """
-    raw = {
-        "kind": kind,
-        "depth": depth,
-        "width": width,
-        "in-features": in_features,
-        "out-features": out_features,
-        "act": act,
-        "init": init,
-        "norm": norm,
-        "norm-position": norm_position,
-        "skip": skip,
-        "bias": bias,
-        "residual-scale": residual_scale,
-        "cell": cell,
-        "seq-len": seq_len,
-        "image-size": image_size,
-        "norm-groups": norm_groups,
-    }
-    specs = expand_specs(raw)
+    specs = expand_specs(spec_options(locals()))
     patterns = [p.strip() for p in layers.split(",")] if layers else None
     reports, nets = [], []
     with Progress(console=console, transient=True) as progress:

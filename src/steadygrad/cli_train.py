@@ -10,7 +10,7 @@ from rich.table import Table
 
 from steadygrad import data as sg_data
 from steadygrad._cli_common import console, fail, user_errors
-from steadygrad.nets import build, expand_specs
+from steadygrad.nets import build, expand_specs, spec_options
 from steadygrad.train import CheckpointError, TrainConfig, Trainer
 
 DIVERGED = 1  # exit code of a run stopped by the non-finite guard
@@ -84,20 +84,7 @@ def train_command(
     Exit code 0: trained; 1: stopped by the non-finite guard; 2: bad options or files.
     """
     torch.set_flush_denormal(True)  # denormals make near-zero activations 5-10x slower on CPU
-    raw = {
-        "kind": kind,
-        "depth": depth,
-        "width": width,
-        "act": act,
-        "init": init,
-        "norm": norm,
-        "norm-position": norm_position,
-        "skip": skip,
-        "bias": bias,
-        "residual-scale": residual_scale,
-        "cell": cell,
-        "norm-groups": norm_groups,
-    }
+    raw = spec_options(locals())
     specs = expand_specs(raw)
     if len(specs) != 1:
         fail(

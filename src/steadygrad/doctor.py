@@ -24,7 +24,7 @@ from torch import nn
 
 from steadygrad.clip import clip_grad_norm_, grad_norm
 from steadygrad.diagnose import Finding, Fix, diagnose
-from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
+from steadygrad.fixes import _SATURATING, _WEIGHTED, init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.init import fixup_, lsuv_
 from steadygrad.measure import probe
 from steadygrad.measure.hooks import first_tensor
@@ -34,8 +34,6 @@ __all__ = ["Candidate", "DoctorReport", "Trial", "doctor"]
 
 IMPROVEMENT = 0.1  # a fix is recommended only if its final loss is at least 10% below the control's
 DEEP_WITHOUT_SKIPS = 20  # a plain stack this deep (weight layers) gets a "deep_without_skips" finding
-_SATURATING = (nn.Sigmoid, nn.Tanh)
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # -- candidates and trials ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "NetSpec",
     "build",
     "expand_specs",
+    "spec_options",
 ]
 
 KINDS = ("mlp", "cnn", "rnn")
@@ -345,6 +346,13 @@ def _convert(option: str, text: str):
             return text.lower() in _TRUE
         raise ValueError(f"--{option} takes yes or no (or true/false), comma-separated; got {text!r}.")
     return text
+
+
+def spec_options(parameters: dict) -> dict[str, str | None]:
+    """The spec options among a command's parameters (``locals()``), keyed by their option names:
+    ``norm_position`` becomes ``norm-position``; parameters that are not spec options are left out."""
+    options = {name.replace("_", "-"): value for name, value in parameters.items()}
+    return {option: value for option, value in options.items() if option in SPEC_OPTIONS}
 
 
 def expand_specs(values: dict[str, str | None]) -> list[NetSpec]:

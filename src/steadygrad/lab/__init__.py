@@ -10,58 +10,39 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 import traceback
 from collections.abc import Callable, Iterable
 
 import torch
 
-from steadygrad.lab import (
-    c01_init_variance,
-    c02_too_small_too_large,
-    c03_identical_init,
-    c04_saturating_activations,
-    c05_he_vs_glorot,
-    c06_skip_connections,
-    c07_batchnorm,
-    c08_train_vs_eval,
-    c09_batch_dependence,
-    c10_bn_backward,
-    c11_bn_folding,
-    c12_bias_before_bn,
-    c13_clipping,
-    c14_centring,
-    c15_rnn_depth,
-    c16_pretraining,
-    c17_fixup,
-    c18_bn_scale_invariance,
-    c19_edge_of_chaos,
-)
 from steadygrad.lab.base import NOT_REPRODUCED, PARTLY, REPRODUCED, Claim, ClaimResult, Context
 
 __all__ = ["EXPERIMENTS", "NOT_REPRODUCED", "PARTLY", "REPRODUCED", "Claim", "ClaimResult", "claims", "run"]
 
-EXPERIMENTS = [
-    c01_init_variance,
-    c02_too_small_too_large,
-    c03_identical_init,
-    c04_saturating_activations,
-    c05_he_vs_glorot,
-    c06_skip_connections,
-    c07_batchnorm,
-    c08_train_vs_eval,
-    c09_batch_dependence,
-    c10_bn_backward,
-    c11_bn_folding,
-    c12_bias_before_bn,
-    c13_clipping,
-    c14_centring,
-    c15_rnn_depth,
-    c16_pretraining,
-    c17_fixup,
-    c18_bn_scale_invariance,
-    c19_edge_of_chaos,
-]
+_MODULES = (
+    "c01_init_variance",
+    "c02_too_small_too_large",
+    "c03_identical_init",
+    "c04_saturating_activations",
+    "c05_he_vs_glorot",
+    "c06_skip_connections",
+    "c07_batchnorm",
+    "c08_train_vs_eval",
+    "c09_batch_dependence",
+    "c10_bn_backward",
+    "c11_bn_folding",
+    "c12_bias_before_bn",
+    "c13_clipping",
+    "c14_centring",
+    "c15_rnn_depth",
+    "c16_pretraining",
+    "c17_fixup",
+    "c18_bn_scale_invariance",
+    "c19_edge_of_chaos",
+)
+EXPERIMENTS = [importlib.import_module(f"steadygrad.lab.{name}") for name in _MODULES]
 ERROR = "error"
 
 

@@ -224,17 +224,20 @@ class Recorder:
                     [1.0 / world**2, 1.0], dtype=torch.float64, device=slot.gradients.device
                 )
 
-    def finalize(self, device: torch.device | None = None) -> tuple[list[_Slot], torch.Tensor]:
+    def finalize(self, device: torch.device | None = None, repair: bool = True) -> tuple[list[_Slot], torch.Tensor]:
         """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``.
 
-        One host synchronization checks whether any layer's fast statistics met NaN/Inf; only those layers
-        are recomputed, with masking, from the tensors kept for that purpose.
+        With ``repair``, one host synchronization checks whether any layer's fast statistics met NaN/Inf, and
+        only those layers are recomputed, with masking, from the tensors kept for that purpose. Without it the
+        caller checks the values it copies to the host anyway (``needs_repair``) and calls again with repair
+        only when one is non-finite: a healthy step then reaches the host once.
         """
         slots = list(self._slots.values())
         if device is None:
             seen = (s.activations.device for s in slots if s.activations is not None)
             device = next(seen, torch.device("cpu"))
-        self._repair_nonfinite(slots, device)
+        if repair:
+            self._repair_nonfinite(slots, device)
         rows = []
         for slot in slots:
             grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)
@@ -254,10 +257,20 @@ class Recorder:
             )
         if not rows:
             return slots, torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
-        for slot in slots:  # release the kept tensors now that the statistics are final
-            slot.outputs.clear()
-            slot.grads.clear()
         return slots, torch.stack(rows)
+
+
+REPAIRED_COLUMNS = 10  # activation, unit and gradient statistics; the weight statistics (10-12) need no repair
+
+
+def needs_repair(slots: list[_Slot], rows: list[list[float]]) -> bool:
+    """Whether host rows of an unrepaired ``finalize`` show that a layer's fast statistics met NaN/Inf: a
+    non-finite mean of an output it saw, or a non-finite norm of a gradient it received."""
+    return any(
+        (slot.activations is not None and not math.isfinite(row[0]))
+        or (slot.gradients is not None and not math.isfinite(row[8]))
+        for slot, row in zip(slots, rows, strict=True)
+    )
 
 
 def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.0) -> list[LayerRecord]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from steadygrad.measure.hooks import RECORD_WIDTH, Recorder, make_records
+from steadygrad.measure.hooks import RECORD_WIDTH, REPAIRED_COLUMNS, Recorder, make_records, needs_repair
 from steadygrad.measure.probe import LayerSelector, select_layers
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
@@ -32,7 +32,8 @@ class Monitor:
     Each logged step gives a ``FlowReport`` of the same ``LayerRecord``s a ``probe`` makes, merged over
     all the forward and backward passes of that step (gradient accumulation counts optimizer steps, not
     backward calls), plus each layer's update-to-weight ratio ||W_after - W_before|| / ||W_before||.
-    Statistics accumulate on the device and reach the host once per logged step; on other steps the
+    Statistics accumulate on the device and reach the host once per logged step (twice when a layer met
+    NaN/Inf and its statistics are recomputed with masking); on other steps the
     hooks return at once. NaN and Inf are counted per layer, never dropped silently, never a crash.
 
     Args:
@@ -148,7 +149,7 @@ class Monitor:
 
         if is_distributed():  # statistics of the global batch, not of this rank's share
             self._recorder.all_reduce()
-        slots, table = self._recorder.finalize()
+        slots, table = self._recorder.finalize(repair=False)  # checked on the host copy, see _after_step
         before = [w.clone() if w is not None and snapshot else None for w in self._weights()]
         self._pending = (slots, table, before)
 
@@ -175,8 +176,15 @@ class Monitor:
                 else table.new_full((1,), float("nan"))
             )
             values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
-            host = torch.cat([loss, values]).tolist()  # the one host copy of this step
+            host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
             rows = [host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))]
+            if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
+                _, repaired = self._recorder.finalize(device, repair=True)
+                # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
+                rows = [
+                    [*fixed[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
+                    for fixed, row in zip(repaired.tolist(), rows, strict=True)
+                ]
             report = FlowReport(
                 records=make_records(slots, rows),
                 loss=host[0],
