@@ -11,7 +11,7 @@ through a model, and a lab that reproduces the field's claims.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from steadygrad import clip, init, norm, theory
+from steadygrad import clip, fast, init, norm, theory
 from steadygrad.clip import clip_grads_
 from steadygrad.doctor import doctor
 from steadygrad.init import init_model
@@ -32,6 +32,7 @@ __all__ = [
     "clip",
     "clip_grads_",
     "doctor",
+    "fast",
     "init",
     "init_model",
     "norm",

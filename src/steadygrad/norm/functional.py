@@ -189,8 +189,8 @@ class _Normalize(torch.autograd.Function):
 
 
 def _fast(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether the opt-in fused kernels (``steadygrad.norm.fast``) take this call."""
-    from steadygrad.norm import fast
+    """Whether the opt-in compiled kernels (``steadygrad.fast``) take this call: contiguous float32 on CPU."""
+    from steadygrad import fast
 
     return (
         fast.enabled()
@@ -208,54 +208,6 @@ def _no_double_backward() -> None:
             "(create_graph=True) is not supported. Convert the model to torch's norms for that: "
             "steadygrad.norm.convert_norms(model, to='torch')."
         )
-
-
-class _FastRows(torch.autograd.Function):
-    """Layer and group norm on (rows, d) through the fused kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, cpg, hw, per_element, eps):
-        from steadygrad.norm.fast import kernels
-
-        y, shift, dev, rstd = kernels().rows_forward(x, weight, bias, groups, cpg, hw, per_element, eps)
-        ctx.save_for_backward(x, shift, dev, rstd, weight)
-        ctx.layout = (groups, cpg, hw, per_element)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        from steadygrad.norm.fast import kernels
-
-        _no_double_backward()
-        x, shift, dev, rstd, weight = ctx.saved_tensors
-        need_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dx, dw, db = kernels().rows_backward(grad_y, x, shift, dev, rstd, weight, *ctx.layout, need_affine)
-        dw = dw if ctx.needs_input_grad[1] else None
-        db = db if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
-
-
-class _FastBatch(torch.autograd.Function):
-    """Batch norm in training mode on (N, C, L) through the fused kernel; returns the batch statistics too."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        from steadygrad.norm.fast import kernels
-
-        y, mean, var, shift, dev = kernels().batch_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, shift, dev, var, weight)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        from steadygrad.norm.fast import kernels
-
-        _no_double_backward()
-        x, shift, dev, var, weight = ctx.saved_tensors
-        dx, dw, db = kernels().batch_backward(grad_y, x, shift, dev, var, weight, ctx.eps)
-        return dx, (dw if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), None
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -423,11 +375,13 @@ def batch_norm(
             "call model.eval() for single-example inference, or use LayerNorm/GroupNorm, which do not "
             "depend on the batch."
         )
-    if _fast(input, weight, bias):
-        y, mean, var = _FastBatch.apply(input.reshape(input.shape[0], input.shape[1], -1), weight, bias, eps)
-        y = y.reshape(input.shape)
-    else:
-        y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
+    if _fast(input, weight, bias, running_mean, running_var):  # also moves the running averages, in C++
+        from steadygrad.fast import kernels
+
+        flat = input.reshape(input.shape[0], input.shape[1], -1)
+        y = kernels().batch_norm_train(flat, weight, bias, running_mean, running_var, momentum, eps)
+        return y.reshape(input.shape)
+    y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
     with torch.no_grad():
         _update_running(running_mean, mean.flatten(), momentum)
         _update_running(running_var, var.flatten() * (count / (count - 1)), momentum)
@@ -506,7 +460,9 @@ def layer_norm(
     shape = _check_layer_shape(input, normalized_shape)
     if _fast(input, weight, bias):
         d = math.prod(shape)
-        y = _FastRows.apply(
+        from steadygrad.fast import kernels
+
+        y = kernels().rows_norm(
             input.reshape(-1, d),
             None if weight is None else weight.reshape(-1),
             None if bias is None else bias.reshape(-1),
@@ -552,7 +508,9 @@ def group_norm(
     if _fast(input, weight, bias):
         cpg = channels // num_groups
         hw = input.numel() // (n * channels)
-        y = _FastRows.apply(input.reshape(n * num_groups, cpg * hw), weight, bias, num_groups, cpg, hw, False, eps)
+        from steadygrad.fast import kernels
+
+        y = kernels().rows_norm(input.reshape(n * num_groups, cpg * hw), weight, bias, num_groups, cpg, hw, False, eps)
         return y.reshape(input.shape)
     grouped = input.reshape(n, num_groups, channels // num_groups, -1)  # (N, G, C/G, L)
     param_shape = (1, num_groups, channels // num_groups, 1)

@@ -1,0 +1,12 @@
+// Python bindings of steadygrad's compiled kernels (built on first use by steadygrad.fast).
+#include <torch/extension.h>
+
+#include "norm.h"
+#include "stats.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("batch_norm_train", &steadygrad::batch_norm_train, "Training-mode BatchNorm on (N, C, L), differentiable");
+  m.def("rows_norm", &steadygrad::rows_norm, "LayerNorm/GroupNorm on (rows, d), differentiable");
+  m.def("layer_statistics", &steadygrad::layer_statistics, "The Monitor's per-layer sums in one call");
+  m.def("update_norms", &steadygrad::update_norms, "||W - W_before||^2 and ||W_before||^2 per tensor");
+}

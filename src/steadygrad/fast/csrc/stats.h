@@ -1,0 +1,29 @@
+// The Monitor's per-layer statistics in one call per step (see stats.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace steadygrad {
+
+// What a tensor is to its layer, and so which sums it feeds.
+enum Role : int64_t { kActivation = 0, kUnits = 1, kOutputGrad = 2, kWeightGrad = 3, kBiasGrad = 4, kWeight = 5 };
+// How an activation saturates or dies (as steadygrad.measure.stats.activation_kind).
+enum Kind : int64_t { kNoKind = 0, kTanh = 1, kSigmoid = 2, kRectifier = 3 };
+
+// (slots, 16) float64, one row per layer slot:
+//   0 n, 1 mean, 2 M2, 3 min, 4 max, 5 sum of squares      activation (micro-batches merged, Chan et al.)
+//   6 saturated, 7 values counted, 8 units, 9 dead units   the activation function's output
+//   10 output-gradient sum of squares (NaN: none received)
+//   11 weight-gradient, 12 bias-gradient sum of squares (NaN: none)
+//   13 weight n, 14 weight mean, 15 weight M2              the layer's first weight
+// A weight with a defined snapshot is copied into it in the same pass (for the update-to-weight ratio).
+at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& slots,
+                            const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
+                            const std::vector<c10::optional<at::Tensor>>& snapshots);
+
+// (n, 2) float64: [||now - before||^2, ||before||^2] per pair of float32 tensors.
+at::Tensor update_norms(const std::vector<at::Tensor>& now, const std::vector<at::Tensor>& before);
+
+}  // namespace steadygrad
