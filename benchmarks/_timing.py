@@ -40,6 +40,18 @@ def compare(reference: Callable[[], object], candidate: Callable[[], object], re
     return ref_t, cand_t, cand_t.median_ms / ref_t.median_ms
 
 
+def timed(fn: Callable[[], object], repeats: int = 30, warmup: int = 3) -> Timing:
+    """Median (and spread) of ``fn``'s wall time."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return _summary(samples)
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/monitor.py [--steps 200]
 
 A 20-layer, width-256 ReLU MLP, batch 128, SGD. Rows: the bare step (the reference), the Monitor logging
-every step (full per-layer records), every 10th step, and a plain per-step hook baseline (a forward hook
+every step (full per-layer records), every 10th step, both with the compiled statistics
+(``steadygrad.fast``) and with the eager ones, and a plain per-step hook baseline (a forward hook
 and a gradient hook per layer computing mean, std and gradient norm, the way hand-written monitoring
 usually does). Ratios are mean step times over the bare step's, interleaved so machine noise hits all alike.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from _timing import machine
+from steadygrad import fast
 from steadygrad.measure import Monitor
 from steadygrad.nets import NetSpec, build
 
@@ -57,10 +59,21 @@ def main(steps: int = 200) -> list[tuple[str, str, float]]:
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
+    compiled = fast.enable()
+
+    def monitor(every: int, use_kernels: bool):
+        def start():
+            (fast.enable if use_kernels else fast.disable)()
+            return Monitor(net, every=every, optimizer=opt).attach()
+
+        return start, lambda m: m.detach()
+
     variants = {
         "bare step (reference)": (lambda: None, lambda c: None),
-        "Monitor, every step": (lambda: Monitor(net, every=1, optimizer=opt).attach(), lambda m: m.detach()),
-        "Monitor, every 10th step": (lambda: Monitor(net, every=10, optimizer=opt).attach(), lambda m: m.detach()),
+        "Monitor, every step": monitor(1, compiled),
+        "Monitor, every 10th step": monitor(10, compiled),
+        "Monitor, every step, eager": monitor(1, False),
+        "Monitor, every 10th, eager": monitor(10, False),
         "plain per-step hooks": (lambda: PlainHooks(net), lambda h: h.close()),
     }
     times = {name: [] for name in variants}
@@ -83,6 +96,7 @@ def main(steps: int = 200) -> list[tuple[str, str, float]]:
         rows.append((name, f"{mean * 1e3:.3f}", mean / bare))
         print(f"{name:28} {mean * 1e3:12.3f} {mean / bare:7.2f}")
     print(COCKPIT)
+    fast.disable()
     return rows
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from steadygrad.measure.hooks import RECORD_WIDTH, REPAIRED_COLUMNS, Recorder, make_records, needs_repair
+from steadygrad.measure.hooks import (
+    RECORD_WIDTH,
+    REPAIRED_COLUMNS,
+    Recorder,
+    deferred_rows,
+    deferred_table,
+    make_records,
+    needs_repair,
+)
 from steadygrad.measure.probe import LayerSelector, select_layers
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
@@ -75,7 +84,10 @@ class Monitor:
         self.scaler = scaler
         self.step_count = 0  # optimizer steps seen so far
         self._recorder = Recorder(self.layers)
+        self._primary = [primary_layer(module) for _, module in self.layers]  # whose weight moves
         self._handles: list = []
+        self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
+        self._snapshots: dict[int, torch.Tensor] = {}  # the weights before the update (deferred mode)
         self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
         self._loss: torch.Tensor | None = None
         self._attached = False
@@ -84,18 +96,16 @@ class Monitor:
     def attach(self) -> Monitor:
         if self._attached:
             return self
-        self._recorder.attach()
-        self._recorder.active = self.schedule(self.step_count + 1)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()))
             self._handles.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
         self._attached = True
+        self._arm(self.schedule(self.step_count + 1))
         return self
 
     def detach(self) -> None:
         """Remove every hook this monitor added and close its sinks."""
-        self._recorder.detach()
+        self._arm(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -108,6 +118,24 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def _arm(self, logged: bool) -> None:
+        """Hooks on the layers only for a step that will be logged: the others run the bare model."""
+        from steadygrad import fast
+        from steadygrad.distributed import is_distributed
+
+        self._recorder.active = logged
+        if logged and self._attached:
+            # deferred: the hooks keep references and one compiled call computes the sums at the step's end
+            self._recorder.deferred = fast.enabled() and not is_distributed()
+            self._recorder.attach()
+            if self._pass_hook is None:
+                self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
+        else:
+            self._recorder.detach()
+            if self._pass_hook is not None:
+                self._pass_hook.remove()
+                self._pass_hook = None
 
     # -- the training loop's side ---------------------------------------------------------------------
     @property
@@ -129,13 +157,27 @@ class Monitor:
     def _on_forward(self, module, args) -> None:
         self._recorder.new_pass()
 
-    def _weights(self) -> list[torch.Tensor | None]:
+    def _weights(self, detach: bool = True) -> list[torch.Tensor | None]:
+        """Each layer's primary weight (None where it has none); ``detach=False``: the parameter objects
+        themselves, whose ids key the snapshot buffers."""
         weights = []
-        for _, module in self.layers:
-            layer = primary_layer(module)
+        for layer in self._primary:
             weight = getattr(layer, "weight", None) if layer is not None else None
-            weights.append(weight.detach() if isinstance(weight, torch.Tensor) else None)
+            if not isinstance(weight, torch.Tensor):
+                weight = None
+            weights.append(weight.detach() if weight is not None and detach else weight)
         return weights
+
+    def _snapshot_buffers(self) -> dict[int, torch.Tensor]:
+        """Persistent buffers the compiled pass copies the weights into before the update (allocated once)."""
+        buffers = {}
+        for w in self._weights(detach=False):
+            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu":
+                buffer = self._snapshots.get(id(w))
+                if buffer is None or buffer.shape != w.shape:
+                    buffer = self._snapshots[id(w)] = torch.empty_like(w, memory_format=torch.contiguous_format)
+                buffers[id(w)] = buffer
+        return buffers
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
@@ -145,49 +187,34 @@ class Monitor:
             # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
             self._recorder.gradient_scale = float(self.scaler.get_scale())
+        if self._recorder.deferred:
+            snapshots = self._snapshot_buffers() if snapshot else {}
+            computed = deferred_table(self._recorder, snapshots)
+            if computed is not None:
+                self._pending = ("deferred", *computed, snapshots)
+                return
+            self._recorder.compute_collected()  # another dtype or device: the eager statistics
         from steadygrad.distributed import is_distributed
 
         if is_distributed():  # statistics of the global batch, not of this rank's share
             self._recorder.all_reduce()
         slots, table = self._recorder.finalize(repair=False)  # checked on the host copy, see _after_step
         before = [w.clone() if w is not None and snapshot else None for w in self._weights()]
-        self._pending = (slots, table, before)
+        self._pending = ("eager", slots, table, before)
 
     def _after_step(self) -> FlowReport | None:
         self.step_count += 1
         report = None
         if self._pending is not None:
-            slots, table, before = self._pending
-            device = table.device
-            ratios = []
-            for old, new in zip(before, self._weights(), strict=True):
-                if old is None or new is None:
-                    ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
-                else:
-                    change = torch.linalg.vector_norm(new - old, dtype=torch.float64) / torch.linalg.vector_norm(
-                        old, dtype=torch.float64
-                    )
-                    ratios.append(change.to(device))
-            by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
-            column = torch.stack([by_module[id(slot.module)] for slot in slots]) if slots else table.new_zeros(0)
-            loss = (
-                self._loss.double().reshape(1).to(device)
-                if self._loss is not None
-                else table.new_full((1,), float("nan"))
+            kind, slots, table, before = self._pending
+            loss, rows = (
+                self._deferred_rows(slots, table, before)
+                if kind == "deferred"
+                else self._eager_rows(slots, table, before)
             )
-            values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
-            host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
-            rows = [host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))]
-            if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
-                _, repaired = self._recorder.finalize(device, repair=True)
-                # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
-                rows = [
-                    [*fixed[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
-                    for fixed, row in zip(repaired.tolist(), rows, strict=True)
-                ]
             report = FlowReport(
                 records=make_records(slots, rows),
-                loss=host[0],
+                loss=loss,
                 step=self.step_count,
                 label=type(self.model).__name__,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
@@ -198,5 +225,59 @@ class Monitor:
         self._loss = None
         self._recorder.reset()
         self._recorder.gradient_scale = 1.0
-        self._recorder.active = self.schedule(self.step_count + 1)
+        self._arm(self.schedule(self.step_count + 1))
         return report
+
+    def _ratio_column(self, slots, ratios: list) -> list:
+        by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
+        return [by_module[id(slot.module)] for slot in slots]
+
+    def _deferred_rows(self, slots, table, snapshots) -> tuple[float, list[list[float]]]:
+        """Host rows from the compiled pass's sums, the update ratios from one more compiled pass."""
+        from steadygrad.fast import kernels
+
+        rows = deferred_rows(slots, table, self._recorder.gradient_scale)
+        weights = self._weights(detach=False)
+        moved = [w for w in weights if w is not None and id(w) in snapshots]
+        norms = (
+            kernels().update_norms([w.detach() for w in moved], [snapshots[id(w)] for w in moved]).tolist()
+            if moved
+            else []
+        )
+        by_weight = {
+            id(w): math.sqrt(change) / math.sqrt(size) if size > 0 else math.nan
+            for w, (change, size) in zip(moved, norms, strict=True)
+        }
+        ratios = [by_weight.get(id(w), math.nan) if w is not None else math.nan for w in weights]
+        for slot, row, ratio in zip(slots, rows, self._ratio_column(slots, ratios), strict=True):
+            if (slot.outputs and not math.isfinite(row[0])) or (slot.grads and not math.isfinite(row[8])):
+                # NaN/Inf met: this layer's activation and gradient statistics again, with masking
+                row[:6], row[8:10] = self._recorder.masked_columns(slot)
+            row.append(ratio)
+        return (self._loss.item() if self._loss is not None else math.nan), rows
+
+    def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
+        device = table.device
+        ratios = []
+        for old, new in zip(before, self._weights(), strict=True):
+            if old is None or new is None:
+                ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
+            else:
+                change = torch.linalg.vector_norm(new - old, dtype=torch.float64) / torch.linalg.vector_norm(
+                    old, dtype=torch.float64
+                )
+                ratios.append(change.to(device))
+        column = self._ratio_column(slots, ratios)
+        column = torch.stack(column) if slots else table.new_zeros(0)
+        loss = self._loss.double().reshape(1).to(device) if self._loss is not None else table.new_full((1,), math.nan)
+        values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
+        host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
+        rows = [host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))]
+        if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
+            _, repaired = self._recorder.finalize(device, repair=True)
+            # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
+            rows = [
+                [*fixed[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
+                for fixed, row in zip(repaired.tolist(), rows, strict=True)
+            ]
+        return host[0], rows

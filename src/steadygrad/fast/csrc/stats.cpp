@@ -39,49 +39,121 @@ struct Moments {
   }
 };
 
-Moments moments(const float* x, int64_t n) {
+// What an activation's pass adds beyond its moments: saturated values (tanh, sigmoid) or, for a rectifier,
+// each unit's largest value over the batch (dead: <= 0 for every sample of every micro-batch).
+struct UnitSums {
+  double saturated = 0.0, counted = 0.0;
+  std::vector<float> maxima;
+};
+
+inline Vec saturated_lanes(const Vec& v, int64_t kind) {
+  const Vec one(1.f), zero(0.f);
+  if (kind == kTanh) return Vec::blendv(zero, one, v.abs() > Vec(kTanhSaturation));
+  return Vec::blendv(zero, one, (v < Vec(kSigmoidSaturation)) | (v > Vec(1.f - kSigmoidSaturation)));
+}
+
+inline bool saturated_value(float v, int64_t kind) {
+  return kind == kTanh ? std::fabs(v) > kTanhSaturation : (v < kSigmoidSaturation) || (v > 1.f - kSigmoidSaturation);
+}
+
+// One pass over an (rows, units) output: shifted sums (t = y - k), min, max and, by kind, the unit sums.
+// Sum of squares of y itself: sum(y^2) = sum(t^2) + 2 k sum(t) + n k^2.
+template <int64_t kKind>
+Moments moments(const float* x, int64_t rows, int64_t units, UnitSums* unit_sums) {
   Moments m;
+  const int64_t n = rows * units;
   if (n == 0) return m;
   const float k = x[0];
-  double s = 0.0, q = 0.0, sq = 0.0;
-  Vec lo(x[0]), hi(x[0]);
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t len = std::min(kChunk, n - start);
-    float a, a2;
-    shifted_sums(x + start, len, k, a, a2);
-    s += a;
-    q += a2;
-    int64_t j = start;
-    Vec s0(0.f), s1(0.f);
-    for (; j + 2 * kLanes <= start + len; j += 2 * kLanes) {
-      const Vec v0 = Vec::loadu(x + j), v1 = Vec::loadu(x + j + kLanes);
-      lo = at::vec::minimum(lo, at::vec::minimum(v0, v1));
-      hi = at::vec::maximum(hi, at::vec::maximum(v0, v1));
-      s0 = at::vec::fmadd(v0, v0, s0);
-      s1 = at::vec::fmadd(v1, v1, s1);
+  const Vec kv(k);
+  double s = 0.0, q = 0.0, sat = 0.0;
+  Vec lo(x[0]), hi(x[0]), s0(0.f), s1(0.f), q0(0.f), q1(0.f), c0(0.f);
+  double rest_s = 0.0, rest_q = 0.0;  // the values past the last full vector of a row, summed in double
+  float rest_c = 0.f, rest_lo = x[0], rest_hi = x[0];
+  bool rest_nan = false;
+  float* maxima = kKind == kRectifier ? unit_sums->maxima.data() : nullptr;
+  int64_t pending = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * units;
+    for (int64_t start = 0; start < units; start += kChunk) {  // kChunk is a multiple of 2 kLanes
+      const int64_t stop = std::min(units, start + kChunk);
+      int64_t j = start;
+      for (; j + 2 * kLanes <= stop; j += 2 * kLanes) {
+        const Vec v0 = Vec::loadu(row + j), v1 = Vec::loadu(row + j + kLanes);
+        const Vec t0 = v0 - kv, t1 = v1 - kv;
+        s0 = s0 + t0;
+        s1 = s1 + t1;
+        q0 = at::vec::fmadd(t0, t0, q0);
+        q1 = at::vec::fmadd(t1, t1, q1);
+        lo = at::vec::minimum(lo, at::vec::minimum(v0, v1));
+        hi = at::vec::maximum(hi, at::vec::maximum(v0, v1));
+        if constexpr (kKind == kRectifier) {
+          at::vec::maximum(Vec::loadu(maxima + j), v0).store(maxima + j);
+          at::vec::maximum(Vec::loadu(maxima + j + kLanes), v1).store(maxima + j + kLanes);
+        } else if constexpr (kKind == kTanh || kKind == kSigmoid) {
+          c0 = c0 + saturated_lanes(v0, kKind) + saturated_lanes(v1, kKind);
+        }
+      }
+      for (; j < stop; ++j) {
+        const float v = row[j], t = v - k;
+        rest_s += t;
+        rest_q += static_cast<double>(t) * t;
+        rest_nan = rest_nan || std::isnan(v);
+        rest_lo = std::min(rest_lo, v);
+        rest_hi = std::max(rest_hi, v);
+        if constexpr (kKind == kRectifier) maxima[j] = std::isnan(v) ? v : std::max(maxima[j], v);
+        if constexpr (kKind == kTanh || kKind == kSigmoid) rest_c += saturated_value(v, kKind);
+      }
+      pending += stop - start;
+      if (pending >= kChunk) {  // float partial sums join the doubles
+        s += lane_sum(s0 + s1);
+        q += lane_sum(q0 + q1);
+        sat += lane_sum(c0);
+        s0 = s1 = q0 = q1 = c0 = Vec(0.f);
+        pending = 0;
+      }
     }
-    float part = lane_sum(s0 + s1);
-    for (; j < start + len; ++j) {
-      lo = at::vec::minimum(lo, Vec(x[j]));
-      hi = at::vec::maximum(hi, Vec(x[j]));
-      part += x[j] * x[j];
-    }
-    sq += part;
   }
+  s += lane_sum(s0 + s1) + rest_s;
+  q += lane_sum(q0 + q1) + rest_q;
+  sat += lane_sum(c0) + rest_c;
   alignas(64) float lows[kLanes], highs[kLanes];
   lo.store(lows);
   hi.store(highs);
-  m.lo = lows[0];
-  m.hi = highs[0];
-  for (int64_t i = 1; i < kLanes; ++i) {
+  m.lo = rest_nan ? NAN : rest_lo;
+  m.hi = rest_nan ? NAN : rest_hi;
+  for (int64_t i = 0; i < kLanes; ++i) {
     m.lo = std::isnan(m.lo) || std::isnan(lows[i]) ? NAN : std::min(m.lo, lows[i]);
     m.hi = std::isnan(m.hi) || std::isnan(highs[i]) ? NAN : std::max(m.hi, highs[i]);
   }
   m.n = static_cast<double>(n);
   m.mean = k + s / n;
   m.m2 = std::max(0.0, q - s * s / n);
-  m.squares = sq;
+  m.squares = q + 2.0 * k * s + n * static_cast<double>(k) * k;
+  if (kKind == kTanh || kKind == kSigmoid) {
+    unit_sums->saturated += sat;
+    unit_sums->counted += static_cast<double>(n);
+  }
   return m;
+}
+
+// The moments of an (N, *) output, and by kind its unit sums (units: the per-sample size).
+Moments output_moments(const at::Tensor& y, int64_t kind, UnitSums& unit_sums) {
+  const float* p = y.data_ptr<float>();
+  const int64_t n = y.numel();
+  // rows matter only to a rectifier's units: anything else is one flat row
+  const int64_t rows = kind == kRectifier && y.dim() >= 1 && n > 0 ? y.size(0) : 1, units = rows ? n / rows : 0;
+  switch (kind) {
+    case kRectifier:
+      if (unit_sums.maxima.empty()) unit_sums.maxima.assign(units, -std::numeric_limits<float>::infinity());
+      if (static_cast<int64_t>(unit_sums.maxima.size()) == units) return moments<kRectifier>(p, rows, units, &unit_sums);
+      return moments<kNoKind>(p, rows, units, &unit_sums);  // a micro-batch of another shape: no unit sums
+    case kTanh:
+      return moments<kTanh>(p, rows, units, &unit_sums);
+    case kSigmoid:
+      return moments<kSigmoid>(p, rows, units, &unit_sums);
+    default:
+      return moments<kNoKind>(p, rows, units, &unit_sums);
+  }
 }
 
 double sum_squares(const float* x, int64_t n) {
@@ -103,31 +175,6 @@ double sum_squares(const float* x, int64_t n) {
     total += part;
   }
   return total;
-}
-
-// Saturated values of a tanh (|y| > 0.99) or sigmoid (y outside [0.01, 0.99]) output.
-int64_t saturated(const float* y, int64_t n, int64_t kind) {
-  int64_t count = 0;
-  if (kind == kTanh) {
-#pragma omp simd reduction(+ : count)
-    for (int64_t j = 0; j < n; ++j) count += std::fabs(y[j]) > kTanhSaturation;
-  } else if (kind == kSigmoid) {
-#pragma omp simd reduction(+ : count)
-    for (int64_t j = 0; j < n; ++j) count += (y[j] < kSigmoidSaturation) | (y[j] > 1.f - kSigmoidSaturation);
-  }
-  return count;
-}
-
-// Per unit (a position of the per-sample output), the largest value over the batch: a rectifier unit is
-// dead if that is <= 0 for every sample of every micro-batch.
-void unit_maxima(const float* y, int64_t rows, int64_t units, float* maxima) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = y + r * units;
-    int64_t j = 0;
-    for (; j + kLanes <= units; j += kLanes)
-      at::vec::maximum(Vec::loadu(maxima + j), Vec::loadu(row + j)).store(maxima + j);
-    for (; j < units; ++j) maxima[j] = std::max(maxima[j], row[j]);
-  }
 }
 
 }  // namespace
@@ -153,24 +200,17 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
   at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       Moments act, weight;
-      double sat = 0.0, counted = 0.0, grad = nan, weight_grad = nan, bias_grad = nan;
-      std::vector<float> maxima;
+      UnitSums unit_sums;
+      double grad = nan, weight_grad = nan, bias_grad = nan;
       for (size_t i : work[slot]) {
         const float* p = dense[i].data_ptr<float>();
         const int64_t n = dense[i].numel();
         switch (roles[i]) {
           case kActivation:
-            act.merge(moments(p, n));
+            act.merge(output_moments(dense[i], kinds[i], unit_sums));
             break;
-          case kUnits:
-            if (kinds[i] == kRectifier && dense[i].dim() >= 1 && n > 0) {
-              const int64_t units = n / dense[i].size(0);
-              if (maxima.empty()) maxima.assign(units, -std::numeric_limits<float>::infinity());
-              if (static_cast<int64_t>(maxima.size()) == units) unit_maxima(p, dense[i].size(0), units, maxima.data());
-            } else if (kinds[i] == kTanh || kinds[i] == kSigmoid) {
-              sat += static_cast<double>(saturated(p, n, kinds[i]));
-              counted += static_cast<double>(n);
-            }
+          case kUnits:  // the activation function's output, when it is not the layer's
+            output_moments(dense[i], kinds[i], unit_sums);
             break;
           case kOutputGrad:
             grad = (std::isnan(grad) ? 0.0 : grad) + sum_squares(p, n);
@@ -182,7 +222,7 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
             bias_grad = (std::isnan(bias_grad) ? 0.0 : bias_grad) + sum_squares(p, n);
             break;
           case kWeight:
-            weight = moments(p, n);
+            weight = moments<kNoKind>(p, 1, n, nullptr);
             if (snapshots[i].has_value()) {
               float* copy = snapshots[i]->data_ptr<float>();
               std::copy(p, p + n, copy);
@@ -193,12 +233,24 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
         }
       }
       int64_t dead = 0;
-      for (float m : maxima) dead += !(m > 0.f);
+      for (float m : unit_sums.maxima) dead += !(m > 0.f);
       double* row = out + slot * kColumns;
-      const double values[kColumns] = {act.n,     act.mean,        act.m2,     act.lo,      act.hi,
-                                       act.squares, sat,           counted,    static_cast<double>(maxima.size()),
-                                       static_cast<double>(dead), grad, weight_grad, bias_grad, weight.n,
-                                       weight.mean, weight.m2};
+      const double values[kColumns] = {act.n,
+                                       act.mean,
+                                       act.m2,
+                                       act.lo,
+                                       act.hi,
+                                       act.squares,
+                                       unit_sums.saturated,
+                                       unit_sums.counted,
+                                       static_cast<double>(unit_sums.maxima.size()),
+                                       static_cast<double>(dead),
+                                       grad,
+                                       weight_grad,
+                                       bias_grad,
+                                       weight.n,
+                                       weight.mean,
+                                       weight.m2};
       std::copy(values, values + kColumns, row);
     }
   });
