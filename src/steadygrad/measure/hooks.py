@@ -379,7 +379,8 @@ def deferred_table(
             buffer = None if snapshots is None or id(first_weight) in copied else snapshots.get(id(first_weight))
             copied.add(id(first_weight))
             entries.append((first_weight.detach(), i, _WEIGHT, 0, buffer))
-    tensors, index, roles, kinds, copies = (list(column) for column in zip(*entries, strict=True)) if entries else [[]] * 5
+    columns = zip(*entries, strict=True) if entries else [()] * 5
+    tensors, index, roles, kinds, copies = (list(column) for column in columns)
     if not _compiled_ready(tensors):
         return None
     return slots, kernels().layer_statistics(tensors, index, roles, kinds, len(slots), copies)
