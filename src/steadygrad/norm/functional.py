@@ -114,7 +114,8 @@ def normalize_backward(
         return g * inv_std
     mean_g = g.mean(dim=dims, keepdim=True)  # (3), divided by m
     mean_g_xhat = (g * x_hat).mean(dim=dims, keepdim=True)  # (2), divided by m
-    return inv_std * (g - mean_g - x_hat * mean_g_xhat)  # (4)
+    # (4) as g * inv_std + x_hat * (-inv_std mean(g x_hat)) + (-inv_std mean(g)): two passes, not four
+    return torch.addcmul(-inv_std * mean_g, g, inv_std).addcmul_(x_hat, -inv_std * mean_g_xhat)
 
 
 def affine_backward(
