@@ -228,45 +228,13 @@ def test_train_other_kinds_and_data(tmp_path):
 
 
 def test_train_divergence_exits_1_with_the_layer(tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--depth",
-            "4",
-            "--lr",
-            "1e6",
-            "--optimizer",
-            "sgd",
-            "--epochs",
-            "1",
-            "--logdir",
-            str(tmp_path),
-            "--no-progress",
-        ],
-    )
+    diverging = ["train", "--depth", "4", "--lr", "1e6", "--optimizer", "sgd", "--epochs", "1"]
+    diverging += ["--logdir", str(tmp_path), "--no-progress"]
+    result = runner.invoke(app, diverging)
     assert result.exit_code == 1
     assert "Training diverged at step" in result.output and "first appear in" in " ".join(result.output.split())
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped_nonfinite"
-    rolled = runner.invoke(
-        app,
-        [
-            "train",
-            "--depth",
-            "4",
-            "--lr",
-            "1e6",
-            "--optimizer",
-            "sgd",
-            "--epochs",
-            "1",
-            "--logdir",
-            str(tmp_path),
-            "--on-nonfinite",
-            "rollback",
-            "--no-progress",
-        ],
-    )
+    rolled = runner.invoke(app, [*diverging, "--on-nonfinite", "rollback"])
     assert rolled.exit_code in (0, 1) and "Rolled back to step" in rolled.output
 
 

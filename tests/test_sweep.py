@@ -123,42 +123,13 @@ def test_killed_sweep_loses_nothing_and_resumes_without_duplicates(tmp_path):
 def test_two_sweeps_on_one_database(tmp_path):
     db = tmp_path / "shared.sqlite"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "steadygrad",
-            "sweep",
-            "--grid",
-            "depth=4,8,12",
-            "act=relu,tanh",
-            "width=16",
-            "--workers",
-            "1",
-            "--db",
-            str(db),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    second = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "steadygrad",
-            "sweep",
-            "--grid",
-            "depth=8,12,16",
-            "act=relu,tanh",
-            "width=16",
-            "--workers",
-            "1",
-            "--db",
-            str(db),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+
+    def sweep(depths: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "steadygrad", "sweep", "--grid", f"depth={depths}", "act=relu,tanh"]
+        command += ["width=16", "--workers", "1", "--db", str(db)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+
+    first, second = sweep("4,8,12"), sweep("8,12,16")
     assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,8 +1,10 @@
 """The recorder both instruments use: hooks on selected modules that accumulate statistics on the device.
 
 The probe runs it for one forward and backward pass; the monitor across the micro-batches of each
-optimizer step. Either way ``finalize`` turns the accumulators into one float64 vector per layer call,
-still on the device, and ``records`` makes ``LayerRecord``s from them with a single host copy.
+optimizer step. Either way ``finalize`` turns the accumulators into one vector of sums per layer call
+(``SUMS_COLUMNS``), still on the device; after a single host copy ``rows_from_sums`` works out the
+statistics from them, and ``make_records`` makes ``LayerRecord``s. The compiled kernels of the monitor's
+deferred mode (``deferred_table``) produce the same sums, so both paths share that last step.
 """
 
 from __future__ import annotations
@@ -22,18 +24,63 @@ from steadygrad.measure.stats import (
     activation_moments,
     fast_activation_moments,
     fast_gradient_moments,
-    finalize_activations,
-    finalize_units,
     gradient_moments,
     merge_activations,
     primary_layer,
     unit_moments,
-    weight_stats,
+    weight_sums,
 )
 
-__all__ = ["RECORD_WIDTH", "Recorder", "first_tensor", "kind_name", "make_records"]
+__all__ = ["RECORD_WIDTH", "SUMS_COLUMNS", "Recorder", "first_tensor", "kind_name", "make_records", "rows_from_sums"]
 
 RECORD_WIDTH = 13  # 6 activation + 2 unit + 2 gradient + 3 weight values per layer call
+# A layer call's sums, the one layout of finalize and of the compiled kernels (steadygrad/fast/csrc/stats.h)
+SUMS_COLUMNS = (
+    "n",  # activation: values seen, their mean, M2 (merged over micro-batches), min, max, sum of squares
+    "mean",
+    "m2",
+    "min",
+    "max",
+    "squares",
+    "nonfinite",  # NaN/Inf values in the output (0 from the compiled kernels: they propagate instead)
+    "saturated",  # tanh/sigmoid values saturated, of
+    "counted",
+    "units",  # rectifier units, and those <= 0 for every sample
+    "dead",
+    "grad_squares",  # output gradient's sum of squares (NaN: none received), its NaN/Inf count
+    "grad_nonfinite",
+    "weight_grad_squares",  # weight-gradient and bias-gradient sums of squares (NaN: none)
+    "bias_grad_squares",
+    "weight_n",  # the first weight's size (0: none of more than one value) and M2
+    "weight_m2",
+)
+_NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the 7 activation sums of nothing seen
+
+
+def rows_from_sums(sums: list[float], gradient_scale: float = 1.0) -> list[float]:
+    """A layer call's RECORD_WIDTH statistics from its sums (``SUMS_COLUMNS``, on the host): [mean, std
+    (unbiased), min, max, second moment, non-finite | saturated fraction, dead fraction | gradient norm
+    (divided by a GradScaler's scale), its non-finite count | weight- and bias-gradient norms, weight
+    variance (unbiased)]; NaN where nothing was seen."""
+    n, mean, m2, lo, hi, squares, nonfinite, sat, counted, units, dead = sums[:11]
+    grad, grad_nonfinite, weight_grad, bias_grad, weight_n, weight_m2 = sums[11:]
+    nan = math.nan
+    seen = n > 0
+    return [
+        mean if seen else nan,
+        math.sqrt(m2 / (n - 1)) if n > 1 else nan,
+        lo if seen else nan,
+        hi if seen else nan,
+        squares / n if seen else nan,
+        nonfinite,
+        sat / counted if counted > 0 else nan,
+        dead / units if units > 0 else nan,
+        math.sqrt(grad) / gradient_scale if grad == grad else nan,
+        grad_nonfinite,
+        math.sqrt(weight_grad) if weight_grad == weight_grad else nan,
+        math.sqrt(bias_grad) if bias_grad == bias_grad else nan,
+        weight_m2 / (weight_n - 1) if weight_n > 1 else nan,
+    ]
 
 
 def first_tensor(output) -> torch.Tensor | None:
@@ -128,10 +175,6 @@ class Recorder:
         self.called: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def attach(self) -> Recorder:
         if self._handles:
             return self
@@ -223,7 +266,6 @@ class Recorder:
                 _add_output(slot, None, unit_moments(y, kind))
             for grad in slot.grads:
                 _add_gradient(slot, grad)
-            slot.units = []
 
     # -- results ---------------------------------------------------------------------------------------
     def _recompute_masked(self, slot: _Slot) -> None:
@@ -253,13 +295,10 @@ class Recorder:
                     self._recompute_masked(slot)
 
     def masked_columns(self, slot: _Slot) -> tuple[list[float], list[float]]:
-        """A slot's activation (6) and gradient (2) columns recomputed with NaN/Inf excluded and counted."""
+        """A slot's activation (6) and gradient (2) statistics recomputed with NaN/Inf excluded and counted."""
         self._recompute_masked(slot)
-        activations = finalize_activations(slot.activations).tolist()
-        if slot.gradients is None:
-            return activations, [math.nan, math.nan]
-        squares, nonfinite = slot.gradients.tolist()
-        return activations, [math.sqrt(squares) / self.gradient_scale, nonfinite]
+        row = rows_from_sums(self._slot_sums(slot, torch.device("cpu")).tolist(), self.gradient_scale)
+        return row[:6], row[8:10]
 
     def all_reduce(self, group=None) -> None:
         """Merge every rank's accumulators so that ``finalize`` reports the statistics of the global batch.
@@ -298,8 +337,22 @@ class Recorder:
                     [1.0 / world**2, 1.0], dtype=torch.float64, device=slot.gradients.device
                 )
 
+    def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
+        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``."""
+        f64 = {"dtype": torch.float64, "device": device}
+        activations = slot.activations if slot.activations is not None else torch.tensor(_NO_ACTIVATIONS, **f64)
+        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(2, **f64)
+        units = torch.zeros(2, **f64)
+        if slot.unit_active is not None:
+            size = slot.unit_active.numel()
+            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])
+        gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
+        weights = weight_sums(self.parameters[id(slot.module)], device)
+        return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
+
     def finalize(self, device: torch.device | None = None, repair: bool = True) -> tuple[list[_Slot], torch.Tensor]:
-        """The slots in first-call order and a (slots, RECORD_WIDTH) float64 tensor on ``device``.
+        """The slots in first-call order and their sums: a (slots, len(SUMS_COLUMNS)) float64 tensor on
+        ``device``, for ``rows_from_sums`` after one host copy.
 
         With ``repair``, one host synchronization checks whether any layer's fast statistics met NaN/Inf, and
         only those layers are recomputed, with masking, from the tensors kept for that purpose. Without it the
@@ -312,26 +365,9 @@ class Recorder:
             device = next(seen, torch.device("cpu"))
         if repair:
             self._repair_nonfinite(slots, device)
-        rows = []
-        for slot in slots:
-            grads = torch.full((2,), math.nan, dtype=torch.float64, device=device)
-            if slot.gradients is not None:
-                g = slot.gradients.to(device)
-                grads = torch.stack([g[0].sqrt() / self.gradient_scale, g[1]])
-            units = finalize_units(slot.unit_counts, slot.unit_active)
-            rows.append(
-                torch.cat(
-                    [
-                        finalize_activations(slot.activations).to(device),
-                        units.to(device),
-                        grads,
-                        weight_stats(primary_layer(slot.module), device),
-                    ]
-                )
-            )
-        if not rows:
-            return slots, torch.zeros((0, RECORD_WIDTH), dtype=torch.float64, device=device)
-        return slots, torch.stack(rows)
+        if not slots:
+            return slots, torch.zeros((0, len(SUMS_COLUMNS)), dtype=torch.float64, device=device)
+        return slots, torch.stack([self._slot_sums(slot, device) for slot in slots])
 
 
 # deferred_table's roles and kinds: the codes of steadygrad/fast/csrc/stats.h
@@ -346,9 +382,9 @@ def _compiled_ready(tensors: list[torch.Tensor]) -> bool:
 def deferred_table(
     recorder: Recorder, snapshots: Mapping[int, torch.Tensor] | None = None
 ) -> tuple[list[_Slot], torch.Tensor] | None:
-    """The deferred mode's sums for every slot in one call of the compiled kernels: a (slots, 16) float64
-    tensor laid out as ``steadygrad/fast/csrc/stats.h`` documents, or None where the collected tensors are
-    not all float32 on the CPU (the caller then computes them eagerly: ``Recorder.compute_collected``).
+    """The deferred mode's sums for every slot in one call of the compiled kernels: ``finalize``'s
+    (slots, len(SUMS_COLUMNS)) float64 tensor, or None where the collected tensors are not all float32 on
+    the CPU (the caller then computes them eagerly: ``Recorder.compute_collected``).
 
     ``snapshots`` maps id(weight) to a buffer the weight is copied into in the same pass (the monitor's
     update-to-weight ratio needs the weights before the optimizer's step).
@@ -384,33 +420,6 @@ def deferred_table(
     if not _compiled_ready(tensors):
         return None
     return slots, kernels().layer_statistics(tensors, index, roles, kinds, len(slots), copies)
-
-
-def deferred_rows(slots: list[_Slot], table: torch.Tensor, gradient_scale: float = 1.0) -> list[list[float]]:
-    """``finalize``'s host rows (RECORD_WIDTH values each) from ``deferred_table``'s sums: the statistics of
-    ``stats.finalize_activations``, ``finalize_units`` and ``weight_stats``, worked out in Python floats."""
-    nan = math.nan
-    rows = []
-    for n, mean, m2, lo, hi, squares, sat, counted, units, dead, grad, wgrad, bgrad, wn, _wmean, wm2 in table.tolist():
-        seen = n > 0
-        rows.append(
-            [
-                mean if seen else nan,
-                math.sqrt(m2 / (n - 1)) if n > 1 else nan,
-                lo if seen else nan,
-                hi if seen else nan,
-                squares / n if seen else nan,
-                0.0,  # non-finite values propagate into the sums instead: see needs_repair
-                sat / counted if counted > 0 else nan,
-                dead / units if units > 0 else nan,
-                math.sqrt(grad) / gradient_scale if grad == grad else nan,
-                0.0,
-                math.sqrt(wgrad) if wgrad == wgrad else nan,
-                math.sqrt(bgrad) if bgrad == bgrad else nan,
-                wm2 / (wn - 1) if wn > 1 else nan,
-            ]
-        )
-    return rows
 
 
 REPAIRED_COLUMNS = 10  # activation, unit and gradient statistics; the weight statistics (10-12) need no repair

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from steadygrad.measure.hooks import (
-    RECORD_WIDTH,
     REPAIRED_COLUMNS,
+    SUMS_COLUMNS,
     Recorder,
-    deferred_rows,
     deferred_table,
     make_records,
     needs_repair,
+    rows_from_sums,
 )
 from steadygrad.measure.probe import LayerSelector, select_layers
 from steadygrad.measure.records import FlowReport
@@ -236,7 +236,7 @@ class Monitor:
         """Host rows from the compiled pass's sums, the update ratios from one more compiled pass."""
         from steadygrad.fast import kernels
 
-        rows = deferred_rows(slots, table, self._recorder.gradient_scale)
+        rows = [rows_from_sums(sums, self._recorder.gradient_scale) for sums in table.tolist()]
         weights = self._weights(detach=False)
         moved = [w for w in weights if w is not None and id(w) in snapshots]
         norms = (
@@ -270,14 +270,19 @@ class Monitor:
         column = self._ratio_column(slots, ratios)
         column = torch.stack(column) if slots else table.new_zeros(0)
         loss = self._loss.double().reshape(1).to(device) if self._loss is not None else table.new_full((1,), math.nan)
-        values = torch.cat([table.reshape(-1, RECORD_WIDTH), column.reshape(-1, 1)], dim=1).reshape(-1)
+        width = len(SUMS_COLUMNS)
+        values = torch.cat([table.reshape(-1, width), column.reshape(-1, 1)], dim=1).reshape(-1)
         host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
-        rows = [host[1 + i * (RECORD_WIDTH + 1) : 1 + (i + 1) * (RECORD_WIDTH + 1)] for i in range(len(slots))]
+        scale = self._recorder.gradient_scale
+        rows = [
+            [*rows_from_sums(host[1 + i * (width + 1) : (i + 1) * (width + 1)], scale), host[(i + 1) * (width + 1)]]
+            for i in range(len(slots))
+        ]
         if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
             _, repaired = self._recorder.finalize(device, repair=True)
             # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
             rows = [
-                [*fixed[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
+                [*rows_from_sums(fixed, scale)[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
                 for fixed, row in zip(repaired.tolist(), rows, strict=True)
             ]
         return host[0], rows

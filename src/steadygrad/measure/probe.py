@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steadygrad import theory
-from steadygrad.measure.hooks import Recorder, first_tensor, make_records
+from steadygrad.measure.hooks import Recorder, first_tensor, make_records, rows_from_sums
 from steadygrad.measure.records import FlowReport
 from steadygrad.nets import DeepNet
 from steadygrad.norm.modules import GroupNorm, LayerNorm, _NormBase
@@ -166,8 +166,8 @@ def probe(
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
             loss_value.backward()
-        slots, table = recorder.finalize()
-        records = make_records(slots, table.tolist())  # one host copy
+        slots, sums = recorder.finalize()
+        records = make_records(slots, [rows_from_sums(row) for row in sums.tolist()])  # one host copy
         input_grads = [t.grad for t in _tensors(prepared) if t.is_floating_point() and t.grad is not None]
         input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan

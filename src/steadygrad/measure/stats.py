@@ -23,13 +23,11 @@ __all__ = [
     "SATURATION",
     "activation_kind",
     "activation_moments",
-    "finalize_activations",
-    "finalize_units",
     "gradient_moments",
     "merge_activations",
     "primary_layer",
     "unit_moments",
-    "weight_stats",
+    "weight_sums",
 ]
 
 TANH_SATURATION = 0.99  # |tanh(x)| > 0.99: the derivative 1 - y^2 is below 0.02
@@ -112,26 +110,6 @@ def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([n, mean, m2, torch.minimum(a[3], b[3]), torch.maximum(a[4], b[4]), a[5] + b[5], a[6] + b[6]])
 
 
-def finalize_activations(acc: torch.Tensor | None) -> torch.Tensor:
-    """[mean, std (unbiased), min, max, second moment, non-finite]; NaN where nothing finite was seen."""
-    if acc is None:
-        return torch.full((6,), _NAN, dtype=torch.float64)
-    n = acc[0]
-    valid = n > 0
-    nan = acc.new_tensor(_NAN)
-    std = torch.where(n > 1, (acc[2] / (n - 1).clamp(min=1)).sqrt(), nan)
-    return torch.stack(
-        [
-            torch.where(valid, acc[1], nan),
-            std,
-            torch.where(valid, acc[3], nan),
-            torch.where(valid, acc[4], nan),
-            torch.where(valid, acc[5] / n.clamp(min=1), nan),
-            acc[6],
-        ]
-    )
-
-
 # -- units ------------------------------------------------------------------------------------------
 
 
@@ -153,15 +131,6 @@ def unit_moments(y: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch
     return counts, active
 
 
-def finalize_units(counts: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor:
-    """[saturated fraction, dead fraction], NaN where not applicable."""
-    device = counts.device if counts is not None else active.device if active is not None else None
-    nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
-    saturated = nan if counts is None else torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), nan)
-    dead = nan if active is None else 1.0 - active.double().mean().to(nan.device)
-    return torch.stack([saturated, dead])
-
-
 # -- gradients and weights --------------------------------------------------------------------------
 
 
@@ -178,28 +147,28 @@ def gradient_moments(grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(finite, grad, 0.0).square().sum(), (~finite).sum().double()])
 
 
-def weight_stats(layer: nn.Module | None, device: torch.device) -> torch.Tensor:
-    """[weight gradient norm, bias gradient norm, weight variance] of a layer's own parameters, on
-    ``device``; NaN for what it lacks. Every parameter named weight* (or bias*) counts: an LSTM's gates."""
+def weight_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] of a layer's own
+    (name, parameter) pairs, on ``device``: NaN for gradients it lacks, n = 0 where it has no weight of more
+    than one value. Every parameter named weight* (or bias*) counts: an LSTM's gates. M2 is one-pass,
+    sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing cancels)."""
     nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
-    if layer is None:
-        return torch.stack([nan, nan, nan])
-    weights = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("weight")]
-    biases = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("bias")]
+    weights = [p for name, p in parameters if name.startswith("weight")]
+    biases = [p for name, p in parameters if name.startswith("bias")]
 
-    def grad_norm(params):
-        grads = [
+    def grad_squares(params):
+        norms = [
             torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).to(device)
             for p in params
             if p.grad is not None
         ]
-        return torch.linalg.vector_norm(torch.stack(grads)) if grads else nan
+        return torch.stack(norms).square().sum() if norms else nan
 
-    variance = nan
+    count, m2 = nan.new_zeros(()), nan.new_zeros(())
     if weights and weights[0].numel() > 1:
         w = weights[0].detach()
         n = w.numel()
         total = w.sum(dtype=torch.float64)
         squares = torch.linalg.vector_norm(w, dtype=torch.float64).square()
-        variance = ((squares - total * total / n) / (n - 1)).clamp(min=0.0).to(device)  # unbiased, as torch.var
-    return torch.stack([grad_norm(weights), grad_norm(biases), variance])
+        count, m2 = count + n, (squares - total * total / n).clamp(min=0.0).to(device)
+    return torch.stack([grad_squares(weights), grad_squares(biases), count, m2])

@@ -171,13 +171,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        if torch.is_grad_enabled():  # only true inside backward when create_graph=True
-            raise RuntimeError(
-                "steadygrad's normalization backward is hand-derived and differentiable once: a second "
-                "derivative (create_graph=True, gradient penalties, Hessian-vector products) is not "
-                "supported. Convert the model to torch's norms for that: "
-                "steadygrad.norm.convert_norms(model, to='torch')."
-            )
+        _no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         g = grad_y.to(x_hat.dtype)
         if ctx.batch_stats and ctx.needs_input_grad[0] and _constant_over(weight, x_hat.dim(), ctx.dims):
@@ -234,11 +228,12 @@ def _fast(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 
 
 def _no_double_backward() -> None:
+    """Inside a backward, grad mode is on only under create_graph=True: refuse it with the way out."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
-            "(create_graph=True) is not supported. Convert the model to torch's norms for that: "
-            "steadygrad.norm.convert_norms(model, to='torch')."
+            "(create_graph=True, gradient penalties, Hessian-vector products) is not supported. Convert the "
+            "model to torch's norms for that: steadygrad.norm.convert_norms(model, to='torch')."
         )
 
 

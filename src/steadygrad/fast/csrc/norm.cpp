@@ -117,7 +117,7 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
     double* pw = need_affine ? partial_w.data() + t * width : nullptr;
     double* pb = need_affine ? partial_b.data() + t * width : nullptr;
     std::vector<float> lw(layout.per_element && need_affine ? d : 0, 0.f), lb(lw.size(), 0.f);
-    std::vector<float> chan_a(layout.cpg), chan_b(layout.cpg);
+    std::vector<float> chan_a(layout.per_element ? 0 : layout.cpg), chan_b(chan_a.size());  // GroupNorm's
     int64_t pending = 0;  // rows in lw/lb not yet added into the double partials
     for (int64_t r = begin; r < end; ++r) {
       const float *dyr = dyp + r * d, *xr = xp + r * d;
@@ -411,8 +411,8 @@ using torch::autograd::variable_list;
 void check_once_differentiable() {
   TORCH_CHECK(!at::GradMode::is_enabled(),
               "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
-              "(create_graph=True) is not supported. Convert the model to torch's norms for that: "
-              "steadygrad.norm.convert_norms(model, to='torch').");
+              "(create_graph=True, gradient penalties, Hessian-vector products) is not supported. Convert the "
+              "model to torch's norms for that: steadygrad.norm.convert_norms(model, to='torch').");
 }
 
 // running <- (1 - momentum) running + momentum batch, as torch.nn's BatchNorm

@@ -16,7 +16,7 @@
 namespace steadygrad {
 namespace {
 
-constexpr int64_t kColumns = 16;
+constexpr int64_t kColumns = 17;  // steadygrad.measure.hooks.SUMS_COLUMNS
 constexpr int64_t kChunk = 4096;  // float partial sums cover this many values before joining a double
 constexpr float kTanhSaturation = 0.99f;     // as steadygrad.measure.stats.TANH_SATURATION
 constexpr float kSigmoidSaturation = 0.01f;  // as steadygrad.measure.stats.SIGMOID_SATURATION
@@ -241,15 +241,16 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
                                        act.lo,
                                        act.hi,
                                        act.squares,
+                                       0.0,  // non-finite values are not counted here: they propagate
                                        unit_sums.saturated,
                                        unit_sums.counted,
                                        static_cast<double>(unit_sums.maxima.size()),
                                        static_cast<double>(dead),
                                        grad,
+                                       0.0,
                                        weight_grad,
                                        bias_grad,
                                        weight.n,
-                                       weight.mean,
                                        weight.m2};
       std::copy(values, values + kColumns, row);
     }

@@ -12,12 +12,13 @@ enum Role : int64_t { kActivation = 0, kUnits = 1, kOutputGrad = 2, kWeightGrad 
 // How an activation saturates or dies (as steadygrad.measure.stats.activation_kind).
 enum Kind : int64_t { kNoKind = 0, kTanh = 1, kSigmoid = 2, kRectifier = 3 };
 
-// (slots, 16) float64, one row per layer slot:
-//   0 n, 1 mean, 2 M2, 3 min, 4 max, 5 sum of squares      activation (micro-batches merged, Chan et al.)
-//   6 saturated, 7 values counted, 8 units, 9 dead units   the activation function's output
-//   10 output-gradient sum of squares (NaN: none received)
-//   11 weight-gradient, 12 bias-gradient sum of squares (NaN: none)
-//   13 weight n, 14 weight mean, 15 weight M2              the layer's first weight
+// (slots, 17) float64, one row per layer slot, in the layout of steadygrad.measure.hooks.SUMS_COLUMNS:
+//   0 n, 1 mean, 2 M2, 3 min, 4 max, 5 sum of squares       activation (micro-batches merged, Chan et al.)
+//   6 non-finite (always 0: NaN and Inf propagate into the sums, and the Monitor recomputes that layer)
+//   7 saturated, 8 values counted, 9 units, 10 dead units   the activation function's output
+//   11 output-gradient sum of squares (NaN: none received), 12 its non-finite count (0, as 6)
+//   13 weight-gradient, 14 bias-gradient sum of squares (NaN: none)
+//   15 weight n, 16 weight M2                               the layer's first weight
 // A weight with a defined snapshot is copied into it in the same pass (for the update-to-weight ratio).
 at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& slots,
                             const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
