@@ -21,6 +21,12 @@ def fused():
     fast.disable()
 
 
+def _ran_compiled(y: torch.Tensor) -> bool:
+    """Whether y came out of steadygrad's compiled autograd functions (their node, under a reshape's)."""
+    nodes = [y.grad_fn, *(fn for fn, _ in y.grad_fn.next_functions if fn is not None)]
+    return any("steadygrad::" in node.name() for node in nodes)
+
+
 def _compare(ours, reference, shape, param_shape, affine=True, offset=1.0, scale=3.0, tol=1e-5):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * scale + offset).requires_grad_(True)
@@ -28,6 +34,7 @@ def _compare(ours, reference, shape, param_shape, affine=True, offset=1.0, scale
     b = torch.randn(param_shape, generator=g).requires_grad_(True) if affine else None
     dy = torch.randn(shape, generator=g)
     y = ours(x, w, b)
+    assert _ran_compiled(y)  # the kernels themselves are compared, not the eager fallback
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
     x64 = x.detach().double().requires_grad_(True)
     w64 = None if w is None else w.detach().double().requires_grad_(True)
@@ -113,14 +120,16 @@ def test_running_statistics_match_torch():
 
     ours, theirs = BatchNorm2d(6), nn.BatchNorm2d(6)
     for step in range(4):
-        x = torch.randn(5, 6, 4, 4) * (step + 1) + step
-        ours(x), theirs(x)
+        x = torch.randn(5, 6, 4, 4, requires_grad=True) * (step + 1) + step
+        assert _ran_compiled(ours(x))
+        theirs(x)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 def test_other_cases_take_the_eager_path_with_the_same_results():
-    x64 = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    x64 = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert not _ran_compiled(F.batch_norm(x64, None, None, training=True))
     torch.testing.assert_close(
         F.batch_norm(x64, None, None, training=True), TF.batch_norm(x64, None, None, training=True)
     )
@@ -130,7 +139,9 @@ def test_other_cases_take_the_eager_path_with_the_same_results():
 
 def test_double_backward_is_refused_clearly():
     x = torch.randn(8, 4, requires_grad=True)
-    y = F.layer_norm(x, (4,)).pow(3).sum()
+    normalized = F.layer_norm(x, (4,))
+    assert _ran_compiled(normalized)  # the C++ backward's refusal, not the eager one's
+    y = normalized.pow(3).sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(y, x, create_graph=True)
 
