@@ -60,6 +60,8 @@ def main(repeats: int = 20) -> list[tuple]:
         dy = torch.randn(shape)
         theirs, ours = make_theirs(), make_ours()
         fast.disable()
+        # each ratio is against the native run interleaved with it; the native column and nat/floor show the
+        # last of those runs (the fused one where the kernels are built)
         ref, eager, eager_ratio = compare(_step(theirs, x, dy), _step(ours, x, dy), repeats=repeats)
         fused, fused_ratio = "n/a", float("nan")
         if compiled:
