@@ -141,3 +141,64 @@ def test_running_statistics_use_the_unbiased_variance():
 def test_bad_input_messages(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# every training-mode norm, each way its statistics and affine map can be laid out: (ours, torch's, shape, params)
+PATHS = {
+    "batch_spatial": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), TF.batch_norm, (5, 3, 4, 2), 3),
+    "batch_2d": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), TF.batch_norm, (7, 3), 3),
+    "instance": (
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+        lambda x, w, b: TF.instance_norm(x, weight=w, bias=b),
+        (2, 3, 6),
+        3,
+    ),
+    "layer": (
+        lambda x, w, b: F.layer_norm(x, (3, 4), w, b),
+        lambda x, w, b: TF.layer_norm(x, (3, 4), w, b),
+        (5, 3, 4),
+        (3, 4),
+    ),
+    "group_spatial": (
+        lambda x, w, b: F.group_norm(x, 2, w, b),
+        lambda x, w, b: _torch_group_norm(x, 2, w, b),
+        (3, 4, 5),
+        4,
+    ),
+    "group_2d": (lambda x, w, b: F.group_norm(x, 3, w, b), lambda x, w, b: _torch_group_norm(x, 3, w, b), (4, 6), 6),
+}
+
+
+def _torch_group_norm(x, groups, w, b):
+    if w is None and b is not None:  # torch 2.13's native backward fails on a bias without a weight
+        return TF.group_norm(x, groups) + b.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return TF.group_norm(x, groups, w, b)
+
+
+def _torch_batch_norm(x, w, b):
+    return TF.batch_norm(x, None, None, w, b, training=True)
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("case", list(PATHS))
+def test_streamed_and_general_paths_equal_torch(case, layout, affine):
+    """Contiguous inputs take ``streamed`` (fewest passes), strided ones the general ``_Normalize``; both must
+    give torch's outputs and gradients, with any part of the affine map absent."""
+    ours, theirs, shape, param_shape = PATHS[case]
+    theirs = _torch_batch_norm if theirs is TF.batch_norm else theirs
+    base = _f64(*shape, scale=3.0, offset=2.0)
+    # the same values, either contiguous or as a transposed view of a contiguous tensor
+    x = base if layout == "contiguous" else base.detach().mT.contiguous().mT.requires_grad_(True)
+    assert x.is_contiguous() == (layout == "contiguous")
+    w = _f64(param_shape, seed=1) if affine in ("weight", "both") else None
+    b = _f64(param_shape, seed=2) if affine in ("bias", "both") else None
+    dy = _f64(*shape, seed=3).detach()
+    inputs = [t for t in (x, w, b) if t is not None]
+    y = ours(x, w, b)
+    node = y.grad_fn.name() + "".join(fn.name() for fn, _ in y.grad_fn.next_functions if fn is not None)
+    assert ("NormTrainBackward" in node) == (layout == "contiguous"), node
+    expected = theirs(x, w, b)
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(expected, inputs, dy), strict=True):
+        torch.testing.assert_close(got, want)

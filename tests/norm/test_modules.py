@@ -94,8 +94,10 @@ def test_running_statistics_after_several_steps(case, momentum):
     for step in range(6):
         x = torch.randn(shape) * (step + 1) + step
         ours(x), theirs(x)
+    # float32 averages of values up to ~40, summed in another order than torch's: a few ulps apart (rtol 1e-5);
+    # a biased variance or a wrong momentum would be off by percents
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
     assert int(ours.num_batches_tracked) == 6
 
 

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import FunctionCtx
 
+from steadygrad.norm import streamed
+
 __all__ = [
     "affine_backward",
     "batch_norm",
@@ -174,7 +176,10 @@ class _Normalize(torch.autograd.Function):
         _no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         g = grad_y.to(x_hat.dtype)
-        if ctx.batch_stats and ctx.needs_input_grad[0] and _constant_over(weight, x_hat.dim(), ctx.dims):
+        constant = _constant_over(weight, x_hat.dim(), ctx.dims) and _constant_over(
+            ctx.bias_shape, x_hat.dim(), ctx.dims
+        )
+        if ctx.batch_stats and ctx.needs_input_grad[0] and constant:
             return _constant_affine_backward(ctx, g, x_hat, inv_std, weight, grad_y.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -190,9 +195,11 @@ class _Normalize(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _constant_over(weight: torch.Tensor | None, ndim: int, dims: Dims) -> bool:
-    """Whether gamma is one number per statistic (size 1 along every reduced axis): batch and instance norm."""
-    return weight is None or (weight.dim() == ndim and all(weight.shape[d] == 1 for d in dims))
+def _constant_over(param: torch.Tensor | torch.Size | None, ndim: int, dims: Dims) -> bool:
+    """Whether gamma (or beta) is one number per statistic (size 1 along every reduced axis): batch and instance
+    norm. Takes a parameter or its shape."""
+    shape = None if param is None else tuple(param.shape if isinstance(param, torch.Tensor) else param)
+    return shape is None or (len(shape) == ndim and all(shape[d] == 1 for d in dims))
 
 
 def _constant_affine_backward(ctx, dy, x_hat, inv_std, weight, out_dtype):
@@ -408,7 +415,11 @@ def batch_norm(
         flat = input.reshape(input.shape[0], input.shape[1], -1)
         y = kernels().batch_norm_train(flat, weight, bias, running_mean, running_var, momentum, eps)
         return y.reshape(input.shape)
-    y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
+    if streamed.takes(input):
+        y, mean, var = streamed.batch_norm_train(input.view(input.shape[0], input.shape[1], -1), weight, bias, eps)
+        y = y.view(input.shape)
+    else:
+        y, mean, var = _Normalize.apply(input, _channel_view(weight, ndim), _channel_view(bias, ndim), dims, eps)
     with torch.no_grad():
         _update_running(running_mean, mean.flatten(), momentum)
         _update_running(running_var, var.flatten() * (count / (count - 1)), momentum)
@@ -455,7 +466,13 @@ def instance_norm(
             "InstanceNorm needs more than one spatial element per channel to estimate a variance; got input "
             f"of shape {tuple(input.shape)}. Use BatchNorm or LayerNorm for inputs without spatial extent."
         )
-    y, mean, var = _Normalize.apply(input, weight_b, bias_b, dims, eps)
+    if streamed.takes(input):
+        n, channels = input.shape[:2]
+        flat = input.view(n, channels, -1)
+        y, mean, var = streamed.grouped_norm_train(flat, weight, bias, channels, eps)
+        y = y.view(input.shape)
+    else:
+        y, mean, var = _Normalize.apply(input, weight_b, bias_b, dims, eps)
     with torch.no_grad():
         _update_running(running_mean, mean.mean(dim=0).flatten(), momentum)
         _update_running(running_var, (var * (count / (count - 1))).mean(dim=0).flatten(), momentum)
@@ -500,6 +517,12 @@ def layer_norm(
             eps,
         )
         return y.reshape(input.shape)
+    if streamed.takes(input):
+        d = math.prod(shape)
+        flat_weight = None if weight is None else weight.reshape(-1)
+        flat_bias = None if bias is None else bias.reshape(-1)
+        y, _, _ = streamed.grouped_norm_train(input.view(-1, d, 1), flat_weight, flat_bias, 1, eps)
+        return y.view(input.shape)
     dims = tuple(range(input.dim() - len(shape), input.dim()))
     y, _, _ = _Normalize.apply(input, weight, bias, dims, eps)
     return y
@@ -539,6 +562,9 @@ def group_norm(
 
         y = kernels().rows_norm(input.reshape(n * num_groups, cpg * hw), weight, bias, num_groups, cpg, hw, False, eps)
         return y.reshape(input.shape)
+    if streamed.takes(input):
+        y, _, _ = streamed.grouped_norm_train(input.view(n, channels, -1), weight, bias, num_groups, eps)
+        return y.view(input.shape)
     grouped = input.reshape(n, num_groups, channels // num_groups, -1)  # (N, G, C/G, L)
     param_shape = (1, num_groups, channels // num_groups, 1)
     weight_b = None if weight is None else weight.reshape(param_shape)
