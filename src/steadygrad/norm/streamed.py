@@ -46,27 +46,26 @@ def _no_double_backward() -> None:
     refuse()
 
 
-def _moments(shifted: torch.Tensor, dim: int, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum and sum of squares of ``shifted`` over ``dim``; ``scratch`` (same size) may be overwritten."""
+def _moments(shifted: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares of ``shifted`` over ``dim``."""
     if dim == shifted.dim() - 1:  # along contiguous rows: one pass each, no temporary
         return shifted.sum(dim), torch.linalg.vector_norm(shifted, dim=dim).square()
-    # across rows, vector_norm walks strided columns at a tenth of memory speed: square into scratch instead
-    return shifted.sum(dim), torch.mul(shifted, shifted, out=scratch).sum(dim)
+    # across rows vector_norm walks strided columns at a tenth of memory speed: square into a temporary instead
+    return shifted.sum(dim), shifted.square().sum(dim)
 
 
-def _channel_sums(t: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-channel sum (and, given scratch, sum of squares) of an (N, C, L) tensor."""
+def _channel_sums(t: torch.Tensor, squares: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-channel sum (and with ``squares``, sum of squares) of an (N, C, L) tensor."""
     n, c, length = t.shape
-    if length == 1:
+    if length == 1:  # down the columns: a vector-matrix product streams at memory speed, sum(0) does not
         flat = t.view(n, c)
-        if scratch is None:
-            return flat.sum(0), None
-        return _moments(flat, 0, scratch.view(n, c))
+        total = flat.new_ones(n) @ flat
+        return total, (flat.square().sum(0) if squares else None)
     rows = t.view(n * c, length)
-    if scratch is None:
+    if not squares:
         return rows.sum(-1).view(n, c).sum(0), None
-    total, squares = _moments(rows, 1, scratch)
-    return total.view(n, c).sum(0), squares.view(n, c).sum(0)
+    total, sum_squares = _moments(rows, 1)
+    return total.view(n, c).sum(0), sum_squares.view(n, c).sum(0)
 
 
 def _statistics(total, squares, count: int, eps: float):
@@ -79,50 +78,61 @@ def _statistics(total, squares, count: int, eps: float):
     return mean, var, torch.rsqrt(var + eps)
 
 
+def _scale_shift_(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """t <- t * scale + shift in place, for per-channel (1, C, 1) scale and shift on an (N, C, L) tensor. With
+    L = 1 both vary along the contiguous axis and one addcmul vectorizes; otherwise they are per-row scalars,
+    and two single-scalar passes beat one addcmul that falls back to a scalar loop."""
+    if t.shape[-1] == 1:
+        return torch.addcmul(shift, t, scale, out=t)
+    return t.mul_(scale).add_(shift)
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Batch norm of a contiguous (N, C, L) input with its own statistics per channel.
 
-    Saves x - mu (not x_hat): y = (x - mu) * (gamma inv_std) + beta is then one multiply and one add.
-    Backward, with a = gamma inv_std and m = N L (``functional._constant_affine_backward``):
-    dx = a dy - (a / m) sum(dy) - (a inv_std^2 / m) sum(dy (x - mu)) (x - mu).
+    Like torch's kernel, it saves x and not x_hat, and the backward recomputes the shifted values d = x - K.
+    A copy kept from forward to backward costs more here than the extra pass. With a = gamma inv_std, m = N L,
+    and mu_d the mean of d (``functional._constant_affine_backward``):
+
+        y  = a d + (beta - a mu_d)
+        dx = a dy - (a / m) sum(dy) - (a inv_std^2 / m) sum(dy (d - mu_d)) (d - mu_d)
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, eps):
         n, c, length = x.shape
         per_channel = (1, c, 1)
-        shift = x[:1, :, :1]  # K: each channel's first value
-        centered = x - shift
-        y = torch.empty_like(x)
-        mean, var, inv_std = _statistics(*_channel_sums(centered, scratch=y), n * length, eps)
-        centered.sub_(mean.view(per_channel))
-        scale = inv_std if weight is None else inv_std * weight.to(x.dtype)
-        torch.mul(centered, scale.view(per_channel), out=y)
-        if bias is not None:
-            y.add_(bias.to(x.dtype).view(per_channel))
-        ctx.save_for_backward(centered, inv_std, weight)
-        batch_mean = shift.flatten() + mean
+        shift = x[:1, :, :1].clone()  # K: each channel's first value (a strided operand slows the subtraction)
+        y = x - shift  # d, then y in place
+        mean_d, var, inv_std = _statistics(*_channel_sums(y, squares=True), n * length, eps)
+        a = inv_std if weight is None else inv_std * weight.to(x.dtype)
+        offset = -a * mean_d if bias is None else bias.to(x.dtype) - a * mean_d
+        _scale_shift_(y, a.view(per_channel), offset.view(per_channel))
+        ctx.save_for_backward(x, mean_d, inv_std, weight)
+        batch_mean = shift.flatten() + mean_d
         ctx.mark_non_differentiable(batch_mean, var)
         return y, batch_mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         _no_double_backward()
-        centered, inv_std, weight = ctx.saved_tensors
+        x, mean_d, inv_std, weight = ctx.saved_tensors
         dy = grad_y.contiguous()
         n, c, length = dy.shape
         m = n * length
         per_channel = (1, c, 1)
-        grad = torch.mul(dy, centered)  # the buffer becomes dx
+        shifted = x - x[:1, :, :1].clone()  # d again; the buffer becomes dx
         sum_dy, _ = _channel_sums(dy)
-        sum_dy_centered, _ = _channel_sums(grad)
-        sum_dy_xhat = sum_dy_centered * inv_std  # dgamma
+        sum_dy_shifted, _ = _channel_sums(dy * shifted)
+        sum_dy_xhat = (sum_dy_shifted - mean_d * sum_dy) * inv_std  # dgamma: sum(dy (d - mu_d)) inv_std
         grad_x = None
         if ctx.needs_input_grad[0]:
             a = inv_std if weight is None else inv_std * weight.to(dy.dtype)
-            torch.mul(dy, a.view(per_channel), out=grad)
-            grad.addcmul_(centered, (-a * inv_std * sum_dy_xhat / m).view(per_channel))
-            grad_x = grad.add_((-a * sum_dy / m).view(per_channel))
+            k = -a * inv_std * sum_dy_xhat / m
+            offset = -a * sum_dy / m - k * mean_d  # k (d - mu_d) = k d - k mu_d
+            grad_x = _scale_shift_(shifted, k.view(per_channel), offset.view(per_channel)).addcmul_(
+                dy, a.view(per_channel)
+            )
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
@@ -148,16 +158,30 @@ def _weighted_group_sums(per_channel: torch.Tensor, weight: torch.Tensor | None,
     if weight is None:
         return grouped.sum(-1)
     if groups == 1:  # layer norm: a matrix-vector product, one pass at memory speed
-        return per_channel @ weight
+        return (per_channel @ weight).unsqueeze(1)
     return torch.einsum("ngk,gk->ng", grouped, weight.view(groups, c // groups))
+
+
+def _column_sums(t: torch.Tensor, per_group: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """sum over n of v[n, g(c)] * t[n, c] for (N, C) ``t`` and (N, G) ``v`` (all ones when None): (C,)."""
+    n, c = t.shape
+    if per_group is None:
+        return t.new_ones(n) @ t
+    if groups == 1:  # a vector-matrix product streams at memory speed, sum(0) does not
+        return per_group.reshape(n) @ t
+    return torch.einsum("ng,ngk->gk", per_group.reshape(n, groups), t.view(n, groups, c // groups)).reshape(c)
 
 
 class _GroupedNormTrain(torch.autograd.Function):
     """Group norm of a contiguous (N, C, L) input: statistics per (sample, group of C/G channels) over the
     group's channels and L. Instance norm is G = C; layer norm is (rows, features, 1) with G = 1.
 
-    Backward, with g = gamma dy, m = (C/G) L and per-group sums over the group's channels and L
-    (``functional.normalize_backward``): dx = inv_std (g - sum(g) / m - x_hat sum(g x_hat) / m).
+    Saves x, as ``_BatchNormTrain`` does, and recomputes d = x - K in the backward. With g = gamma dy,
+    m = (C/G) L, mu_d the group's mean of d, and per-group sums over the group's channels and L
+    (``functional.normalize_backward``):
+
+        dx = inv_std (g - sum(g) / m - x_hat sum(g x_hat) / m),  x_hat = (d - mu_d) inv_std
+        sum(g x_hat) = inv_std (sum(g d) - mu_d sum(g))          (so dy x_hat is never formed)
     """
 
     @staticmethod
@@ -165,80 +189,87 @@ class _GroupedNormTrain(torch.autograd.Function):
         n, c, length = x.shape
         per_group = c // groups
         rows = x.view(n * groups, per_group * length)
-        shift = rows[:, :1]  # K: each group's first value
-        shifted = rows - shift
+        shift = rows[:, :1].clone()  # K: each group's first value (a strided operand slows the subtraction)
+        y = rows - shift  # d, then y in place
         weight = None if weight is None else weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
-        total, squares = _moments(shifted, 1, scratch=None)
-        mean, var, inv_std = _statistics(total.unsqueeze(1), squares.unsqueeze(1), per_group * length, eps)
-        shifted.sub_(mean)
-        if length == 1:  # the weight varies along each row: save x_hat, y = x_hat * gamma + beta in one pass
-            x_hat = shifted.mul_(inv_std).view(n, c)
+        total, squares = _moments(y, 1)
+        mean_d, var, inv_std = _statistics(total.unsqueeze(1), squares.unsqueeze(1), per_group * length, eps)
+        if length == 1:  # the weight varies along each row: x_hat in place, then one addcmul
+            y.sub_(mean_d).mul_(inv_std)
+            y = y.view(n, c)
             if weight is not None and bias is not None:
-                y = torch.addcmul(bias, x_hat, weight)
+                torch.addcmul(bias, y, weight, out=y)
             elif weight is not None:
-                y = x_hat * weight
-            else:
-                y = x_hat + bias if bias is not None else x_hat.clone()
-            saved = x_hat
-        else:  # gamma is constant along L: save x - mu, y = (x - mu) * (inv_std gamma) + beta
-            saved = shifted.view(n, c, length)
+                y.mul_(weight)
+            elif bias is not None:
+                y.add_(bias)
+        else:  # gamma is constant along L: y = d (inv_std gamma) + (beta - mu_d inv_std gamma), two passes
             scale = _per_channel(inv_std, n, groups, per_group)
             if weight is not None:
                 scale = scale * weight
-            y = saved * scale.unsqueeze(-1)
+            offset = -_per_channel(mean_d, n, groups, per_group) * scale
             if bias is not None:
-                y.add_(bias.view(1, c, 1))
-        ctx.save_for_backward(saved, inv_std, weight)
+                offset = offset + bias
+            y = y.view(n, c, length).mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
+        ctx.save_for_backward(x, mean_d, inv_std, weight)
         ctx.groups = groups
-        batch_mean, var = (shift + mean).view(n, groups), var.view(n, groups)
+        batch_mean, var = (shift + mean_d).view(n, groups), var.view(n, groups)
         ctx.mark_non_differentiable(batch_mean, var)
         return y.view(x.shape), batch_mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         _no_double_backward()
-        saved, inv_std, weight = ctx.saved_tensors
+        x, mean_d, inv_std, weight = ctx.saved_tensors
         groups = ctx.groups
         dy = grad_y.contiguous()
         n, c, length = dy.shape
         per_group = c // groups
         m = per_group * length
-        if length == 1:  # saved is x_hat (N, C)
-            dy = dy.view(n, c)
-            grad = torch.mul(dy, saved)  # dy x_hat; the buffer becomes dx
-            sum_dy, sum_dy_xhat = dy.sum(0), grad.sum(0)  # dbeta, dgamma
+        rows = x.view(n * groups, m)
+        shifted = (rows - rows[:, :1].clone()).view(n, c, length)  # d again
+        product = dy * shifted  # dy d
+        if length == 1:  # per-channel sums down the columns, per-group sums along the rows
+            dy, shifted, product = dy.view(n, c), shifted.view(n, c), product.view(n, c)
+            sum_dy = _column_sums(dy, None, groups)  # dbeta
+            # dgamma = sum_n dy x_hat = sum_n inv_std (dy d - mu_d dy)
+            sum_dy_xhat = _column_sums(product, inv_std, groups) - _column_sums(dy, inv_std * mean_d, groups)
             sum_g = _weighted_group_sums(dy, weight, groups)
-            sum_g_xhat = _weighted_group_sums(grad, weight, groups)
-        else:  # saved is x - mu (N, C, L): row sums first, then per channel and per group
-            grad = torch.mul(dy, saved)
-            inv_std_per_channel = _per_channel(inv_std, n, groups, per_group)
-            row_dy = dy.sum(-1)
-            row_dy_xhat = grad.sum(-1).mul_(inv_std_per_channel)
+            sum_g_shifted = _weighted_group_sums(product, weight, groups)
+        else:  # sums over L first: per (sample, channel), then per channel and per group
+            row_dy, row_product = dy.sum(-1), product.sum(-1)
+            del product
+            mean_per_channel = _per_channel(mean_d, n, groups, per_group)
+            row_dy_xhat = (row_product - mean_per_channel * row_dy).mul_(_per_channel(inv_std, n, groups, per_group))
             sum_dy, sum_dy_xhat = row_dy.sum(0), row_dy_xhat.sum(0)
             sum_g = _weighted_group_sums(row_dy, weight, groups)
-            sum_g_xhat = _weighted_group_sums(row_dy_xhat, weight, groups)
+            sum_g_shifted = _weighted_group_sums(row_product, weight, groups)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            shift_g = (-sum_g / m).view(n, groups, 1)
-            scale_x = (-sum_g_xhat / m).view(n, groups, 1)
-            if length == 1:  # dx = inv_std (gamma dy - sum(g)/m - x_hat sum(g x_hat)/m), three passes
-                out = grad.view(n, groups, per_group)
+            inv_std_g, mean_g = inv_std.view(n, groups), mean_d.view(n, groups)
+            sum_g_xhat = inv_std_g * (sum_g_shifted - mean_g * sum_g)
+            # dx = inv_std (g + kappa d + epsilon): kappa = -inv_std sum(g x_hat) / m,
+            # epsilon = -sum(g) / m - kappa mu_d
+            kappa = -inv_std_g * sum_g_xhat / m
+            epsilon = -sum_g / m - kappa * mean_g
+            if length == 1:  # three passes in the (N, G, C/G) view; product's buffer becomes dx
+                out = product.view(n, groups, per_group)
+                dy_g = dy.view_as(out)
                 if weight is None:
-                    torch.add(dy.view_as(out), shift_g, out=out)
+                    torch.add(dy_g, epsilon.unsqueeze(-1), out=out)
                 else:
-                    torch.addcmul(shift_g, dy.view_as(out), weight.view(groups, per_group), out=out)
-                out.addcmul_(saved.view_as(out), scale_x).mul_(inv_std.view(n, groups, 1))
-            else:  # per (sample, channel): dx = a dy + k (x - mu) + e, three passes
-                inv_std_g = inv_std.view(n, groups, 1)
+                    torch.addcmul(epsilon.unsqueeze(-1), dy_g, weight.view(groups, per_group), out=out)
+                out.addcmul_(shifted.view_as(out), kappa.unsqueeze(-1)).mul_(inv_std_g.unsqueeze(-1))
+                grad_x = out
+            else:  # per (sample, channel) scalars: dx = a dy + (inv_std kappa) d + inv_std epsilon; d becomes dx
                 a = _per_channel(inv_std, n, groups, per_group)
                 if weight is not None:
                     a = a * weight
-                k = _per_channel(inv_std_g * inv_std_g * scale_x, n, groups, per_group)
-                e = _per_channel(inv_std_g * shift_g, n, groups, per_group)
-                torch.mul(dy, a.unsqueeze(-1), out=grad)
-                grad.addcmul_(saved, k.unsqueeze(-1)).add_(e.unsqueeze(-1))
-            grad_x = grad.view(grad_y.shape)
+                scale = _per_channel(inv_std_g * kappa, n, groups, per_group)
+                offset = _per_channel(inv_std_g * epsilon, n, groups, per_group)
+                grad_x = shifted.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1)).addcmul_(dy, a.unsqueeze(-1))
+            grad_x = grad_x.view(grad_y.shape)
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
