@@ -92,3 +92,22 @@ def test_nan_propagates_so_the_monitor_can_repair():
     y[1, 2] = math.nan
     (got,) = sums([(y, 0, ACTIVATION, 0)])
     assert math.isnan(got["mean"]) and math.isnan(got["min"]) and math.isnan(got["max"])
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.bfloat16], ids=str)
+def test_a_tensor_that_is_not_float32_gives_no_rows(other):
+    """The signal for the Monitor's eager fallback: an empty table, not an error and not wrong sums."""
+    tensors = [torch.randn(4, 3), torch.randn(4, 3).to(other)]
+    table = fast.kernels().layer_statistics(tensors, [0, 1], [ACTIVATION, OUTPUT_GRAD], [0, 0], 2, [None, None])
+    assert table.shape == (0, len(SUMS_COLUMNS))
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 0.05), (1e3, 1e-2)], ids=str)
+def test_weight_moments_and_snapshot_over_several_chunks(mean, std):
+    # 15,000 values: four 4,096-value chunks and a ragged end, far from zero in the second case
+    w = (torch.randn(300, 50, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * std + mean).float()
+    snapshot = torch.empty_like(w)
+    (got,) = sums([(w, 0, WEIGHT, 0)], snapshots=[snapshot])
+    assert got["weight_n"] == w.numel()
+    assert got["weight_m2"] / (got["weight_n"] - 1) == pytest.approx(w.double().var().item(), rel=1e-4)
+    assert torch.equal(snapshot, w)

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "vec_util.h"
@@ -156,6 +157,27 @@ Moments output_moments(const at::Tensor& y, int64_t kind, UnitSums& unit_sums) {
   }
 }
 
+// A weight's count, mean and M2 (shifted sums, float chunks joining doubles), copied into ``copy`` (when not
+// null) chunk by chunk while the chunk is still in L1: one pass over the weight, not two.
+Moments weight_moments(const float* x, int64_t n, float* copy) {
+  Moments m;
+  if (n == 0) return m;
+  const float k = x[0];
+  double s = 0.0, q = 0.0;
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t size = std::min(n - start, kChunk);
+    float chunk_sum, chunk_squares;
+    shifted_sums(x + start, size, k, chunk_sum, chunk_squares);
+    if (copy != nullptr) std::memcpy(copy + start, x + start, size * sizeof(float));
+    s += chunk_sum;
+    q += chunk_squares;
+  }
+  m.n = static_cast<double>(n);
+  m.mean = k + s / m.n;
+  m.m2 = std::max(0.0, q - s * s / m.n);
+  return m;
+}
+
 double sum_squares(const float* x, int64_t n) {
   double total = 0.0;
   for (int64_t start = 0; start < n; start += kChunk) {
@@ -185,17 +207,18 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
   const size_t count = tensors.size();
   TORCH_CHECK(slots.size() == count && roles.size() == count && kinds.size() == count && snapshots.size() == count,
               "layer_statistics: tensors, slots, roles, kinds and snapshots must have the same length");
+  const auto options = at::TensorOptions().dtype(at::kDouble);
   std::vector<std::vector<size_t>> work(n_slots);
   std::vector<at::Tensor> dense(count);
   for (size_t i = 0; i < count; ++i) {
     TORCH_CHECK(slots[i] >= 0 && slots[i] < n_slots, "layer_statistics: slot index out of range");
-    TORCH_CHECK(tensors[i].scalar_type() == at::kFloat && tensors[i].device().is_cpu(),
-                "layer_statistics takes float32 CPU tensors");
+    // no rows at all: the caller computes these statistics its other way (checked here, not per tensor in Python)
+    if (tensors[i].scalar_type() != at::kFloat || !tensors[i].device().is_cpu()) return at::empty({0, kColumns}, options);
     dense[i] = tensors[i].contiguous();
     work[slots[i]].push_back(i);
   }
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor table = at::empty({n_slots, kColumns}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor table = at::empty({n_slots, kColumns}, options);
   double* out = table.data_ptr<double>();
   at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
@@ -222,11 +245,7 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
             bias_grad = (std::isnan(bias_grad) ? 0.0 : bias_grad) + sum_squares(p, n);
             break;
           case kWeight:
-            weight = moments<kNoKind>(p, 1, n, nullptr);
-            if (snapshots[i].has_value()) {
-              float* copy = snapshots[i]->data_ptr<float>();
-              std::copy(p, p + n, copy);
-            }
+            weight = weight_moments(p, n, snapshots[i].has_value() ? snapshots[i]->data_ptr<float>() : nullptr);
             break;
           default:
             TORCH_CHECK(false, "layer_statistics: unknown role ", roles[i]);

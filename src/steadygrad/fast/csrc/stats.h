@@ -20,6 +20,7 @@ enum Kind : int64_t { kNoKind = 0, kTanh = 1, kSigmoid = 2, kRectifier = 3 };
 //   13 weight-gradient, 14 bias-gradient sum of squares (NaN: none)
 //   15 weight n, 16 weight M2                               the layer's first weight
 // A weight with a defined snapshot is copied into it in the same pass (for the update-to-weight ratio).
+// Returns (0, 17) when a tensor is not float32 on the CPU: the caller then takes its eager path.
 at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& slots,
                             const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
                             const std::vector<c10::optional<at::Tensor>>& snapshots);

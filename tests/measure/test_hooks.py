@@ -1,0 +1,50 @@
+"""``on_gradient``, the recorder's cheap gradient tap, against tensor hooks (torch's own way to see dL/dy)."""
+
+import pytest
+import torch
+
+from steadygrad.measure.hooks import on_gradient
+
+
+def _both(make):
+    """The gradient on_gradient delivers and the one Tensor.register_hook delivers, for the same graph."""
+    seen, expected = [], []
+    x = torch.randn(6, 4, requires_grad=True)
+    y, loss_of = make(x)
+    on_gradient(y, seen.append)
+    y.register_hook(expected.append)
+    loss_of(y).backward()
+    return seen, expected
+
+
+CASES = {
+    # y made by a node with one output
+    "linear": lambda x: (x @ torch.ones(4, 3), lambda y: (y**2).sum()),
+    # the second output of a multi-output node: its own index
+    "chunk": lambda x: (x.chunk(2, dim=1)[1], lambda y: (y * torch.arange(12.0).reshape(6, 2)).sum()),
+    # y used twice: the accumulated gradient, once
+    "reused": lambda x: (x * 2, lambda y: (y**2).sum() + (3 * y).sum()),
+    # a leaf: no node to attach to
+    "leaf": lambda x: (x, lambda y: (y**3).sum()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_delivers_what_a_tensor_hook_delivers(case):
+    seen, expected = _both(CASES[case])
+    assert len(seen) == len(expected) == 1
+    torch.testing.assert_close(seen[0], expected[0], rtol=0, atol=0)
+
+
+def test_an_output_modified_in_place_afterwards_gives_the_gradient_at_the_hooked_value():
+    # Conv -> BN -> ReLU(inplace=True): the hook on BN's output sees the gradient that reaches BN, as a
+    # tensor hook registered at the same moment does
+    x = torch.randn(6, 4, requires_grad=True)
+    y = x * 1.5
+    seen, expected = [], []
+    on_gradient(y, seen.append)
+    y.register_hook(expected.append)
+    torch.relu_(y)
+    y.sum().backward()
+    torch.testing.assert_close(seen[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], (x.detach() * 1.5 > 0).float())
