@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import steadygrad.measure.monitor as monitor_module
 from steadygrad import fast
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.nets import NetSpec, build
@@ -86,15 +87,14 @@ def test_monitor_records_equal_the_probe(mode, activation, skip, dtype, monkeypa
     expected = probe(net, x, y)
     compiled_calls = []
     if mode == "compiled":  # count the compiled statistics' tables: float32 must take them, float64 must not
-        kernels = fast.kernels()
-        statistics = kernels.layer_statistics
+        statistics = monitor_module.deferred_table
 
         def counted(*args):
-            table = statistics(*args)
-            compiled_calls.extend([1] if len(table) else [])  # float64 is handed back with no rows
-            return table
+            computed = statistics(*args)
+            compiled_calls.extend([1] if computed is not None else [])  # float64 is handed back with no rows
+            return computed
 
-        monkeypatch.setattr(kernels, "layer_statistics", counted)
+        monkeypatch.setattr(monitor_module, "deferred_table", counted)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with Monitor(net, optimizer=opt) as monitor:
         opt.zero_grad()
@@ -253,3 +253,15 @@ def test_bad_arguments():
         Monitor("model")
     with pytest.raises(ValueError, match="No layer of the model matches"):
         Monitor(net, layers="nothing*")
+
+
+def test_a_monitor_closed_between_forward_and_backward_leaves_the_backward_working(mode):
+    # the compiled taps' gradient hooks outlive the monitor on the graph: they must find it gone, not crash
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    monitor = Monitor(net, optimizer=opt).attach()
+    loss = F.cross_entropy(net(x), y)
+    monitor.detach()
+    del monitor
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())

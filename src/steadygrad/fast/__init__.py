@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["available", "compile_seconds", "disable", "enable", "enabled", "kernels"]
 
 _STATE: dict = {"module": None, "enabled": False, "seconds": None, "error": None}
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "norm.cpp", "stats.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "norm.cpp", "stats.cpp", "collector.cpp")]
 
 # The flags torch's own CPU kernels are built with for each capability (ATen/cpu/vec selects its
 # Vectorized<float> implementation from CPU_CAPABILITY_*).

@@ -4,7 +4,8 @@ The probe runs it for one forward and backward pass; the monitor across the micr
 optimizer step. Either way ``finalize`` turns the accumulators into one vector of sums per layer call
 (``SUMS_COLUMNS``), still on the device; after a single host copy ``rows_from_sums`` works out the
 statistics from them, and ``make_records`` makes ``LayerRecord``s. The compiled kernels of the monitor's
-deferred mode (``deferred_table``) produce the same sums, so both paths share that last step.
+deferred mode (``deferred_table``, fed as the step runs by ``Recorder.collector()``) produce the same sums,
+so both paths share that last step.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class _Slot:
     module: nn.Module
     call: int
     kind: str = ""  # kind_name(module), looked up once per recorder
+    index: int = 0  # position in first-call order: the row of the statistics table
     activations: torch.Tensor | None = None
     unit_counts: torch.Tensor | None = None
     unit_active: torch.Tensor | None = None
@@ -149,8 +151,6 @@ class _Slot:
     # statistics must be recomputed with masking (the fast path cannot exclude them)
     outputs: list = field(default_factory=list)
     grads: list = field(default_factory=list)
-    # deferred mode: the activation-function outputs behind the unit statistics, with their kind
-    units: list = field(default_factory=list)
 
 
 def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> None:
@@ -174,9 +174,10 @@ class Recorder:
     """Forward hooks on the selected modules (and on the activation inside each), and tensor hooks on
     their outputs for the gradient. ``active`` switches the work off without removing the hooks.
 
-    With ``deferred`` the hooks only keep references to the tensors, and ``deferred_table`` computes every
-    layer's statistics at the end of the step in one call of the compiled kernels (``steadygrad.fast``):
-    a few microseconds per layer in the hooks instead of a dozen small reductions each.
+    With ``deferred`` (the Monitor's mode when ``steadygrad.fast`` is on) the hooks hand each output to the
+    compiled taps (``collector()``), which sum it at once and sum its gradient from a C++ hook, keeping
+    nothing; ``deferred_table`` adds the parameters at the step's end. That is one C++ call per layer in the
+    forward pass and no Python at all in the backward pass, instead of a dozen small reductions per tensor.
     """
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
@@ -188,6 +189,8 @@ class Recorder:
         # and what the deferred statistics take from them: weights, biases, the first weight (all by module id)
         self._parameter_roles: dict[int, tuple[list[nn.Parameter], list[nn.Parameter], nn.Parameter | None]] = {}
         self._kinds = {id(module): kind_name(module) for _, module in selected}
+        self._layer_index = {id(module): i for i, (_, module) in enumerate(selected)}
+        self._collector = None  # deferred mode: the compiled taps (steadygrad.fast), made on first use
         for _, module in selected:
             layer = primary_layer(module)
             named = [] if layer is None else list(layer.named_parameters(recurse=False))
@@ -198,23 +201,34 @@ class Recorder:
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
         self._handles: list = []
+        self._plan: list[tuple[nn.Module, object]] | None = None
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._calls_this_pass: dict[str, int] = {}
         self._pending_units: dict[int, tuple] = {}
         self.called: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def attach(self) -> Recorder:
-        if self._handles:
-            return self
+    def _hook_plan(self) -> list[tuple[nn.Module, object]]:
+        """(module, forward hook) pairs: each selected module's output hook, and its activation's where that is
+        a separate module whose output is not the block's."""
+        plan = []
         for name, module in self.selected:
             kind, act_module = activation_kind(module)
             if act_module is not None and act_module is not module and _is_last_step(module, act_module):
                 act_module = module  # its output is the block's output: one hook serves both
             own_kind = kind if act_module is module else None
             if act_module is not None and act_module is not module:
-                self._handles.append(act_module.register_forward_hook(self._unit_hook(module, kind)))
-            self._handles.append(module.register_forward_hook(self._output_hook(name, module, own_kind)))
+                plan.append((act_module, self._unit_hook(module, kind)))
+            plan.append((module, self._output_hook(name, module, own_kind)))
+        return plan
+
+    def attach(self) -> Recorder:
+        """Register the forward hooks (the monitor does it for each logged step: the plan is made once)."""
+        if self._handles:
+            return self
+        if self._plan is None:
+            self._plan = self._hook_plan()
+        self._handles = [module.register_forward_hook(hook) for module, hook in self._plan]
         return self
 
     def detach(self) -> None:
@@ -228,6 +242,8 @@ class Recorder:
 
     def reset(self) -> None:
         self._slots.clear()
+        if self._collector is not None:
+            self._collector.clear()
         self._calls_this_pass.clear()
         self._pending_units.clear()
 
@@ -255,7 +271,8 @@ class Recorder:
             self.called.add(name)
             slot = self._slots.get((name, call))
             if slot is None:
-                slot = self._slots[(name, call)] = _Slot(name, module, call, self._kinds[id(module)])
+                slot = _Slot(name, module, call, self._kinds[id(module)], len(self._slots))
+                self._slots[(name, call)] = slot
             y = first_tensor(output)
             if y is None:
                 return
@@ -275,26 +292,40 @@ class Recorder:
 
         return hook
 
-    def _collect(self, slot: _Slot, y: torch.Tensor, module: nn.Module, own_kind: str | None) -> None:
-        """Deferred mode: keep the output, the activation-function output and (by a tensor hook) the gradient."""
-        value = y.detach()
-        slot.outputs.append(value)
-        units = (value, own_kind) if own_kind else self._pending_units.pop(id(module), None)
-        if units is not None:
-            slot.units.append(units)
-        if y.requires_grad:
-            on_gradient(y, slot.grads.append)
+    def first_weights(self) -> list[nn.Parameter | None]:
+        """Each selected layer's first weight of more than one value (None where it has none): the weight whose
+        variance and update ratio the records report."""
+        return [self._parameter_roles[id(module)][2] for _, module in self.selected]
 
-    def compute_collected(self) -> None:
-        """Deferred mode where the compiled kernels do not apply (another dtype or device): the collected
-        tensors' statistics computed eagerly, exactly as the hooks would have."""
-        for slot in self._slots.values():
-            for y in slot.outputs:
-                _add_output(slot, y, None)
-            for y, kind in slot.units:
-                _add_output(slot, None, unit_moments(y, kind))
-            for grad in slot.grads:
-                _add_gradient(slot, grad)
+    def collector(self):
+        """The compiled taps of deferred mode (``steadygrad.fast``'s Collector), made once: it knows each layer's
+        parameters and holds a buffer per first weight for its copy before the update (the update ratio)."""
+        if self._collector is None:
+            from steadygrad.fast import kernels
+
+            roles = [self._parameter_roles[id(module)] for _, module in self.selected]
+            snapshots = [
+                torch.empty_like(w, memory_format=torch.contiguous_format)
+                if w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+                else None
+                for _, _, w in roles
+            ]
+            self._collector = kernels().Collector(
+                [w for w, _, _ in roles], [b for _, b, _ in roles], [w for _, _, w in roles], snapshots
+            )
+        return self._collector
+
+    def _collect(self, slot: _Slot, y: torch.Tensor, module: nn.Module, own_kind: str | None) -> None:
+        """Deferred mode: the output is summed by the compiled taps now (and its gradient, by a C++ hook, in the
+        backward pass); nothing is kept here."""
+        collector = self._collector or self.collector()
+        if own_kind:  # the activation function's output is the layer's: one pass gives both statistics
+            collector.output(y, slot.index, _KIND_CODES[own_kind])
+            return
+        collector.output(y, slot.index, 0)
+        units = self._pending_units.pop(id(module), None)
+        if units is not None:
+            collector.units(units[0], slot.index, _KIND_CODES[units[1]])
 
     # -- results ---------------------------------------------------------------------------------------
     def _recompute_masked(self, slot: _Slot) -> None:
@@ -322,12 +353,6 @@ class Recorder:
             for slot, pair in zip(slots, sums, strict=True):
                 if not bool(torch.isfinite(pair).all()):
                     self._recompute_masked(slot)
-
-    def masked_columns(self, slot: _Slot) -> tuple[list[float], list[float]]:
-        """A slot's activation (6) and gradient (2) statistics recomputed with NaN/Inf excluded and counted."""
-        self._recompute_masked(slot)
-        row = rows_from_sums(self._slot_sums(slot, torch.device("cpu")).tolist(), self.gradient_scale)
-        return row[:6], row[8:10]
 
     def all_reduce(self, group=None) -> None:
         """Merge every rank's accumulators so that ``finalize`` reports the statistics of the global batch.
@@ -404,49 +429,13 @@ _ACTIVATION, _UNITS, _OUTPUT_GRAD, _WEIGHT_GRAD, _BIAS_GRAD, _WEIGHT = range(6)
 _KIND_CODES = {None: 0, "tanh": 1, "sigmoid": 2, "rectifier": 3}
 
 
-def deferred_table(
-    recorder: Recorder, snapshots: Mapping[int, torch.Tensor] | None = None
-) -> tuple[list[_Slot], torch.Tensor] | None:
-    """The deferred mode's sums for every slot in one call of the compiled kernels: ``finalize``'s
-    (slots, len(SUMS_COLUMNS)) float64 tensor, or None where the collected tensors are not all float32 on
-    the CPU (the caller then computes them eagerly: ``Recorder.compute_collected``).
-
-    ``snapshots`` maps id(weight) to a buffer the weight is copied into in the same pass (the monitor's
-    update-to-weight ratio needs the weights before the optimizer's step).
-    """
-    from steadygrad.fast import kernels
-
+def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
+    """The deferred mode's sums for every slot, ``finalize``'s (slots, len(SUMS_COLUMNS)) float64 tensor, from
+    the compiled taps: what they summed as the step ran, plus each slot's parameter gradients and first weight
+    in one parallel pass, which also copies each first weight into its snapshot buffer
+    (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
-    # one entry per tensor, in five parallel lists: the tensor, its slot, role, kind code and snapshot buffer
-    tensors, index, roles, kinds, copies = [], [], [], [], []
-    copied: set[int] = set()
-    for i, slot in enumerate(slots):
-        units = slot.units
-        for y in slot.outputs:
-            # the activation function's output is often the layer's own: one pass gives both statistics
-            kind = next((k for u, k in units if u is y), None) if units else None
-            tensors.append(y), index.append(i), roles.append(_ACTIVATION), kinds.append(_KIND_CODES[kind])
-            copies.append(None)
-            if kind:
-                units = [(u, k) for u, k in units if u is not y]
-        for y, kind in units:
-            tensors.append(y), index.append(i), roles.append(_UNITS), kinds.append(_KIND_CODES[kind])
-            copies.append(None)
-        for grad in slot.grads:
-            tensors.append(grad), index.append(i), roles.append(_OUTPUT_GRAD), kinds.append(0), copies.append(None)
-        weights, biases, first = recorder._parameter_roles[id(slot.module)]
-        for params, role in ((weights, _WEIGHT_GRAD), (biases, _BIAS_GRAD)):
-            for p in params:
-                if p.grad is not None:
-                    tensors.append(p.grad.detach()), index.append(i), roles.append(role), kinds.append(0)
-                    copies.append(None)
-        if first is not None:
-            buffer = None if snapshots is None or id(first) in copied else snapshots.get(id(first))
-            copied.add(id(first))
-            tensors.append(first.detach()), index.append(i), roles.append(_WEIGHT), kinds.append(0)
-            copies.append(buffer)
-    table = kernels().layer_statistics(tensors, index, roles, kinds, len(slots), copies)
-    return (slots, table) if len(table) == len(slots) else None  # no rows: a tensor was not float32 on the CPU
+    return slots, recorder.collector().statistics([recorder._layer_index[id(slot.module)] for slot in slots])
 
 
 REPAIRED_COLUMNS = 10  # activation, unit and gradient statistics; the weight statistics (10-12) need no repair

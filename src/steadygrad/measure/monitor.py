@@ -20,7 +20,6 @@ from steadygrad.measure.hooks import (
 from steadygrad.measure.probe import LayerSelector, select_layers
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
-from steadygrad.measure.stats import primary_layer
 
 __all__ = ["Monitor"]
 
@@ -84,10 +83,8 @@ class Monitor:
         self.scaler = scaler
         self.step_count = 0  # optimizer steps seen so far
         self._recorder = Recorder(self.layers)
-        self._primary = [primary_layer(module) for _, module in self.layers]  # whose weight moves
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
-        self._snapshots: dict[int, torch.Tensor] = {}  # the weights before the update (deferred mode)
         self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
         self._loss: torch.Tensor | None = None
         self._attached = False
@@ -126,8 +123,9 @@ class Monitor:
 
         self._recorder.active = logged
         if logged and self._attached:
-            # deferred: the hooks keep references and one compiled call computes the sums at the step's end
-            self._recorder.deferred = fast.enabled() and not is_distributed()
+            # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
+            # stay exact in float64 and run on the device elsewhere)
+            self._recorder.deferred = fast.enabled() and not is_distributed() and self._float32_cpu()
             self._recorder.attach()
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
@@ -157,28 +155,6 @@ class Monitor:
     def _on_forward(self, module, args) -> None:
         self._recorder.new_pass()
 
-    def _weights(self, detach: bool = True) -> list[torch.Tensor | None]:
-        """Each layer's primary weight (None where it has none); ``detach=False``: the parameter objects
-        themselves, whose ids key the snapshot buffers."""
-        weights = []
-        for layer in self._primary:
-            weight = getattr(layer, "weight", None) if layer is not None else None
-            if not isinstance(weight, torch.Tensor):
-                weight = None
-            weights.append(weight.detach() if weight is not None and detach else weight)
-        return weights
-
-    def _snapshot_buffers(self) -> dict[int, torch.Tensor]:
-        """Persistent buffers the compiled pass copies the weights into before the update (allocated once)."""
-        buffers = {}
-        for w in self._weights(detach=False):
-            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu":
-                buffer = self._snapshots.get(id(w))
-                if buffer is None or buffer.shape != w.shape:
-                    buffer = self._snapshots[id(w)] = torch.empty_like(w, memory_format=torch.contiguous_format)
-                buffers[id(w)] = buffer
-        return buffers
-
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
             self._pending = None
@@ -188,18 +164,14 @@ class Monitor:
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
             self._recorder.gradient_scale = float(self.scaler.get_scale())
         if self._recorder.deferred:
-            snapshots = self._snapshot_buffers() if snapshot else {}
-            computed = deferred_table(self._recorder, snapshots)
-            if computed is not None:
-                self._pending = ("deferred", *computed, snapshots)
-                return
-            self._recorder.compute_collected()  # another dtype or device: the eager statistics
+            self._pending = ("deferred", *deferred_table(self._recorder), snapshot)  # copies the weights too
+            return
         from steadygrad.distributed import is_distributed
 
         if is_distributed():  # statistics of the global batch, not of this rank's share
             self._recorder.all_reduce()
         slots, table = self._recorder.finalize(repair=False)  # checked on the host copy, see _after_step
-        before = [w.clone() if w is not None and snapshot else None for w in self._weights()]
+        before = [w.detach().clone() if w is not None and snapshot else None for w in self._recorder.first_weights()]
         self._pending = ("eager", slots, table, before)
 
     def _after_step(self) -> FlowReport | None:
@@ -229,41 +201,36 @@ class Monitor:
         return report
 
     def _ratio_column(self, slots, ratios: list) -> list:
-        by_module = {id(m): r for (_, m), r in zip(self.layers, ratios, strict=True)}
-        return [by_module[id(slot.module)] for slot in slots]
+        """Per slot, its layer's entry of ``ratios`` (one per watched layer, in ``self.layers`` order)."""
+        index = self._recorder._layer_index
+        return [ratios[index[id(slot.module)]] for slot in slots]
 
-    def _deferred_rows(self, slots, table, snapshots) -> tuple[float, list[list[float]]]:
-        """Host rows from the compiled pass's sums, the update ratios from one more compiled pass."""
-        from steadygrad.fast import kernels
-
-        rows = [rows_from_sums(sums, self._recorder.gradient_scale) for sums in table.tolist()]
-        weights = self._weights(detach=False)
-        moved = [w for w in weights if w is not None and id(w) in snapshots]
-        norms = (
-            kernels().update_norms([w.detach() for w in moved], [snapshots[id(w)] for w in moved]).tolist()
-            if moved
-            else []
-        )
-        by_weight = {
-            id(w): math.sqrt(change) / math.sqrt(size) if size > 0 else math.nan
-            for w, (change, size) in zip(moved, norms, strict=True)
-        }
-        ratios = [by_weight.get(id(w), math.nan) if w is not None else math.nan for w in weights]
-        for slot, row, ratio in zip(slots, rows, self._ratio_column(slots, ratios), strict=True):
-            if (slot.outputs and not math.isfinite(row[0])) or (slot.grads and not math.isfinite(row[8])):
-                # NaN/Inf met: this layer's activation and gradient statistics again, with masking
-                row[:6], row[8:10] = self._recorder.masked_columns(slot)
+    def _deferred_rows(self, slots, table, snapshot: bool) -> tuple[float, list[list[float]]]:
+        """Host rows from the compiled taps' sums (NaN and Inf already excluded and counted there); the update
+        ratios from one more compiled pass over the weights and their copies."""
+        scale = self._recorder.gradient_scale
+        rows = [rows_from_sums(sums, scale) for sums in table.tolist()]
+        ratios = [math.nan] * len(self.layers)
+        if snapshot:
+            for i, (change, size) in enumerate(self._recorder.collector().update_norms().tolist()):
+                if size > 0:  # NaN (no copy) fails this too
+                    ratios[i] = math.sqrt(change) / math.sqrt(size)
+        for row, ratio in zip(rows, self._ratio_column(slots, ratios), strict=True):
             row.append(ratio)
         return (self._loss.item() if self._loss is not None else math.nan), rows
+
+    def _float32_cpu(self) -> bool:
+        """Whether every parameter of the model is float32 on the CPU (what the compiled taps are for)."""
+        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self.model.parameters())
 
     def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
         device = table.device
         ratios = []
-        for old, new in zip(before, self._weights(), strict=True):
+        for old, new in zip(before, self._recorder.first_weights(), strict=True):
             if old is None or new is None:
                 ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
             else:
-                change = torch.linalg.vector_norm(new - old, dtype=torch.float64) / torch.linalg.vector_norm(
+                change = torch.linalg.vector_norm(new.detach() - old, dtype=torch.float64) / torch.linalg.vector_norm(
                     old, dtype=torch.float64
                 )
                 ratios.append(change.to(device))

@@ -1,6 +1,7 @@
 // Python bindings of steadygrad's compiled kernels (built on first use by steadygrad.fast).
 #include <torch/extension.h>
 
+#include "collector.h"
 #include "norm.h"
 #include "stats.h"
 
@@ -9,4 +10,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_norm", &steadygrad::rows_norm, "LayerNorm/GroupNorm on (rows, d), differentiable");
   m.def("layer_statistics", &steadygrad::layer_statistics, "The Monitor's per-layer sums in one call");
   m.def("update_norms", &steadygrad::update_norms, "||W - W_before||^2 and ||W_before||^2 per tensor");
+  py::class_<steadygrad::Collector, std::shared_ptr<steadygrad::Collector>>(
+      m, "Collector", "The Monitor's taps for one logged step, gathered in C++ (see csrc/collector.h)")
+      .def(py::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<at::Tensor>>,
+                    std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>>())
+      .def("output", &steadygrad::Collector::output)
+      .def("units", &steadygrad::Collector::units)
+      .def("statistics", &steadygrad::Collector::statistics)
+      .def("update_norms", &steadygrad::Collector::update_norms)
+      .def("clear", &steadygrad::Collector::clear);
 }

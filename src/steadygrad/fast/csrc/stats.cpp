@@ -6,6 +6,8 @@
 // are not excluded here: they propagate into the sums, and the Monitor recomputes that layer with masking.
 #include "stats.h"
 
+#include "moments.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -17,35 +19,8 @@
 namespace steadygrad {
 namespace {
 
-constexpr int64_t kColumns = 17;  // steadygrad.measure.hooks.SUMS_COLUMNS
-constexpr int64_t kChunk = 4096;  // float partial sums cover this many values before joining a double
 constexpr float kTanhSaturation = 0.99f;     // as steadygrad.measure.stats.TANH_SATURATION
 constexpr float kSigmoidSaturation = 0.01f;  // as steadygrad.measure.stats.SIGMOID_SATURATION
-
-struct Moments {
-  double n = 0.0, mean = 0.0, m2 = 0.0;
-  float lo = std::numeric_limits<float>::infinity(), hi = -std::numeric_limits<float>::infinity();
-  double squares = 0.0;
-
-  void merge(const Moments& o) {  // Chan, Golub, LeVeque (1983)
-    const double total = n + o.n;
-    if (total == 0.0) return;
-    const double delta = o.mean - mean;
-    mean += delta * o.n / total;
-    m2 += o.m2 + delta * delta * n * o.n / total;
-    n = total;
-    lo = std::isnan(lo) || std::isnan(o.lo) ? NAN : std::min(lo, o.lo);
-    hi = std::isnan(hi) || std::isnan(o.hi) ? NAN : std::max(hi, o.hi);
-    squares += o.squares;
-  }
-};
-
-// What an activation's pass adds beyond its moments: saturated values (tanh, sigmoid) or, for a rectifier,
-// each unit's largest value over the batch (dead: <= 0 for every sample of every micro-batch).
-struct UnitSums {
-  double saturated = 0.0, counted = 0.0;
-  std::vector<float> maxima;
-};
 
 inline Vec saturated_lanes(const Vec& v, int64_t kind) {
   const Vec one(1.f), zero(0.f);
@@ -137,12 +112,52 @@ Moments moments(const float* x, int64_t rows, int64_t units, UnitSums* unit_sums
   return m;
 }
 
-// The moments of an (N, *) output, and by kind its unit sums (units: the per-sample size).
+// An (N, *) output as rows of units: rows matter only to a rectifier's units, anything else is one flat row.
+void unit_layout(const at::Tensor& y, int64_t kind, int64_t& rows, int64_t& units) {
+  const int64_t n = y.numel();
+  rows = kind == kRectifier && y.dim() >= 1 && n > 0 ? y.size(0) : 1;
+  units = rows ? n / rows : 0;
+}
+
+}  // namespace
+
+void UnitSums::merge(const UnitSums& o) {
+  saturated += o.saturated;
+  counted += o.counted;
+  if (maxima.empty()) {
+    maxima = o.maxima;
+  } else if (maxima.size() == o.maxima.size()) {
+    for (size_t i = 0; i < maxima.size(); ++i) maxima[i] = std::max(maxima[i], o.maxima[i]);
+  }
+}
+
+void SlotSums::write_row(double* row) const {
+  int64_t dead = 0;
+  for (float m : units.maxima) dead += !(m > 0.f);
+  const double values[kColumns] = {activation.n,
+                                   activation.mean,
+                                   activation.m2,
+                                   activation.lo,
+                                   activation.hi,
+                                   activation.squares,
+                                   activation_nonfinite,
+                                   units.saturated,
+                                   units.counted,
+                                   static_cast<double>(units.maxima.size()),
+                                   static_cast<double>(dead),
+                                   grad,
+                                   grad_nonfinite,
+                                   weight_grad,
+                                   bias_grad,
+                                   weight.n,
+                                   weight.m2};
+  std::copy(values, values + kColumns, row);
+}
+
 Moments output_moments(const at::Tensor& y, int64_t kind, UnitSums& unit_sums) {
   const float* p = y.data_ptr<float>();
-  const int64_t n = y.numel();
-  // rows matter only to a rectifier's units: anything else is one flat row
-  const int64_t rows = kind == kRectifier && y.dim() >= 1 && n > 0 ? y.size(0) : 1, units = rows ? n / rows : 0;
+  int64_t rows, units;
+  unit_layout(y, kind, rows, units);
   switch (kind) {
     case kRectifier:
       if (unit_sums.maxima.empty()) unit_sums.maxima.assign(units, -std::numeric_limits<float>::infinity());
@@ -178,6 +193,54 @@ Moments weight_moments(const float* x, int64_t n, float* copy) {
   return m;
 }
 
+Moments finite_output_moments(const at::Tensor& y, int64_t kind, UnitSums& unit_sums, double& nonfinite) {
+  const float* p = y.data_ptr<float>();
+  int64_t rows, units;
+  unit_layout(y, kind, rows, units);
+  if (kind == kRectifier && unit_sums.maxima.empty()) unit_sums.maxima.assign(units, -INFINITY);
+  const bool unit_maxima = kind == kRectifier && static_cast<int64_t>(unit_sums.maxima.size()) == units;
+  // two passes in double over the finite values (Welford would do too: this path is for the rare broken step)
+  double n = 0.0, total = 0.0;
+  for (int64_t i = 0; i < rows * units; ++i) {
+    if (std::isfinite(p[i])) {
+      n += 1.0;
+      total += p[i];
+    }
+  }
+  Moments m;
+  m.n = n;
+  m.mean = n > 0 ? total / n : 0.0;
+  nonfinite += static_cast<double>(rows * units) - n;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t u = 0; u < units; ++u) {
+      const float v = p[r * units + u];
+      // NaN is neither > 0 nor saturated, as in the eager statistics (steadygrad.measure.stats.unit_moments)
+      if (unit_maxima && v > unit_sums.maxima[u]) unit_sums.maxima[u] = v;
+      if (kind == kTanh || kind == kSigmoid) unit_sums.saturated += saturated_value(v, kind);
+      if (!std::isfinite(v)) continue;
+      const double d = v - m.mean;
+      m.m2 += d * d;
+      m.squares += static_cast<double>(v) * v;
+      m.lo = std::min(m.lo, v);
+      m.hi = std::max(m.hi, v);
+    }
+  }
+  if (kind == kTanh || kind == kSigmoid) unit_sums.counted += static_cast<double>(rows * units);
+  return m;
+}
+
+double finite_sum_squares(const float* x, int64_t n, double& nonfinite) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isfinite(x[i])) {
+      total += static_cast<double>(x[i]) * x[i];
+    } else {
+      nonfinite += 1.0;
+    }
+  }
+  return total;
+}
+
 double sum_squares(const float* x, int64_t n) {
   double total = 0.0;
   for (int64_t start = 0; start < n; start += kChunk) {
@@ -199,7 +262,62 @@ double sum_squares(const float* x, int64_t n) {
   return total;
 }
 
-}  // namespace
+static void add_parameter(SlotSums& sums, const Entry& e, const at::Tensor& dense) {
+  const float* p = dense.data_ptr<float>();
+  const int64_t n = dense.numel();
+  switch (e.role) {
+    case kWeightGrad:
+      sums.weight_grad = (std::isnan(sums.weight_grad) ? 0.0 : sums.weight_grad) + sum_squares(p, n);
+      break;
+    case kBiasGrad:
+      sums.bias_grad = (std::isnan(sums.bias_grad) ? 0.0 : sums.bias_grad) + sum_squares(p, n);
+      break;
+    case kWeight:
+      sums.weight = weight_moments(p, n, e.copy);
+      break;
+    default:
+      TORCH_CHECK(false, "layer_statistics: unknown role ", e.role);
+  }
+}
+
+at::Tensor slot_statistics(const std::vector<Entry>& entries, int64_t n_slots, std::vector<SlotSums>* taps) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  std::vector<std::vector<size_t>> work(n_slots);
+  std::vector<at::Tensor> dense(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Entry& e = entries[i];
+    TORCH_CHECK(e.slot >= 0 && e.slot < n_slots, "layer_statistics: slot index out of range");
+    // no rows at all: the caller computes these statistics its other way (checked here, not per tensor in Python)
+    if (e.tensor.scalar_type() != at::kFloat || !e.tensor.device().is_cpu()) return at::empty({0, kColumns}, options);
+    dense[i] = e.tensor.contiguous();
+    work[e.slot].push_back(i);
+  }
+  at::Tensor table = at::empty({n_slots, kColumns}, options);
+  double* out = table.data_ptr<double>();
+  at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      SlotSums sums = taps != nullptr && slot < static_cast<int64_t>(taps->size()) ? (*taps)[slot] : SlotSums();
+      for (size_t i : work[slot]) {
+        const Entry& e = entries[i];
+        switch (e.role) {
+          case kActivation:
+            sums.activation.merge(output_moments(dense[i], e.kind, sums.units));
+            break;
+          case kUnits:  // the activation function's output, when it is not the layer's
+            output_moments(dense[i], e.kind, sums.units);
+            break;
+          case kOutputGrad:
+            sums.grad = (std::isnan(sums.grad) ? 0.0 : sums.grad) + sum_squares(dense[i].data_ptr<float>(), dense[i].numel());
+            break;
+          default:
+            add_parameter(sums, e, dense[i]);
+        }
+      }
+      sums.write_row(out + slot * kColumns);
+    }
+  });
+  return table;
+}
 
 at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& slots,
                             const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
@@ -207,74 +325,23 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
   const size_t count = tensors.size();
   TORCH_CHECK(slots.size() == count && roles.size() == count && kinds.size() == count && snapshots.size() == count,
               "layer_statistics: tensors, slots, roles, kinds and snapshots must have the same length");
-  const auto options = at::TensorOptions().dtype(at::kDouble);
-  std::vector<std::vector<size_t>> work(n_slots);
-  std::vector<at::Tensor> dense(count);
+  std::vector<Entry> entries;
+  entries.reserve(count);
   for (size_t i = 0; i < count; ++i) {
-    TORCH_CHECK(slots[i] >= 0 && slots[i] < n_slots, "layer_statistics: slot index out of range");
-    // no rows at all: the caller computes these statistics its other way (checked here, not per tensor in Python)
-    if (tensors[i].scalar_type() != at::kFloat || !tensors[i].device().is_cpu()) return at::empty({0, kColumns}, options);
-    dense[i] = tensors[i].contiguous();
-    work[slots[i]].push_back(i);
-  }
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor table = at::empty({n_slots, kColumns}, options);
-  double* out = table.data_ptr<double>();
-  at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slot = begin; slot < end; ++slot) {
-      Moments act, weight;
-      UnitSums unit_sums;
-      double grad = nan, weight_grad = nan, bias_grad = nan;
-      for (size_t i : work[slot]) {
-        const float* p = dense[i].data_ptr<float>();
-        const int64_t n = dense[i].numel();
-        switch (roles[i]) {
-          case kActivation:
-            act.merge(output_moments(dense[i], kinds[i], unit_sums));
-            break;
-          case kUnits:  // the activation function's output, when it is not the layer's
-            output_moments(dense[i], kinds[i], unit_sums);
-            break;
-          case kOutputGrad:
-            grad = (std::isnan(grad) ? 0.0 : grad) + sum_squares(p, n);
-            break;
-          case kWeightGrad:
-            weight_grad = (std::isnan(weight_grad) ? 0.0 : weight_grad) + sum_squares(p, n);
-            break;
-          case kBiasGrad:
-            bias_grad = (std::isnan(bias_grad) ? 0.0 : bias_grad) + sum_squares(p, n);
-            break;
-          case kWeight:
-            weight = weight_moments(p, n, snapshots[i].has_value() ? snapshots[i]->data_ptr<float>() : nullptr);
-            break;
-          default:
-            TORCH_CHECK(false, "layer_statistics: unknown role ", roles[i]);
-        }
-      }
-      int64_t dead = 0;
-      for (float m : unit_sums.maxima) dead += !(m > 0.f);
-      double* row = out + slot * kColumns;
-      const double values[kColumns] = {act.n,
-                                       act.mean,
-                                       act.m2,
-                                       act.lo,
-                                       act.hi,
-                                       act.squares,
-                                       0.0,  // non-finite values are not counted here: they propagate
-                                       unit_sums.saturated,
-                                       unit_sums.counted,
-                                       static_cast<double>(unit_sums.maxima.size()),
-                                       static_cast<double>(dead),
-                                       grad,
-                                       0.0,
-                                       weight_grad,
-                                       bias_grad,
-                                       weight.n,
-                                       weight.m2};
-      std::copy(values, values + kColumns, row);
+    float* copy = nullptr;
+    if (snapshots[i].has_value()) {
+      TORCH_CHECK(snapshot_fits(*snapshots[i], tensors[i]), "layer_statistics: a snapshot must be a contiguous "
+                  "float32 CPU tensor of its weight's size");
+      copy = snapshots[i]->data_ptr<float>();
     }
-  });
-  return table;
+    entries.push_back({tensors[i], slots[i], roles[i], kinds[i], copy});
+  }
+  return slot_statistics(entries, n_slots, nullptr);
+}
+
+bool snapshot_fits(const at::Tensor& snapshot, const at::Tensor& weight) {
+  return snapshot.scalar_type() == at::kFloat && snapshot.device().is_cpu() && snapshot.is_contiguous() &&
+         snapshot.numel() == weight.numel() && weight.scalar_type() == at::kFloat && weight.device().is_cpu();
 }
 
 at::Tensor update_norms(const std::vector<at::Tensor>& now, const std::vector<at::Tensor>& before) {
@@ -282,8 +349,13 @@ at::Tensor update_norms(const std::vector<at::Tensor>& now, const std::vector<at
   const int64_t n = static_cast<int64_t>(now.size());
   at::Tensor table = at::empty({n, 2}, at::TensorOptions().dtype(at::kDouble));
   double* out = table.data_ptr<double>();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (!now[i].defined() || !before[i].defined()) {  // no snapshot was taken: no ratio
+        out[2 * i] = out[2 * i + 1] = nan;
+        continue;
+      }
       const at::Tensor a = now[i].contiguous(), b = before[i].contiguous();
       TORCH_CHECK(a.numel() == b.numel() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
                   "update_norms takes pairs of float32 tensors of one size");

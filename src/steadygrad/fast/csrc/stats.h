@@ -12,6 +12,23 @@ enum Role : int64_t { kActivation = 0, kUnits = 1, kOutputGrad = 2, kWeightGrad 
 // How an activation saturates or dies (as steadygrad.measure.stats.activation_kind).
 enum Kind : int64_t { kNoKind = 0, kTanh = 1, kSigmoid = 2, kRectifier = 3 };
 
+// One tensor of a logged step: which slot (layer call) it belongs to, what it is to that layer, the kind of
+// activation it is the output of, and, for a weight, where to copy it (null: nowhere).
+struct Entry {
+  at::Tensor tensor;
+  int64_t slot, role, kind;
+  float* copy;
+};
+
+struct SlotSums;
+
+// The table below for entries already gathered (by layer_statistics or a Collector), each slot's row starting
+// from ``taps`` (sums the Collector accumulated as the step ran; null: from nothing).
+at::Tensor slot_statistics(const std::vector<Entry>& entries, int64_t n_slots, std::vector<SlotSums>* taps);
+
+// Whether ``snapshot`` can hold a copy of ``weight``: both float32 on the CPU, one size, the snapshot contiguous.
+bool snapshot_fits(const at::Tensor& snapshot, const at::Tensor& weight);
+
 // (slots, 17) float64, one row per layer slot, in the layout of steadygrad.measure.hooks.SUMS_COLUMNS:
 //   0 n, 1 mean, 2 M2, 3 min, 4 max, 5 sum of squares       activation (micro-batches merged, Chan et al.)
 //   6 non-finite (always 0: NaN and Inf propagate into the sums, and the Monitor recomputes that layer)
@@ -25,7 +42,7 @@ at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::v
                             const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
                             const std::vector<c10::optional<at::Tensor>>& snapshots);
 
-// (n, 2) float64: [||now - before||^2, ||before||^2] per pair of float32 tensors.
+// (n, 2) float64: [||now - before||^2, ||before||^2] per pair of float32 tensors (NaN for an undefined pair).
 at::Tensor update_norms(const std::vector<at::Tensor>& now, const std::vector<at::Tensor>& before);
 
 }  // namespace steadygrad
