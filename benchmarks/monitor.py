@@ -1,12 +1,15 @@
 """Monitor overhead: a training step with steadygrad's Monitor over the bare step, measured in one run.
 
-    .venv/bin/python benchmarks/monitor.py [--steps 200]
+    .venv/bin/python benchmarks/monitor.py [--steps 400]
 
 A 20-layer, width-256 ReLU MLP, batch 128, SGD. Rows: the bare step (the reference), the Monitor logging
 every step (full per-layer records), every 10th step, both with the compiled statistics
 (``steadygrad.fast``) and with the eager ones, and a plain per-step hook baseline (a forward hook
 and a gradient hook per layer computing mean, std and gradient norm, the way hand-written monitoring
-usually does). Ratios are mean step times over the bare step's, interleaved so machine noise hits all alike.
+usually does). Each ratio is the median over rounds of the variant's mean step time over the bare step's in
+the same round (every variant runs 20 steps per round, in turn), so the machine's drift hits all alike; the
+middle half of the rounds' ratios shows the spread. A last measurement takes one logged step's cost directly:
+with a Monitor logging every 2nd step, logged and unlogged steps alternate and their medians are compared.
 """
 
 from __future__ import annotations
@@ -48,7 +51,25 @@ class PlainHooks:
             h.remove()
 
 
-def main(steps: int = 200) -> list[tuple[str, str, float]]:
+def _logged_step_cost(step, net, opt, steps: int, compiled: bool) -> tuple[float, float]:
+    """(extra ms of a logged step, bare ms) from a Monitor logging every 2nd step: logged and unlogged steps
+    alternate, so the difference of their medians is the logged step's cost with the machine's drift paired
+    out. A schedule of every k-th step then costs about 1 + extra / (k * bare)."""
+    (fast.enable if compiled else fast.disable)()
+    monitor = Monitor(net, every=2, optimizer=opt).attach()
+    times = {True: [], False: []}
+    for i in range(steps + 20):
+        logged = monitor.logging
+        began = time.perf_counter()
+        step()
+        if i >= 20:
+            times[logged].append(time.perf_counter() - began)
+    monitor.detach()
+    logged, bare = statistics.median(times[True]), statistics.median(times[False])
+    return (logged - bare) * 1e3, bare * 1e3
+
+
+def main(steps: int = 400) -> list[tuple[str, str, float]]:
     torch.manual_seed(0)
     net = build(NetSpec(depth=20, width=256, in_features=256))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
@@ -62,9 +83,11 @@ def main(steps: int = 200) -> list[tuple[str, str, float]]:
     compiled = fast.enable()
 
     def monitor(every: int, use_kernels: bool):
+        made = Monitor(net, every=every, optimizer=opt)  # made once: rounds time the steps, not the set-up
+
         def start():
             (fast.enable if use_kernels else fast.disable)()
-            return Monitor(net, every=every, optimizer=opt).attach()
+            return made.attach()
 
         return start, lambda m: m.detach()
 
@@ -87,14 +110,29 @@ def main(steps: int = 200) -> list[tuple[str, str, float]]:
                 step()
             times[name].append((time.perf_counter() - began) / 20)
             stop(context)
-    bare = statistics.mean(times["bare step (reference)"])
+    bare = times["bare step (reference)"]
     rows = []
-    print(f"# monitor overhead: 20-layer width-256 ReLU MLP, batch 128, SGD, mean of {steps} steps; {machine()}")
-    print(f"{'variant':28} {'ms per step':>12} {'ratio':>7}")
+    print(
+        f"# monitor overhead: 20-layer width-256 ReLU MLP, batch 128, SGD, {steps // 20} rounds of 20 steps per "
+        f"variant; {machine()}"
+    )
+    print("# ratio: median over rounds of (variant's mean step / the bare step's in the same round), with the")
+    print("# middle half of the rounds' ratios; a round runs every variant in turn, so drift hits all alike")
+    print(f"{'variant':28} {'ms per step':>12} {'ratio':>7}  {'middle half':>13}")
     for name, values in times.items():
-        mean = statistics.mean(values)
-        rows.append((name, f"{mean * 1e3:.3f}", mean / bare))
-        print(f"{name:28} {mean * 1e3:12.3f} {mean / bare:7.2f}")
+        ratios = [v / b for v, b in zip(values, bare, strict=True)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        mean_ms = statistics.mean(values) * 1e3
+        rows.append((name, f"{mean_ms:.3f}", median))
+        print(f"{name:28} {mean_ms:12.3f} {median:7.3f}  {q1:6.3f}-{q3:6.3f}")
+    for use_kernels, label in ((compiled, "compiled"), (False, "eager")):
+        if label == "compiled" and not compiled:
+            continue
+        extra, bare_ms = _logged_step_cost(step, net, opt, steps, use_kernels)
+        print(
+            f"# one logged step ({label}), paired against the unlogged steps between: +{extra:.3f} ms on a "
+            f"{bare_ms:.3f} ms step; every 10th step then costs {1 + extra / (10 * bare_ms):.3f}x"
+        )
     print(COCKPIT)
     fast.disable()
     return rows
@@ -102,5 +140,5 @@ def main(steps: int = 200) -> list[tuple[str, str, float]]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     main(parser.parse_args().steps)

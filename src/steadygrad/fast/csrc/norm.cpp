@@ -53,9 +53,9 @@ Coefficients backward_coefficients(double sum_g, double sum_gt, float md, float 
 
 std::vector<at::Tensor> rows_forward(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
                                      const RowLayout& layout, double eps) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "rows_forward takes a 2-D float32 tensor");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0), d = x.size(1);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "rows_forward takes a float32 tensor");
+  const at::Tensor x = x_in.contiguous();  // any shape: rows of d = cpg * hw values (the caller need not reshape)
+  const int64_t d = layout.cpg * layout.hw, rows = d > 0 ? x.numel() / d : 0;
   at::Tensor y = at::empty_like(x), shift = float_buffer(rows, x), dev = float_buffer(rows, x),
              rstd = float_buffer(rows, x);
   const float *xp = x.data_ptr<float>(), *w = ptr_or_null(weight), *b = ptr_or_null(bias);
@@ -101,7 +101,7 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
                                       const at::Tensor& dev, const at::Tensor& rstd, const at::Tensor& weight,
                                       const RowLayout& layout, bool need_affine) {
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
-  const int64_t rows = x.size(0), d = x.size(1);
+  const int64_t d = layout.cpg * layout.hw, rows = d > 0 ? x.numel() / d : 0;
   at::Tensor dx = at::empty_like(x);
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *kp = shift.data_ptr<float>(),
               *dp = dev.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *w = ptr_or_null(weight);
@@ -233,9 +233,9 @@ struct RowSweep {
 }  // namespace
 
 BatchForward batch_forward(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3, "batch_forward takes (N, C, L) float32");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.size(0), c = x.size(1), l = x.size(2), width = c * l;
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, "batch_forward takes (N, C, *) float32");
+  const at::Tensor x = x_in.contiguous();  // viewed as (N, C, L): the caller need not reshape
+  const int64_t n = x.size(0), c = x.size(1), l = n * c > 0 ? x.numel() / (n * c) : 0, width = c * l;
   const double count = static_cast<double>(n) * l;
   BatchForward out;
   out.y = at::empty_like(x);
@@ -320,7 +320,7 @@ BatchForward batch_forward(const at::Tensor& x_in, const at::Tensor& weight, con
 std::vector<at::Tensor> batch_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& shift,
                                        const at::Tensor& dev, const at::Tensor& rstd, const at::Tensor& weight) {
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
-  const int64_t n = x.size(0), c = x.size(1), l = x.size(2), width = c * l;
+  const int64_t n = x.size(0), c = x.size(1), l = n * c > 0 ? x.numel() / (n * c) : 0, width = c * l;
   const double count = static_cast<double>(n) * l;
   at::Tensor dx = at::empty_like(x), dw = float_buffer(c, x), db = float_buffer(c, x);
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *kp = shift.data_ptr<float>(),
@@ -430,7 +430,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                             const at::Tensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
                             double momentum, double eps) {
     BatchForward out = batch_forward(x, weight, bias, eps);
-    const double count = static_cast<double>(x.size(0)) * x.size(2);
+    const double count = static_cast<double>(x.numel()) / x.size(1);
     update_running(running_mean, out.mean, momentum, 1.0);
     update_running(running_var, out.var, momentum, count / (count - 1.0));  // unbiased, as torch
     ctx->save_for_backward({x, weight, out.shift, out.dev, out.rstd});
