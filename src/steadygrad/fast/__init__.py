@@ -8,8 +8,10 @@ What it switches on:
 - the fused normalization kernels: steadygrad's batch (training mode), layer and group norms on contiguous
   float32 CPU tensors run ``csrc/norm.cpp`` (the same hand-derived math, written with explicit SIMD and
   each group's data visited while it is in cache) through a C++ autograd function;
-- the Monitor's one-call statistics: every logged layer's sums in one parallel pass per step
-  (``csrc/stats.cpp``) instead of a dozen small reductions per layer.
+- the Monitor's compiled taps (``csrc/collector.cpp``, ``csrc/stats.cpp``) for float32 CPU models: each
+  layer output and its gradient are summed in C++ when the gradient arrives (a C++ tensor hook: no Python in
+  the backward pass), and every layer's parameters in one parallel pass at the step's end, instead of a dozen
+  small reductions per tensor.
 
 Every other case (other dtypes or devices, channels_last, eval-mode BatchNorm, instance norm) keeps the eager
 path, and the results are the same either way (tested). Nothing is compiled unless you ask: importing
