@@ -202,3 +202,26 @@ def test_streamed_and_general_paths_equal_torch(case, layout, affine):
     torch.testing.assert_close(y, expected)
     for got, want in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(expected, inputs, dy), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", list(PATHS))
+def test_streamed_path_stays_accurate_at_a_large_offset(case):
+    """Mean 1e4, std 1e-2 in float32 through the streamed path, forward and backward, against torch in float64:
+    the shift keeps the statistics and the recomputed deviations in the backward apart from the offset."""
+    ours, theirs, shape, param_shape = PATHS[case]
+    theirs = _torch_batch_norm if theirs is TF.batch_norm else theirs
+    big = (shape[0] * 8, *shape[1:])  # more values per statistic than the gradcheck shapes
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(big, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float().requires_grad_(True)
+    w = (torch.rand(param_shape, generator=g) + 0.5).requires_grad_(True)
+    b = torch.randn(param_shape, generator=g).requires_grad_(True)
+    dy = torch.randn(big, generator=g)
+    y = ours(x, w, b)
+    assert "NormTrainBackward" in y.grad_fn.name() + "".join(f.name() for f, _ in y.grad_fn.next_functions if f)
+    got = [y, *torch.autograd.grad(y, [x, w, b], dy)]
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    y64 = theirs(x64, w64, b64)
+    want = [y64, *torch.autograd.grad(y64, [x64, w64, b64], dy.double())]
+    for ours_t, ref in zip(got, want, strict=True):
+        scale = ref.detach().abs().max().clamp(min=1.0)
+        assert float((ours_t.detach().double() - ref.detach()).abs().max() / scale) < 1e-4

@@ -8,16 +8,17 @@ full-size tensor pays on first touch. Three rules keep both low:
 
 - **Statistics and parameter gradients are reductions of per-row sums.** View the input as (N, C, L); a row
   is one (sample, channel) slice. Every sum over the normalized axes, and every dgamma and dbeta, is a sum
-  of row sums. Products such as dy * (x - mu) go into a buffer that the op allocates anyway: the output y in
-  the forward pass, the input gradient dx in the backward pass.
+  of row sums (or, down the columns of an (N, C) input, a vector-matrix product).
 - **Each elementwise op broadcasts at most one per-row operand against contiguous ones.** TensorIterator
   vectorizes one broadcast scalar per inner loop. With two (an addcmul of a per-row scale and a per-row
-  shift), it falls back to a scalar loop that costs 2 to 4 times as much. So (d - mu) * inv_std is two
-  in-place passes, not one addcmul.
-- **Scratch is reused in place.** The shifted input becomes the saved x - mu (or x_hat), and the product
-  dy * (x - mu) becomes dx.
+  shift), it falls back to a scalar loop that costs 2 to 4 times as much. So d * scale + shift is two
+  in-place passes, not one addcmul, unless scale and shift run along the contiguous axis.
+- **Nothing full-size lives from forward to backward but x**, as in torch's kernels: the shifted input
+  d = x - K is computed into y's buffer and turned into y in place, and the backward recomputes d into dx's
+  buffer. A normalized copy kept for the backward cost more (a fresh tensor that outlives the step's
+  temporaries, so their memory is not reused) than the pass that recomputes it.
 
-This takes about 5 full passes forward and 6 backward, where torch's fused kernels and the compiled ones
+This takes about 5 full passes forward and 7 to 9 backward, where torch's fused kernels and the compiled ones
 (``steadygrad.fast``) take 2 and 3; BENCHMARKS.md has the measured cost.
 
 Two layouts cover every norm. The statistics are per channel for batch norm, and per (sample, group) of
@@ -109,6 +110,7 @@ class _BatchNormTrain(torch.autograd.Function):
         offset = -a * mean_d if bias is None else bias.to(x.dtype) - a * mean_d
         _scale_shift_(y, a.view(per_channel), offset.view(per_channel))
         ctx.save_for_backward(x, mean_d, inv_std, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         batch_mean = shift.flatten() + mean_d
         ctx.mark_non_differentiable(batch_mean, var)
         return y, batch_mean, var
@@ -134,7 +136,7 @@ class _BatchNormTrain(torch.autograd.Function):
                 dy, a.view(per_channel)
             )
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        grad_b = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -191,6 +193,8 @@ class _GroupedNormTrain(torch.autograd.Function):
         rows = x.view(n * groups, per_group * length)
         shift = rows[:, :1].clone()  # K: each group's first value (a strided operand slows the subtraction)
         y = rows - shift  # d, then y in place
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         weight = None if weight is None else weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
         total, squares = _moments(y, 1)
@@ -212,8 +216,7 @@ class _GroupedNormTrain(torch.autograd.Function):
             if bias is not None:
                 offset = offset + bias
             y = y.view(n, c, length).mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
-        ctx.save_for_backward(x, mean_d, inv_std, weight)
-        ctx.groups = groups
+        ctx.mean_d, ctx.inv_std, ctx.groups = mean_d, inv_std, groups  # small: kept on ctx, not as saved tensors
         batch_mean, var = (shift + mean_d).view(n, groups), var.view(n, groups)
         ctx.mark_non_differentiable(batch_mean, var)
         return y.view(x.shape), batch_mean, var
@@ -221,8 +224,9 @@ class _GroupedNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         _no_double_backward()
-        x, mean_d, inv_std, weight = ctx.saved_tensors
-        groups = ctx.groups
+        x, param = ctx.saved_tensors
+        mean_d, inv_std, groups = ctx.mean_d, ctx.inv_std, ctx.groups
+        weight = None if param is None else param.to(x.dtype)
         dy = grad_y.contiguous()
         n, c, length = dy.shape
         per_group = c // groups
@@ -270,8 +274,8 @@ class _GroupedNormTrain(torch.autograd.Function):
                 offset = _per_channel(inv_std_g * epsilon, n, groups, per_group)
                 grad_x = shifted.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1)).addcmul_(dy, a.unsqueeze(-1))
             grad_x = grad_x.view(grad_y.shape)
-        grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        grad_w = sum_dy_xhat.to(param.dtype) if param is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
 
