@@ -424,8 +424,7 @@ class Recorder:
         return slots, torch.stack([self._slot_sums(slot, device) for slot in slots])
 
 
-# deferred_table's roles and kinds: the codes of steadygrad/fast/csrc/stats.h
-_ACTIVATION, _UNITS, _OUTPUT_GRAD, _WEIGHT_GRAD, _BIAS_GRAD, _WEIGHT = range(6)
+# the activation kinds of the compiled taps: the codes of steadygrad/fast/csrc/stats.h
 _KIND_CODES = {None: 0, "tanh": 1, "sigmoid": 2, "rectifier": 3}
 
 

@@ -223,7 +223,7 @@ class Monitor:
     def _float32_cpu(self) -> bool:
         """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for). It
         runs before every logged step: the parameters are listed once (``model.parameters()`` walks the
-        module tree, 75 us for a 20-layer MLP), their dtype and device checked each time."""
+        module tree, 75 µs for a 20-layer MLP), their dtype and device checked each time."""
         if self._watched_parameters is None:
             self._watched_parameters = [p for named in self._recorder.parameters.values() for _, p in named]
         return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self._watched_parameters)
