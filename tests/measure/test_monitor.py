@@ -265,3 +265,42 @@ def test_a_monitor_closed_between_forward_and_backward_leaves_the_backward_worki
     del monitor
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+class _Reused(torch.nn.Module):
+    """One block applied twice per forward (two slots of one layer) and a branch whose gradient never comes."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.side = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 10)
+        for p in self.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        self.side(x).detach()  # recorded, but no gradient flows back through it
+        return self.head(self.block(self.block(x)))
+
+
+def test_compiled_taps_equal_the_eager_statistics_for_reused_and_detached_layers():
+    if not fast.available():
+        pytest.skip("steadygrad's compiled kernels cannot be built here (no C++ compiler?)")
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    reports = []
+    for compiled in (False, True):
+        (fast.enable if compiled else fast.disable)()
+        net = _Reused()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with Monitor(net, optimizer=opt, layers=["block", "side", "head"]) as monitor:
+            for _ in range(2):  # two micro-batches: the taps merge them
+                F.cross_entropy(net(x), y).backward()
+            opt.step()
+        reports.append(monitor.history.reports[0])
+    fast.disable()
+    eager, compiled = reports
+    assert [r.label for r in compiled.records] == ["side", "block", "block (call 2)", "head"]
+    assert math.isnan(compiled.records[0].grad_norm)  # the detached branch: seen, no gradient
+    assert_same_records(eager, compiled, *TOLERANCE)
