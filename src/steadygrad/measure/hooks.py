@@ -20,7 +20,6 @@ from torch import nn
 
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
-    ACTIVATION_FIELDS,
     activation_kind,
     activation_moments,
     fast_activation_moments,
@@ -454,19 +453,19 @@ def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.
     """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``)."""
     records = []
     for index, (slot, row) in enumerate(zip(slots, values, strict=True)):
-        act = dict(zip(ACTIVATION_FIELDS, row[:6], strict=True))
+        # row[:6] are stats.ACTIVATION_FIELDS in order (a dict per record costs more than the record itself)
         records.append(
             LayerRecord(
                 name=slot.name,
                 kind=slot.kind or kind_name(slot.module),
                 index=index,
                 call=slot.call,
-                act_mean=act["act_mean"],
-                act_std=act["act_std"],
-                act_min=act["act_min"],
-                act_max=act["act_max"],
-                act_second_moment=act["act_second_moment"],
-                nonfinite_act=int(act["nonfinite_act"]) if math.isfinite(act["nonfinite_act"]) else 0,
+                act_mean=row[0],
+                act_std=row[1],
+                act_min=row[2],
+                act_max=row[3],
+                act_second_moment=row[4],
+                nonfinite_act=int(row[5]) if math.isfinite(row[5]) else 0,
                 saturated=row[6],
                 dead=row[7],
                 grad_norm=row[8],

@@ -221,12 +221,16 @@ class Monitor:
         return (self._loss.item() if self._loss is not None else math.nan), rows
 
     def _float32_cpu(self) -> bool:
-        """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for). It
-        runs before every logged step: the parameters are listed once (``model.parameters()`` walks the
-        module tree, 75 µs for a 20-layer MLP), their dtype and device checked each time."""
+        """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for).
+
+        It runs before every logged step, so it stays cheap: the parameters are listed once
+        (``model.parameters()`` walks the module tree, 75 µs for a 20-layer MLP), and only the first and the
+        last are checked, since ``model.to()`` and ``model.double()`` move them all. A model mixed on purpose
+        is still right: the taps convert what is not float32 on the CPU."""
         if self._watched_parameters is None:
             self._watched_parameters = [p for named in self._recorder.parameters.values() for _, p in named]
-        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self._watched_parameters)
+        ends = self._watched_parameters[:1] + self._watched_parameters[-1:]
+        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in ends)
 
     def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
         device = table.device
