@@ -91,7 +91,7 @@ def test_monitor_records_equal_the_probe(mode, activation, skip, dtype, monkeypa
 
         def counted(*args):
             computed = statistics(*args)
-            compiled_calls.extend([1] if computed is not None else [])  # float64 is handed back with no rows
+            compiled_calls.append(1)  # float64 models never get here: they take the exact eager statistics
             return computed
 
         monkeypatch.setattr(monitor_module, "deferred_table", counted)
@@ -304,3 +304,27 @@ def test_compiled_taps_equal_the_eager_statistics_for_reused_and_detached_layers
     assert [r.label for r in compiled.records] == ["side", "block", "block (call 2)", "head"]
     assert math.isnan(compiled.records[0].grad_norm)  # the detached branch: seen, no gradient
     assert_same_records(eager, compiled, *TOLERANCE)
+
+
+def test_a_model_converted_after_attach_switches_between_compiled_and_eager_statistics():
+    # the choice is made before every logged step: float32 on the CPU takes the compiled taps, float64 the
+    # exact eager statistics, whatever the model was when the monitor was attached
+    if not fast.available():
+        pytest.skip("steadygrad's compiled kernels cannot be built here (no C++ compiler?)")
+    fast.enable()
+    try:
+        net, x, y = net_and_data()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        monitor = Monitor(net, optimizer=opt)
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            net.to(dtype)
+            expected = probe(net, x.to(dtype), y)  # with the monitor detached: it would record the probe too
+            with monitor:
+                opt.zero_grad()
+                F.cross_entropy(net(x.to(dtype)), y).backward()
+                opt.step()
+            exact = dtype == torch.float64
+            assert monitor._recorder.deferred is not exact
+            assert_same_records(expected, monitor.history.reports[-1], *((1e-10, 1e-12) if exact else TOLERANCE))
+    finally:
+        fast.disable()
