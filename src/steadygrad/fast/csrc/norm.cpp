@@ -58,7 +58,6 @@ std::vector<at::Tensor> rows_forward(const at::Tensor& x_in, const at::Tensor& w
   const int64_t d = layout.cpg * layout.hw, rows = d > 0 ? x.numel() / d : 0;
   at::Tensor y = at::empty_like(x), shift = float_buffer(rows, x), dev = float_buffer(rows, x),
              rstd = float_buffer(rows, x);
-  const bool stream = streams(y.numel());
   const float *xp = x.data_ptr<float>(), *w = ptr_or_null(weight), *b = ptr_or_null(bias);
   float *yp = y.data_ptr<float>(), *kp = shift.data_ptr<float>(), *dp = dev.data_ptr<float>(),
         *rp = rstd.data_ptr<float>();
@@ -80,21 +79,20 @@ std::vector<at::Tensor> rows_forward(const at::Tensor& x_in, const at::Tensor& w
         for (int64_t c = 0; c < layout.cpg; ++c) {
           const float scale = rs * (w ? w[base + c] : 1.f);
           affine_shifted(xr + c * layout.hw, yr + c * layout.hw, layout.hw, k, scale,
-                         (b ? b[base + c] : 0.f) - md * scale, stream);
+                         (b ? b[base + c] : 0.f) - md * scale);
         }
       } else if (!w && !b) {
-        affine_shifted(xr, yr, d, k, rs, -md * rs, stream);
+        affine_shifted(xr, yr, d, k, rs, -md * rs);
       } else {  // LayerNorm's elementwise affine: y = x_hat * w + b
         const Vec kv(k), mv(md), rv(rs), one(1.f), zero(0.f);
         int64_t j = 0;
         for (; j + kLanes <= d; j += kLanes) {
           const Vec xh = (Vec::loadu(xr + j) - kv - mv) * rv;
-          store(at::vec::fmadd(xh, w ? Vec::loadu(w + j) : one, b ? Vec::loadu(b + j) : zero), yr + j, stream);
+          at::vec::fmadd(xh, w ? Vec::loadu(w + j) : one, b ? Vec::loadu(b + j) : zero).store(yr + j);
         }
         for (; j < d; ++j) yr[j] = ((xr[j] - k) - md) * rs * (w ? w[j] : 1.f) + (b ? b[j] : 0.f);
       }
     }
-    stream_fence(stream);
   });
   return {y, shift, dev, rstd};
 }
@@ -105,7 +103,6 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
   const int64_t d = layout.cpg * layout.hw, rows = d > 0 ? x.numel() / d : 0;
   at::Tensor dx = at::empty_like(x);
-  const bool stream = streams(dx.numel());
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *kp = shift.data_ptr<float>(),
               *dp = dev.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *w = ptr_or_null(weight);
   float* dxp = dx.data_ptr<float>();
@@ -137,7 +134,7 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
         int64_t j = 0;
         for (; j + kLanes <= d; j += kLanes) {
           const Vec g = Vec::loadu(dyr + j), tv = Vec::loadu(xr + j) - kv;
-          store(at::vec::fmadd(rv * (w ? Vec::loadu(w + j) : one), g, at::vec::fmadd(cv, tv, ev)), dxr + j, stream);
+          at::vec::fmadd(rv * (w ? Vec::loadu(w + j) : one), g, at::vec::fmadd(cv, tv, ev)).store(dxr + j);
           if (need_affine) {
             at::vec::fmadd(g, (tv - mv) * rv, Vec::loadu(lw.data() + j)).store(lw.data() + j);
             (Vec::loadu(lb.data() + j) + g).store(lb.data() + j);
@@ -171,7 +168,7 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
         const Coefficients co = backward_coefficients(a, bsum, md, rs, static_cast<double>(d));
         for (int64_t c = 0; c < layout.cpg; ++c) {
           combine_gradient(dyr + c * hw, xr + c * hw, dxr + c * hw, hw, k, rs * (w ? w[base + c] : 1.f), co.c,
-                           co.e, stream);
+                           co.e);
           if (need_affine) {  // dgamma_c = sum(dy x_hat) = rstd (sum(dy t) - md sum(dy)), dbeta_c = sum(dy)
             pw[base + c] += rs * (static_cast<double>(chan_b[c]) - md * static_cast<double>(chan_a[c]));
             pb[base + c] += chan_a[c];
@@ -179,7 +176,6 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& dy_in, const at::Tensor&
         }
       }
     }
-    stream_fence(stream);
   });
   at::Tensor dw, db;
   if (need_affine) {
@@ -243,7 +239,6 @@ BatchForward batch_forward(const at::Tensor& x_in, const at::Tensor& weight, con
   const double count = static_cast<double>(n) * l;
   BatchForward out;
   out.y = at::empty_like(x);
-  const bool stream = streams(out.y.numel());
   out.mean = float_buffer(c, x);
   out.var = float_buffer(c, x);
   out.shift = float_buffer(c, x);
@@ -273,10 +268,8 @@ BatchForward batch_forward(const at::Tensor& x_in, const at::Tensor& weight, con
         }
         finish_channel(ch, s, q);
         const float scale = rp[ch] * (w ? w[ch] : 1.f), beta = (b ? b[ch] : 0.f) - dp[ch] * scale;
-        for (int64_t i = 0; i < n; ++i)
-          affine_shifted(xp + (i * c + ch) * l, yp + (i * c + ch) * l, l, k, scale, beta, stream);
+        for (int64_t i = 0; i < n; ++i) affine_shifted(xp + (i * c + ch) * l, yp + (i * c + ch) * l, l, k, scale, beta);
       }
-      stream_fence(stream);
     });
     return out;
   }
@@ -315,12 +308,11 @@ BatchForward batch_forward(const at::Tensor& x_in, const at::Tensor& weight, con
       float* o = yp + i * width;
       int64_t j = 0;
       for (; j + kLanes <= width; j += kLanes)
-        store(at::vec::fmadd(Vec::loadu(row + j) - Vec::loadu(kw.data() + j), Vec::loadu(scale.data() + j),
-                             Vec::loadu(beta.data() + j)),
-              o + j, stream);
+        at::vec::fmadd(Vec::loadu(row + j) - Vec::loadu(kw.data() + j), Vec::loadu(scale.data() + j),
+                       Vec::loadu(beta.data() + j))
+            .store(o + j);
       for (; j < width; ++j) o[j] = (row[j] - kw[j]) * scale[j] + beta[j];
     }
-    stream_fence(stream);
   });
   return out;
 }
@@ -331,7 +323,6 @@ std::vector<at::Tensor> batch_backward(const at::Tensor& dy_in, const at::Tensor
   const int64_t n = x.size(0), c = x.size(1), l = n * c > 0 ? x.numel() / (n * c) : 0, width = c * l;
   const double count = static_cast<double>(n) * l;
   at::Tensor dx = at::empty_like(x), dw = float_buffer(c, x), db = float_buffer(c, x);
-  const bool stream = streams(dx.numel());
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *kp = shift.data_ptr<float>(),
               *dp = dev.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *w = ptr_or_null(weight);
   float *dxp = dx.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dbp = db.data_ptr<float>();
@@ -359,10 +350,9 @@ std::vector<at::Tensor> batch_backward(const at::Tensor& dy_in, const at::Tensor
         const float scale = rp[ch] * (w ? w[ch] : 1.f);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t offset = (i * c + ch) * l;
-          combine_gradient(dyp + offset, xp + offset, dxp + offset, l, k, scale, co.c, co.e, stream);
+          combine_gradient(dyp + offset, xp + offset, dxp + offset, l, k, scale, co.c, co.e);
         }
       }
-      stream_fence(stream);
     });
     return {dx, dw, db};
   }
@@ -401,13 +391,12 @@ std::vector<at::Tensor> batch_backward(const at::Tensor& dy_in, const at::Tensor
       int64_t j = 0;
       for (; j + kLanes <= width; j += kLanes) {
         const Vec t = Vec::loadu(row + j) - Vec::loadu(kw.data() + j);
-        store(at::vec::fmadd(Vec::loadu(scale.data() + j), Vec::loadu(g + j),
-                             at::vec::fmadd(Vec::loadu(cw.data() + j), t, Vec::loadu(ew.data() + j))),
-              o + j, stream);
+        at::vec::fmadd(Vec::loadu(scale.data() + j), Vec::loadu(g + j),
+                       at::vec::fmadd(Vec::loadu(cw.data() + j), t, Vec::loadu(ew.data() + j)))
+            .store(o + j);
       }
       for (; j < width; ++j) o[j] = scale[j] * g[j] + cw[j] * (row[j] - kw[j]) + ew[j];
     }
-    stream_fence(stream);
   });
   return {dx, dw, db};
 }

@@ -8,39 +8,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
 
 namespace steadygrad {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-
-// Outputs of at least this many bytes are written with stores that bypass the caches. Such a tensor does
-// not stay in L2 for its consumer anyway, and a normal store first reads every line it will overwrite (the
-// read for ownership): for a fresh 16 MB output that is 16 MB of reads for nothing. Smaller outputs keep
-// normal stores, so the next op finds them in cache.
-constexpr int64_t kStreamBytes = int64_t{4} << 20;
-
-inline bool streams(int64_t floats) { return floats * static_cast<int64_t>(sizeof(float)) >= kStreamBytes; }
-
-// v -> dst, bypassing the caches when ``stream`` and the address allows (aligned to the vector width).
-inline void store(const Vec& v, float* dst, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) return _mm512_stream_ps(dst, __m512(v));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) return _mm256_stream_ps(dst, __m256(v));
-#endif
-  v.store(dst);
-}
-
-// Streaming stores are weakly ordered: each thread fences after its share, before another reads the output.
-inline void stream_fence(bool stream) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (stream) _mm_sfence();
-#endif
-}
 
 inline float lane_sum(const Vec& v) {
   alignas(64) float buffer[kLanes];
@@ -111,20 +83,20 @@ inline void gradient_sums(const float* dy, const float* x, const float* w, int64
 }
 
 // y = (x - k) * scale + shift: the normalization with the mean and the affine map folded in.
-inline void affine_shifted(const float* x, float* y, int64_t n, float k, float scale, float shift, bool stream) {
+inline void affine_shifted(const float* x, float* y, int64_t n, float k, float scale, float shift) {
   const Vec kv(k), sv(scale), bv(shift);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) store(at::vec::fmadd(Vec::loadu(x + j) - kv, sv, bv), y + j, stream);
+  for (; j + kLanes <= n; j += kLanes) at::vec::fmadd(Vec::loadu(x + j) - kv, sv, bv).store(y + j);
   for (; j < n; ++j) y[j] = (x[j] - k) * scale + shift;
 }
 
 // dx = a * dy + c * (x - k) + e: the normalization's backward with its reductions folded into a, c, e.
 inline void combine_gradient(const float* dy, const float* x, float* dx, int64_t n, float k, float a, float c,
-                             float e, bool stream) {
+                             float e) {
   const Vec kv(k), av(a), cv(c), ev(e);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    store(at::vec::fmadd(av, Vec::loadu(dy + j), at::vec::fmadd(cv, Vec::loadu(x + j) - kv, ev)), dx + j, stream);
+    at::vec::fmadd(av, Vec::loadu(dy + j), at::vec::fmadd(cv, Vec::loadu(x + j) - kv, ev)).store(dx + j);
   for (; j < n; ++j) dx[j] = a * dy[j] + c * (x[j] - k) + e;
 }
 
