@@ -149,3 +149,33 @@ def test_double_backward_is_refused_clearly():
 def test_nothing_is_fused_unless_asked():
     fast.disable()
     assert not fast.enabled()
+
+
+@pytest.mark.parametrize(
+    ("ours", "reference", "shape", "pshape"),
+    [
+        (
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
+            (1024, 1024),
+            (1024,),
+        ),
+        (
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
+            (16, 16, 64, 64),
+            (16,),
+        ),
+        (
+            lambda x, w, b: F.layer_norm(x, (1024,), w, b),
+            lambda x, w, b: TF.layer_norm(x, (1024,), w, b),
+            (1024, 1024),
+            (1024,),
+        ),
+        (lambda x, w, b: F.group_norm(x, 4, w, b), lambda x, w, b: TF.group_norm(x, 4, w, b), (16, 16, 64, 64), (16,)),
+    ],
+    ids=["bn1d", "bn2d", "ln", "gn"],
+)
+def test_large_outputs(ours, reference, shape, pshape):
+    # 4 MB tensors: many chunks per thread, float partial sums joining doubles many times
+    _compare(ours, reference, shape, pshape)
