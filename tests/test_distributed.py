@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -117,12 +116,6 @@ def test_monitor_reports_global_figures_under_ddp(tmp_path):
                 assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-7), (a["name"], field)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # SGD, not Adam: Adam divides each gradient by its own running scale, so rounding-level gradients (the
 # bias right before a BatchNorm has a true gradient of 0 and a computed one of ~1e-9) become full-size steps
 # whose signs depend on summation order, and two correct runs drift apart. SGD keeps rounding at rounding.
@@ -164,12 +157,9 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port chosen by torchrun itself: no race for one picked here
             "--nproc_per_node",
             "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
             *TRAIN,
             "--logdir",
             str(double),
@@ -193,7 +183,7 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
 
 def test_torchrun_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two_epochs = [a if a != "1" else "2" for a in TRAIN]  # --epochs 2
     whole, split = tmp_path / "whole", tmp_path / "split"
     for args in (
@@ -201,9 +191,7 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_does(tmp_path):
         [*TRAIN, "--logdir", str(split)],
         [*two_epochs, "--logdir", str(split), "--resume"],
     ):
-        done = subprocess.run(
-            [*launch, "--master_port", str(_free_port()), *args], capture_output=True, text=True, env=env, timeout=300
-        )
+        done = subprocess.run([*launch, *args], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
