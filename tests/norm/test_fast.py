@@ -83,30 +83,33 @@ def test_batch_norm_training(shape, affine):
     )
 
 
+def _norm_cases(bn1d, bn2d, ln, gn_groups_shape):
+    """(ours, torch's, input shape, parameter shape) for batch norm on two layouts, layer norm over the last axis
+    and group norm, with the given shapes: one list for every test that runs all four kernels."""
+    bn = (
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+        lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
+    )
+    d = ln[-1]
+    groups, gn = gn_groups_shape
+    return [
+        pytest.param(*bn, bn1d, (bn1d[1],), id="bn1d"),
+        pytest.param(*bn, bn2d, (bn2d[1],), id="bn2d"),
+        pytest.param(
+            lambda x, w, b: F.layer_norm(x, (d,), w, b), lambda x, w, b: TF.layer_norm(x, (d,), w, b), ln, (d,), id="ln"
+        ),
+        pytest.param(
+            lambda x, w, b: F.group_norm(x, groups, w, b),
+            lambda x, w, b: TF.group_norm(x, groups, w, b),
+            gn,
+            (gn[1],),
+            id="gn",
+        ),
+    ]
+
+
 @pytest.mark.parametrize(
-    ("ours", "reference", "shape", "pshape"),
-    [
-        (
-            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
-            (4096, 8),
-            (8,),
-        ),
-        (
-            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
-            (8, 4, 32, 32),
-            (4,),
-        ),
-        (
-            lambda x, w, b: F.layer_norm(x, (4096,), w, b),
-            lambda x, w, b: TF.layer_norm(x, (4096,), w, b),
-            (16, 4096),
-            (4096,),
-        ),
-        (lambda x, w, b: F.group_norm(x, 2, w, b), lambda x, w, b: TF.group_norm(x, 2, w, b), (4, 8, 32, 32), (8,)),
-    ],
-    ids=["bn1d", "bn2d", "ln", "gn"],
+    ("ours", "reference", "shape", "pshape"), _norm_cases((4096, 8), (8, 4, 32, 32), (16, 4096), (2, (4, 8, 32, 32)))
 )
 def test_large_offset_stays_accurate(ours, reference, shape, pshape):
     # mean 1e4, std 1e-2 in float32: the shift and the deviation are kept apart in the kernels
@@ -153,28 +156,7 @@ def test_nothing_is_fused_unless_asked():
 
 @pytest.mark.parametrize(
     ("ours", "reference", "shape", "pshape"),
-    [
-        (
-            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
-            (1024, 1024),
-            (1024,),
-        ),
-        (
-            lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-            lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
-            (16, 16, 64, 64),
-            (16,),
-        ),
-        (
-            lambda x, w, b: F.layer_norm(x, (1024,), w, b),
-            lambda x, w, b: TF.layer_norm(x, (1024,), w, b),
-            (1024, 1024),
-            (1024,),
-        ),
-        (lambda x, w, b: F.group_norm(x, 4, w, b), lambda x, w, b: TF.group_norm(x, 4, w, b), (16, 16, 64, 64), (16,)),
-    ],
-    ids=["bn1d", "bn2d", "ln", "gn"],
+    _norm_cases((1024, 1024), (16, 16, 64, 64), (1024, 1024), (4, (16, 16, 64, 64))),
 )
 def test_large_outputs(ours, reference, shape, pshape):
     # 4 MB tensors: many chunks per thread, float partial sums joining doubles many times
