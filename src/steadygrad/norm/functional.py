@@ -179,7 +179,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        _no_double_backward()
+        streamed.no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         g = grad_y.to(x_hat.dtype)
         constant = _constant_over(weight, x_hat.dim(), ctx.dims) and _constant_over(
@@ -237,16 +237,6 @@ def _fast(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return True
 
 
-def _no_double_backward() -> None:
-    """Inside a backward, grad mode is on only under create_graph=True: refuse it with the way out."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
-            "(create_graph=True, gradient penalties, Hessian-vector products) is not supported. Convert the "
-            "model to torch's norms for that: steadygrad.norm.convert_norms(model, to='torch')."
-        )
-
-
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -293,7 +283,7 @@ class _SyncBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        _no_double_backward()
+        streamed.no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         dy = grad_y.to(x_hat.dtype)
         g = dy if weight is None else dy * weight.to(x_hat.dtype).reshape(ctx.view)  # (1) dL/dx_hat

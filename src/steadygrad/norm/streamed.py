@@ -41,10 +41,15 @@ def takes(x: torch.Tensor) -> bool:
     return x.is_contiguous() and x.dtype in (torch.float32, torch.float64)
 
 
-def _no_double_backward() -> None:
-    from steadygrad.norm.functional import _no_double_backward as refuse
-
-    refuse()
+def no_double_backward() -> None:
+    """Inside a backward, grad mode is on only under create_graph=True: refuse it with the way out. (Every
+    hand-derived norm backward calls this, ``functional``'s too.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
+            "(create_graph=True, gradient penalties, Hessian-vector products) is not supported. Convert the "
+            "model to torch's norms for that: steadygrad.norm.convert_norms(model, to='torch')."
+        )
 
 
 def _moments(shifted: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +122,7 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        _no_double_backward()
+        no_double_backward()
         x, mean_d, inv_std, weight = ctx.saved_tensors
         dy = grad_y.contiguous()
         n, c, length = dy.shape
@@ -223,7 +228,7 @@ class _GroupedNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        _no_double_backward()
+        no_double_backward()
         x, param = ctx.saved_tensors
         mean_d, inv_std, groups = ctx.mean_d, ctx.inv_std, ctx.groups
         weight = None if param is None else param.to(x.dtype)
@@ -245,7 +250,8 @@ class _GroupedNormTrain(torch.autograd.Function):
             row_dy, row_product = dy.sum(-1), product.sum(-1)
             del product
             mean_per_channel = _per_channel(mean_d, n, groups, per_group)
-            row_dy_xhat = (row_product - mean_per_channel * row_dy).mul_(_per_channel(inv_std, n, groups, per_group))
+            inv_std_per_channel = _per_channel(inv_std, n, groups, per_group)
+            row_dy_xhat = (row_product - mean_per_channel * row_dy).mul_(inv_std_per_channel)
             sum_dy, sum_dy_xhat = row_dy.sum(0), row_dy_xhat.sum(0)
             sum_g = _weighted_group_sums(row_dy, weight, groups)
             sum_g_shifted = _weighted_group_sums(row_product, weight, groups)
@@ -267,9 +273,7 @@ class _GroupedNormTrain(torch.autograd.Function):
                 out.addcmul_(shifted.view_as(out), kappa.unsqueeze(-1)).mul_(inv_std_g.unsqueeze(-1))
                 grad_x = out
             else:  # per (sample, channel) scalars: dx = a dy + (inv_std kappa) d + inv_std epsilon; d becomes dx
-                a = _per_channel(inv_std, n, groups, per_group)
-                if weight is not None:
-                    a = a * weight
+                a = inv_std_per_channel if weight is None else inv_std_per_channel * weight
                 scale = _per_channel(inv_std_g * kappa, n, groups, per_group)
                 offset = _per_channel(inv_std_g * epsilon, n, groups, per_group)
                 grad_x = shifted.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1)).addcmul_(dy, a.unsqueeze(-1))
