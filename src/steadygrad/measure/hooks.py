@@ -198,6 +198,7 @@ class Recorder:
             biases = [p for n, p in named if n.startswith("bias")]
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
+        self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
         self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
         self._handles: list = []
         self._plan: list[tuple[nn.Module, object]] | None = None

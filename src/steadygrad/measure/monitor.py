@@ -88,7 +88,6 @@ class Monitor:
         self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
         self._loss: torch.Tensor | None = None
         self._attached = False
-        self._watched_parameters: list[torch.Tensor] | None = None  # listed on first use (_float32_cpu)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self) -> Monitor:
@@ -223,14 +222,12 @@ class Monitor:
     def _float32_cpu(self) -> bool:
         """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for).
 
-        It runs before every logged step, so it stays cheap: the parameters are listed once
-        (``model.parameters()`` walks the module tree, 75 µs for a 20-layer MLP), and only the first and the
+        It runs before every logged step, so it stays cheap: it reads the recorder's parameter list (made once;
+        ``model.parameters()`` walks the module tree, 75 µs for a 20-layer MLP), and only the first and the
         last are checked, since ``model.to()`` and ``model.double()`` move them all. A model mixed on purpose
         is still right: the taps convert what is not float32 on the CPU."""
-        if self._watched_parameters is None:
-            self._watched_parameters = [p for named in self._recorder.parameters.values() for _, p in named]
-        ends = self._watched_parameters[:1] + self._watched_parameters[-1:]
-        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in ends)
+        watched = self._recorder.watched_parameters
+        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in watched[:1] + watched[-1:])
 
     def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
         device = table.device
