@@ -140,7 +140,7 @@ class _Slot:
     name: str
     module: nn.Module
     call: int
-    kind: str = ""  # kind_name(module), looked up once per recorder
+    kind: str = ""  # kind_name(module), looked up once per recorder and given at creation
     index: int = 0  # position in first-call order: the row of the statistics table
     activations: torch.Tensor | None = None
     unit_counts: torch.Tensor | None = None
@@ -458,7 +458,7 @@ def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.
         records.append(
             LayerRecord(
                 name=slot.name,
-                kind=slot.kind or kind_name(slot.module),
+                kind=slot.kind,
                 index=index,
                 call=slot.call,
                 act_mean=row[0],
