@@ -1,4 +1,5 @@
-"""The opt-in fused kernels give the reference's results (torch.nn in float64), and fall back where they must."""
+"""The opt-in fused kernels, C++ and numba, give the reference's results (torch.nn in float64), and fall back where
+they must."""
 
 import pytest
 import torch
@@ -7,24 +8,28 @@ import torch.nn.functional as TF
 from steadygrad.norm import fast
 from steadygrad.norm import functional as F
 
-pytestmark = pytest.mark.skipif(
-    not fast.available(),
-    reason="steadygrad's fused norm kernels cannot be built here (no C++ compiler or ninja): the fused path is "
-    "not tested, the eager path is",
-)
+_UNAVAILABLE = {
+    "cpp": "steadygrad's C++ norm kernels cannot be built here (no C++ compiler or ninja): not tested",
+    "numba": "numba is not installed (the [numba] extra): its norm kernels are not tested",
+}
+# each backend's autograd node names: C++ torch::autograd::Functions and jit.py's Numba* Functions
+_NODE_MARKS = {"cpp": "steadygrad::", "numba": "Numba"}
 
 
-@pytest.fixture(autouse=True)
-def fused():
-    assert fast.enable()
-    yield
+@pytest.fixture(autouse=True, params=["cpp", "numba"])
+def fused(request):
+    if not fast.available(request.param):
+        pytest.skip(_UNAVAILABLE[request.param])
+    assert fast.enable(request.param)
+    assert fast.backend() == request.param
+    yield request.param
     fast.disable()
 
 
 def _ran_compiled(y: torch.Tensor) -> bool:
-    """Whether y came out of steadygrad's compiled autograd functions (their node, under a reshape's)."""
+    """Whether y came out of the enabled backend's autograd functions (their node, under a reshape's)."""
     nodes = [y.grad_fn, *(fn for fn, _ in y.grad_fn.next_functions if fn is not None)]
-    return any("steadygrad::" in node.name() for node in nodes)
+    return any(_NODE_MARKS[fast.backend()] in node.name() for node in nodes)
 
 
 def _compare(ours, reference, shape, param_shape, affine=True, offset=1.0, scale=3.0, tol=1e-5):
@@ -124,7 +129,24 @@ def test_running_statistics_match_torch():
     ours, theirs = BatchNorm2d(6), nn.BatchNorm2d(6)
     for step in range(4):
         x = torch.randn(5, 6, 4, 4, requires_grad=True) * (step + 1) + step
+        version = ours.running_mean._version
         assert _ran_compiled(ours(x))
+        assert ours.running_mean._version > version  # moved in place, and autograd is told, as by torch's ops
+        theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("shape", [(64, 12), (7, 12, 3)], ids=str)  # the row sweeps: fewer than 16 values per row
+def test_running_statistics_of_short_rows_match_torch(shape):
+    from torch import nn
+
+    from steadygrad.norm import BatchNorm1d
+
+    ours, theirs = BatchNorm1d(12), nn.BatchNorm1d(12)
+    for step in range(3):
+        x = torch.randn(shape) * (step + 2) - step
+        assert _ran_compiled(ours(x.requires_grad_(True)))
         theirs(x)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
@@ -143,7 +165,7 @@ def test_other_cases_take_the_eager_path_with_the_same_results():
 def test_double_backward_is_refused_clearly():
     x = torch.randn(8, 4, requires_grad=True)
     normalized = F.layer_norm(x, (4,))
-    assert _ran_compiled(normalized)  # the C++ backward's refusal, not the eager one's
+    assert _ran_compiled(normalized)  # the kernels' backward refuses, not the eager one
     y = normalized.pow(3).sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(y, x, create_graph=True)
@@ -161,3 +183,20 @@ def test_nothing_is_fused_unless_asked():
 def test_large_outputs(ours, reference, shape, pshape):
     # 4 MB tensors: many chunks per thread, float partial sums joining doubles many times
     _compare(ours, reference, shape, pshape)
+
+
+def test_empty_batches_give_empty_results():
+    x = torch.randn(0, 4, 5, requires_grad=True)
+    for y in (F.layer_norm(x, (5,)), F.group_norm(x, 2)):
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_nonfinite_inputs_give_nan_not_garbage():
+    # NaN keeps its IEEE meaning in both backends (numba's fastmath is limited to reassociation and contraction)
+    x = torch.randn(6, 8, 4)
+    x[2, 3, 1] = float("nan")
+    ours, theirs = F.batch_norm(x, None, None, training=True), TF.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(ours.isnan(), theirs.isnan())
+    torch.testing.assert_close(F.layer_norm(x, (4,)).isnan(), TF.layer_norm(x, (4,)).isnan())

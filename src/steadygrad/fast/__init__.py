@@ -1,24 +1,27 @@
-"""steadygrad's compiled kernels (CPU, float32), built from ``csrc/`` on first use and only when asked.
+"""steadygrad's compiled kernels (CPU, float32), built on first use and only when asked.
 
     import steadygrad
-    steadygrad.fast.enable()   # first time: compiles (about a minute); later processes load the cached build
+    steadygrad.fast.enable()   # first time: compiles (about 30 s); later processes load the cached build
 
-What it switches on:
+Two backends run the same kernels:
 
-- the fused normalization kernels: steadygrad's batch (training mode), layer and group norms on contiguous
-  float32 CPU tensors run ``csrc/norm.cpp`` (the same hand-derived math, written with explicit SIMD and
-  each group's data visited while it is in cache) through a C++ autograd function;
-- the Monitor's compiled taps (``csrc/collector.cpp``, ``csrc/stats.cpp``) for float32 CPU models: each
-  layer output and its gradient are summed in C++ when the gradient arrives (a C++ tensor hook: no Python in
-  the backward pass), and every layer's parameters in one parallel pass at the step's end, instead of a dozen
-  small reductions per tensor.
+- ``"cpp"``: ``csrc/``, built with torch's C++ extension machinery (a C++ compiler and ninja). It switches on
+  the fused normalization kernels (steadygrad's batch (training mode), layer and group norms on contiguous
+  float32 CPU tensors: the hand-derived math written with explicit SIMD, each group's data visited while it is
+  in cache, through a C++ autograd function) and the Monitor's compiled taps (``csrc/collector.cpp``,
+  ``csrc/stats.cpp``) for float32 CPU models: each layer output and its gradient summed in C++ when the gradient
+  arrives (no Python in the backward pass), every layer's parameters in one parallel pass at the step's end.
+- ``"numba"``: ``jit.py``, the norm kernels compiled by numba (``pip install "steadygrad[numba]"``), whose
+  wheel carries its own LLVM: no system compiler at all. The Monitor keeps its eager statistics.
 
-Every other case (other dtypes or devices, channels_last, eval-mode BatchNorm, instance norm) keeps the eager
-path, and the results are the same either way (tested). Nothing is compiled unless you ask: importing
-steadygrad never builds anything, and ``enable()`` returns False with a warning, never raises, where no
-compiler is found. The build targets the vector instructions torch itself dispatches to on this CPU
+``enable()`` (backend ``"auto"``) takes C++ and, where it cannot be built, numba, saying so in a warning. Every
+other case (other dtypes or devices, channels_last, eval-mode BatchNorm, instance norm) keeps the eager path,
+and the results are the same either way (tested). Nothing is compiled unless you ask: importing steadygrad
+never builds anything, and ``enable()`` returns False with a warning, never raises, where neither backend can
+be had. The C++ build targets the vector instructions torch itself dispatches to on this CPU
 (``torch.backends.cpu.get_cpu_capability()``: AVX-512, AVX2 or portable code) and lands in torch's extension
-cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), shared by later processes.
+cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); numba's machine code lands in its
+cache (see ``jit.py``). Later processes load either in well under a second (``compile_seconds``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["available", "compile_seconds", "disable", "enable", "enabled", "kernels"]
+__all__ = [
+    "BACKENDS",
+    "available",
+    "backend",
+    "compile_seconds",
+    "disable",
+    "enable",
+    "enabled",
+    "kernels",
+    "norm_kernels",
+]
 
-_STATE: dict = {"module": None, "enabled": False, "seconds": None, "error": None}
+_STATE: dict = {"module": None, "enabled": None, "seconds": None, "error": None, "jit": None, "jit_seconds": None}
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "norm.cpp", "stats.cpp", "collector.cpp")]
 
 # The flags torch's own CPU kernels are built with for each capability (ATen/cpu/vec selects its
@@ -76,37 +89,92 @@ def kernels():
     return _STATE["module"]
 
 
-def enable() -> bool:
-    """Build (or load from the cache) and switch on the compiled kernels; False, with a warning, if impossible."""
-    try:
-        kernels()
-    except RuntimeError as error:
-        import warnings
+BACKENDS = ("auto", "cpp", "numba")
 
-        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
-        return False
-    _STATE["enabled"] = True
-    return True
+
+def _numba_kernels():
+    """The numba-compiled norm kernels (``jit.py``), compiled or loaded from numba's cache on first call."""
+    if _STATE["jit"] is None:
+        try:
+            import numba
+        except ImportError:
+            raise RuntimeError(
+                'numba is not installed (pip install "steadygrad[numba]"), so the numba-compiled kernels are not '
+                "available."
+            ) from None
+        import torch
+
+        from steadygrad.fast import jit
+
+        start = time.perf_counter()
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        jit.warm_up()
+        _STATE["jit_seconds"] = time.perf_counter() - start
+        _STATE["jit"] = jit
+    return _STATE["jit"]
+
+
+def enable(backend: str = "auto") -> bool:
+    """Switch on steadygrad's compiled kernels; False, with a warning, if impossible (never raises for that).
+
+    Args:
+        backend: ``"cpp"`` builds the C++ kernels (or loads them from torch's extension cache): the norms and
+            the Monitor's taps. ``"numba"`` compiles the norm kernels with numba (``pip install
+            "steadygrad[numba]"``), which needs no C++ compiler; the Monitor then keeps its eager statistics.
+            ``"auto"`` (the default) takes C++ and, where that cannot be built, numba.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}.")
+    import warnings
+
+    reasons = []
+    for name, build in (("cpp", kernels), ("numba", _numba_kernels)):
+        if backend not in ("auto", name):
+            continue
+        try:
+            build()
+        except RuntimeError as error:
+            reasons.append(str(error))
+            continue
+        if reasons:  # auto, after C++ failed: say that numba stands in
+            message = f"{reasons[0]} The numba-compiled norm kernels are used instead."
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _STATE["enabled"] = name
+        return True
+    warnings.warn(" ".join(reasons), RuntimeWarning, stacklevel=2)
+    return False
 
 
 def disable() -> None:
     """Switch the compiled kernels off (the eager path again); the build stays loaded."""
-    _STATE["enabled"] = False
+    _STATE["enabled"] = None
 
 
 def enabled() -> bool:
+    """Whether compiled kernels (of either backend) are on."""
+    return _STATE["enabled"] is not None
+
+
+def backend() -> str | None:
+    """Which kernels are on: ``"cpp"``, ``"numba"``, or None (the eager path)."""
     return _STATE["enabled"]
 
 
-def available() -> bool:
-    """Whether the kernels can be built here (tries once; cached)."""
+def norm_kernels():
+    """The enabled backend's normalization entry points (``batch_norm_train``, ``rows_norm``)."""
+    return _STATE["jit"] if _STATE["enabled"] == "numba" else kernels()
+
+
+def available(backend: str = "cpp") -> bool:
+    """Whether ``backend``'s kernels can be had here: the C++ ones built, or numba's compiled (tries once)."""
     try:
-        kernels()
+        (kernels if backend == "cpp" else _numba_kernels)()
         return True
     except RuntimeError:
         return False
 
 
-def compile_seconds() -> float | None:
-    """Seconds the first ``kernels()`` call took in this process (a compile, or a load from the cache)."""
-    return _STATE["seconds"]
+def compile_seconds(backend: str = "cpp") -> float | None:
+    """Seconds the first build of ``backend``'s kernels took in this process: for C++ a compile or a load from
+    torch's extension cache, for numba the compile (or load from numba's cache) of every kernel."""
+    return _STATE["seconds" if backend == "cpp" else "jit_seconds"]

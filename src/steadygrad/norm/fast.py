@@ -4,6 +4,6 @@
 (normalization and the Monitor's statistics). See ``steadygrad.fast``.
 """
 
-from steadygrad.fast import available, compile_seconds, disable, enable, enabled, kernels
+from steadygrad.fast import available, backend, compile_seconds, disable, enable, enabled, kernels
 
-__all__ = ["available", "compile_seconds", "disable", "enable", "enabled", "kernels"]
+__all__ = ["available", "backend", "compile_seconds", "disable", "enable", "enabled", "kernels"]

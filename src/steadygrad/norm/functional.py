@@ -403,7 +403,7 @@ def batch_norm(
             "depend on the batch."
         )
     if _fast(input, weight, bias, running_mean, running_var):  # also moves the running averages, in C++
-        return fast.kernels().batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)
+        return fast.norm_kernels().batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)
     if streamed.takes(input):
         y, mean, var = streamed.batch_norm_train(input.view(input.shape[0], input.shape[1], -1), weight, bias, eps)
         y = y.view(input.shape)
@@ -495,7 +495,7 @@ def layer_norm(
         d = math.prod(shape)
         flat_weight = None if weight is None else weight.reshape(-1)
         flat_bias = None if bias is None else bias.reshape(-1)
-        return fast.kernels().rows_norm(input, flat_weight, flat_bias, 1, d, 1, True, eps)
+        return fast.norm_kernels().rows_norm(input, flat_weight, flat_bias, 1, d, 1, True, eps)
     if streamed.takes(input):
         d = math.prod(shape)
         flat_weight = None if weight is None else weight.reshape(-1)
@@ -536,7 +536,7 @@ def group_norm(
     n = input.size(0)
     if _fast(input, weight, bias):
         hw = input.numel() // (n * channels) if n * channels else 0
-        return fast.kernels().rows_norm(input, weight, bias, num_groups, channels // num_groups, hw, False, eps)
+        return fast.norm_kernels().rows_norm(input, weight, bias, num_groups, channels // num_groups, hw, False, eps)
     if streamed.takes(input):
         y, _, _ = streamed.grouped_norm_train(input.view(n, channels, -1), weight, bias, num_groups, eps)
         return y.view(input.shape)

@@ -1,0 +1,82 @@
+"""steadygrad.fast's switch: which backend runs, what happens where one cannot be had, and that nothing is
+compiled unless asked."""
+
+import sys
+
+import pytest
+import torch
+
+from steadygrad import fast
+from steadygrad.norm import functional as F
+
+
+@pytest.fixture(autouse=True)
+def restore_state():
+    saved = dict(fast._STATE)
+    yield
+    fast._STATE.clear()
+    fast._STATE.update(saved)
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="'auto', 'cpp', 'numba'"):
+        fast.enable("triton")
+
+
+def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
+    pytest.importorskip("numba")
+    fast._STATE.update(module=None, error="steadygrad's compiled kernels could not be built (no compiler).")
+    with pytest.warns(RuntimeWarning, match="numba-compiled norm kernels are used instead"):
+        assert fast.enable()
+    assert fast.backend() == "numba"
+    y = F.layer_norm(torch.randn(3, 8, requires_grad=True), (8,))
+    assert "Numba" in y.grad_fn.name()
+    assert fast.compile_seconds("numba") is not None
+
+
+def test_no_backend_at_all_warns_with_both_reasons_and_keeps_the_eager_path(monkeypatch):
+    fast._STATE.update(module=None, error="no compiler here.", jit=None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"no compiler here\. numba is not installed"):
+        assert not fast.enable()
+    assert not fast.enabled()
+    assert fast.backend() is None
+    assert not fast.available("numba")
+
+
+def test_monitor_keeps_its_eager_statistics_with_the_numba_backend():
+    pytest.importorskip("numba")
+    from torch import nn
+
+    from steadygrad.measure import Monitor
+
+    assert fast.enable("numba")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with Monitor(model) as monitor:
+        model(torch.randn(8, 4)).sum().backward()
+        assert not monitor._recorder.deferred  # the compiled taps are C++ only
+        report = monitor.step()
+    assert report is not None and len(report.records) == 2
+
+
+def test_numba_kernels_compile_in_enable_and_never_again():
+    # enable() compiles every kernel for the one signature real calls use: a second signature would be a
+    # silent compile of seconds in the middle of training
+    pytest.importorskip("numba")
+    from steadygrad import norm
+    from steadygrad.fast import jit
+
+    assert fast.enable("numba")
+    kernels = [k for k in vars(jit).values() if hasattr(k, "signatures") and k.__name__.startswith("_")]
+    compiled = {k.__name__: len(k.signatures) for k in kernels}
+    cases = [
+        (norm.BatchNorm1d(64), (32, 64)),
+        (norm.BatchNorm1d(6, affine=False), (7, 6, 3)),
+        (norm.BatchNorm2d(8), (4, 8, 5, 5)),
+        (norm.LayerNorm(16), (3, 16)),
+        (norm.LayerNorm(16, elementwise_affine=False), (3, 16)),
+        (norm.GroupNorm(2, 8), (4, 8, 3)),
+    ]
+    for layer, shape in cases:
+        layer(torch.randn(shape, requires_grad=True)).sum().backward()
+    assert {k.__name__: len(k.signatures) for k in kernels} == compiled
