@@ -360,22 +360,30 @@ at::Tensor update_norms(const std::vector<at::Tensor>& now, const std::vector<at
       TORCH_CHECK(a.numel() == b.numel() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
                   "update_norms takes pairs of float32 tensors of one size");
       const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
-      double change = 0.0;
+      // both sums in one pass: the weight and its copy are read once
+      double change = 0.0, size = 0.0;
       for (int64_t start = 0; start < a.numel(); start += kChunk) {
         const int64_t stop = std::min(a.numel(), start + kChunk);
-        Vec c0(0.f), c1(0.f);
+        Vec c0(0.f), c1(0.f), s0(0.f), s1(0.f);
         int64_t j = start;
         for (; j + 2 * kLanes <= stop; j += 2 * kLanes) {
-          const Vec d0 = Vec::loadu(pa + j) - Vec::loadu(pb + j), d1 = Vec::loadu(pa + j + kLanes) - Vec::loadu(pb + j + kLanes);
+          const Vec b0 = Vec::loadu(pb + j), b1 = Vec::loadu(pb + j + kLanes);
+          const Vec d0 = Vec::loadu(pa + j) - b0, d1 = Vec::loadu(pa + j + kLanes) - b1;
           c0 = at::vec::fmadd(d0, d0, c0);
           c1 = at::vec::fmadd(d1, d1, c1);
+          s0 = at::vec::fmadd(b0, b0, s0);
+          s1 = at::vec::fmadd(b1, b1, s1);
         }
-        float part = lane_sum(c0 + c1);
-        for (; j < stop; ++j) part += (pa[j] - pb[j]) * (pa[j] - pb[j]);
+        float part = lane_sum(c0 + c1), part_size = lane_sum(s0 + s1);
+        for (; j < stop; ++j) {
+          part += (pa[j] - pb[j]) * (pa[j] - pb[j]);
+          part_size += pb[j] * pb[j];
+        }
         change += part;
+        size += part_size;
       }
       out[2 * i] = change;
-      out[2 * i + 1] = sum_squares(pb, b.numel());
+      out[2 * i + 1] = size;
     }
   });
   return table;
