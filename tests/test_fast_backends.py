@@ -44,19 +44,25 @@ def test_no_backend_at_all_warns_with_both_reasons_and_keeps_the_eager_path(monk
     assert not fast.available("numba")
 
 
-def test_monitor_keeps_its_eager_statistics_with_the_numba_backend():
+def test_the_monitor_takes_the_taps_of_the_backend_enabled_before_each_logged_step():
     pytest.importorskip("numba")
     from torch import nn
 
+    from steadygrad.fast import jit_collector
     from steadygrad.measure import Monitor
 
-    assert fast.enable("numba")
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with Monitor(model) as monitor:
-        model(torch.randn(8, 4)).sum().backward()
-        assert not monitor._recorder.deferred  # the compiled taps are C++ only
-        report = monitor.step()
-    assert report is not None and len(report.records) == 2
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    backends = ["numba", "cpp"] if fast.available("cpp") else ["numba"]
+    with Monitor(model, optimizer=opt) as monitor:
+        for backend in backends:  # switched between steps: the next step's taps are the new backend's
+            assert fast.enable(backend)
+            opt.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            assert monitor._recorder.deferred
+            assert isinstance(monitor._recorder.collector(), jit_collector.Collector) == (backend == "numba")
+    assert [len(report.records) for report in monitor.history.reports] == [2] * len(backends)
 
 
 def test_numba_kernels_compile_in_enable_and_never_again():

@@ -28,13 +28,15 @@ FIELDS = (
 )
 
 
-@pytest.fixture(params=["eager", "compiled"])
+@pytest.fixture(params=["eager", "compiled", "numba"])
 def mode(request):
-    """Each Monitor test twice: the eager statistics, and the deferred ones of the compiled kernels."""
-    if request.param == "compiled":
-        if not fast.available():
-            pytest.skip("steadygrad's compiled kernels cannot be built here (no C++ compiler?)")
-        fast.enable()
+    """Each Monitor test three times: the eager statistics, and the deferred ones of the compiled taps in C++
+    and in numba."""
+    backend = {"compiled": "cpp", "numba": "numba"}.get(request.param)
+    if backend is not None:
+        if not fast.available(backend):
+            pytest.skip(f"steadygrad's {backend} kernels cannot be had here (no C++ compiler, or no numba)")
+        fast.enable(backend)
     yield request.param
     fast.disable()
 
@@ -86,7 +88,7 @@ def test_monitor_records_equal_the_probe(mode, activation, skip, dtype, monkeypa
     net, x, y = net_and_data(activation=activation, skip=skip, dtype=dtype)
     expected = probe(net, x, y)
     compiled_calls = []
-    if mode == "compiled":  # count the compiled statistics' tables: float32 must take them, float64 must not
+    if mode != "eager":  # count the compiled statistics' tables: float32 must take them, float64 must not
         statistics = monitor_module.deferred_table
 
         def counted(*args):
@@ -284,14 +286,15 @@ class _Reused(torch.nn.Module):
         return self.head(self.block(self.block(x)))
 
 
-def test_compiled_taps_equal_the_eager_statistics_for_reused_and_detached_layers():
-    if not fast.available():
-        pytest.skip("steadygrad's compiled kernels cannot be built here (no C++ compiler?)")
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_compiled_taps_equal_the_eager_statistics_for_reused_and_detached_layers(backend):
+    if not fast.available(backend):
+        pytest.skip(f"steadygrad's {backend} kernels cannot be had here (no C++ compiler, or no numba)")
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(16, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
     reports = []
     for compiled in (False, True):
-        (fast.enable if compiled else fast.disable)()
+        fast.enable(backend) if compiled else fast.disable()
         net = _Reused()
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         with Monitor(net, optimizer=opt, layers=["block", "side", "head"]) as monitor:
@@ -304,14 +307,19 @@ def test_compiled_taps_equal_the_eager_statistics_for_reused_and_detached_layers
     assert [r.label for r in compiled.records] == ["side", "block", "block (call 2)", "head"]
     assert math.isnan(compiled.records[0].grad_norm)  # the detached branch: seen, no gradient
     assert_same_records(eager, compiled, *TOLERANCE)
+    # the update ratios too, each on its own layer (the slots' order is not the layers' order here)
+    ratios = [(e.update_ratio, c.update_ratio) for e, c in zip(eager.records, compiled.records, strict=True)]
+    assert [c for _, c in ratios] == pytest.approx([e for e, _ in ratios], rel=1e-4, abs=1e-9)
+    assert len({c for _, c in ratios}) == 3  # side (not moved: 0), block (both calls) and head differ
 
 
-def test_a_model_converted_after_attach_switches_between_compiled_and_eager_statistics():
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_a_model_converted_after_attach_switches_between_compiled_and_eager_statistics(backend):
     # the choice is made before every logged step: float32 on the CPU takes the compiled taps, float64 the
     # exact eager statistics, whatever the model was when the monitor was attached
-    if not fast.available():
-        pytest.skip("steadygrad's compiled kernels cannot be built here (no C++ compiler?)")
-    fast.enable()
+    if not fast.available(backend):
+        pytest.skip(f"steadygrad's {backend} kernels cannot be had here (no C++ compiler, or no numba)")
+    fast.enable(backend)
     try:
         net, x, y = net_and_data()
         opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -12,7 +12,8 @@ Two backends run the same kernels:
   ``csrc/stats.cpp``) for float32 CPU models: each layer output and its gradient summed in C++ when the gradient
   arrives (no Python in the backward pass), every layer's parameters in one parallel pass at the step's end.
 - ``"numba"``: ``jit.py``, the norm kernels compiled by numba (``pip install "steadygrad[numba]"``), whose
-  wheel carries its own LLVM: no system compiler at all. The Monitor keeps its eager statistics.
+  wheel carries its own LLVM: no system compiler at all; and ``jit_collector.py``, the Monitor's taps with the
+  same sums, in Python hooks around numba kernels.
 
 ``enable()`` (backend ``"auto"``) takes C++ and, where it cannot be built, numba, saying so in a warning. Every
 other case (other dtypes or devices, channels_last, eval-mode BatchNorm, instance norm) keeps the eager path,
@@ -33,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "available",
     "backend",
+    "collector_type",
     "compile_seconds",
     "disable",
     "enable",
@@ -104,11 +106,12 @@ def _numba_kernels():
             ) from None
         import torch
 
-        from steadygrad.fast import jit
+        from steadygrad.fast import jit, jit_collector
 
         start = time.perf_counter()
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         jit.warm_up()
+        jit_collector.warm_up()
         _STATE["jit_seconds"] = time.perf_counter() - start
         _STATE["jit"] = jit
     return _STATE["jit"]
@@ -120,7 +123,8 @@ def enable(backend: str = "auto") -> bool:
     Args:
         backend: ``"cpp"`` builds the C++ kernels (or loads them from torch's extension cache): the norms and
             the Monitor's taps. ``"numba"`` compiles the norm kernels with numba (``pip install
-            "steadygrad[numba]"``), which needs no C++ compiler; the Monitor then keeps its eager statistics.
+            "steadygrad[numba]"``), which needs no C++ compiler, and the Monitor's taps in Python around numba
+            kernels (``jit_collector.py``).
             ``"auto"`` (the default) takes C++ and, where that cannot be built, numba.
     """
     if backend not in BACKENDS:
@@ -163,6 +167,15 @@ def backend() -> str | None:
 def norm_kernels():
     """The enabled backend's normalization entry points (``batch_norm_train``, ``rows_norm``)."""
     return _STATE["jit"] if _STATE["enabled"] == "numba" else kernels()
+
+
+def collector_type():
+    """The enabled backend's ``Collector``: the Monitor's taps (``csrc/collector.h``, or ``jit_collector.py``)."""
+    if _STATE["enabled"] == "numba":
+        from steadygrad.fast import jit_collector
+
+        return jit_collector.Collector
+    return kernels().Collector
 
 
 def available(backend: str = "cpp") -> bool:

@@ -298,22 +298,28 @@ class Recorder:
         return [self._parameter_roles[id(module)][2] for _, module in self.selected]
 
     def collector(self):
-        """The compiled taps of deferred mode (``steadygrad.fast``'s Collector), made once: it knows each layer's
-        parameters and holds a buffer per first weight for its copy before the update (the update ratio)."""
+        """The compiled taps of deferred mode (a ``steadygrad.fast`` backend's Collector), made on first use: they
+        know each layer's parameters and hold a buffer per first weight for its copy before the update."""
         if self._collector is None:
-            from steadygrad.fast import kernels
-
-            roles = [self._parameter_roles[id(module)] for _, module in self.selected]
-            snapshots = [
-                torch.empty_like(w, memory_format=torch.contiguous_format)
-                if w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
-                else None
-                for _, _, w in roles
-            ]
-            self._collector = kernels().Collector(
-                [w for w, _, _ in roles], [b for _, b, _ in roles], [w for _, _, w in roles], snapshots
-            )
+            self.renew_collector()
         return self._collector
+
+    def renew_collector(self) -> None:
+        """Make the taps of the backend now enabled, unless the current ones are that backend's (called before
+        each logged step, so that a step's taps stay the same from its forward pass to its report)."""
+        from steadygrad.fast import collector_type
+
+        made = collector_type()
+        if isinstance(self._collector, made):
+            return
+        roles = [self._parameter_roles[id(module)] for _, module in self.selected]
+        snapshots = [
+            torch.empty_like(w, memory_format=torch.contiguous_format)
+            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+            else None
+            for _, _, w in roles
+        ]
+        self._collector = made([w for w, _, _ in roles], [b for _, b, _ in roles], [w for _, _, w in roles], snapshots)
 
     def _collect(self, slot: _Slot, y: torch.Tensor, module: nn.Module, own_kind: str | None) -> None:
         """Deferred mode: the output is summed by the compiled taps now (and its gradient, by a C++ hook, in the

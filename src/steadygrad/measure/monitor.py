@@ -125,7 +125,9 @@ class Monitor:
         if logged and self._attached:
             # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
             # stay exact in float64 and run on the device elsewhere)
-            self._recorder.deferred = fast.backend() == "cpp" and not is_distributed() and self._float32_cpu()
+            self._recorder.deferred = fast.enabled() and not is_distributed() and self._float32_cpu()
+            if self._recorder.deferred:
+                self._recorder.renew_collector()
             self._recorder.attach()
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)

@@ -8,8 +8,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_train", &steadygrad::batch_norm_train, "Training-mode BatchNorm on (N, C, L), differentiable");
   m.def("rows_norm", &steadygrad::rows_norm, "LayerNorm/GroupNorm on (rows, d), differentiable");
-  m.def("layer_statistics", &steadygrad::layer_statistics, "The Monitor's per-layer sums in one call");
-  m.def("update_norms", &steadygrad::update_norms, "||W - W_before||^2 and ||W_before||^2 per tensor");
   py::class_<steadygrad::Collector, std::shared_ptr<steadygrad::Collector>>(
       m, "Collector", "The Monitor's taps for one logged step, gathered in C++ (see csrc/collector.h)")
       .def(py::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<at::Tensor>>,

@@ -129,7 +129,7 @@ at::Tensor Collector::statistics(const std::vector<int64_t>& slot_layers) {
     for (const auto* params : {&weights_[layer], &biases_[layer]}) {
       const int64_t role = params == &weights_[layer] ? kWeightGrad : kBiasGrad;
       for (const at::Tensor& p : *params) {
-        if (p.grad().defined()) entries.push_back({as_float_cpu(p.grad()), slot_index, role, kNoKind, nullptr});
+        if (p.grad().defined()) entries.push_back({as_float_cpu(p.grad()), slot_index, role, nullptr});
       }
     }
     if (first_weights_[layer].has_value()) {
@@ -140,7 +140,7 @@ at::Tensor Collector::statistics(const std::vector<int64_t>& slot_layers) {
         copy = snapshots_[layer]->data_ptr<float>();
         copied_[layer] = true;
       }
-      entries.push_back({as_float_cpu(weight), slot_index, kWeight, kNoKind, copy});
+      entries.push_back({as_float_cpu(weight), slot_index, kWeight, copy});
     }
   }
   std::lock_guard<std::mutex> lock(mutex_);

@@ -29,7 +29,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
   // An activation function's output that is not the layer's own (its unit statistics only).
   void units(const at::Tensor& y, int64_t slot, int64_t kind);
 
-  // Every slot's row of sums (layer_statistics' table); slot_layers[i] is slot i's layer index. Adds each
+  // Every slot's row of sums (slot_statistics' table, stats.h); slot_layers[i] is slot i's layer index. Adds each
   // slot's parameter gradients and first weight in one parallel pass, copying each first weight once.
   at::Tensor statistics(const std::vector<int64_t>& slot_layers);
   // (layers, 2): [||W - W_before||^2, ||W_before||^2] for the weights statistics() copied, NaN elsewhere.

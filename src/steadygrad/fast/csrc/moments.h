@@ -1,4 +1,4 @@
-// The sums behind a layer's statistics, shared by layer_statistics (stats.cpp) and the Collector
+// The sums behind a layer's statistics, shared by slot_statistics (stats.cpp) and the Collector
 // (collector.cpp): what one tensor adds, and a layer call's row of the table.
 #pragma once
 

@@ -1,9 +1,11 @@
-// The Monitor's statistics: every logged layer's activation, gradient and weight sums in one compiled call
-// per step, parallel over layers. Per tensor one pass, four vector accumulators per sum (see vec_util.h).
+// The Monitor's sums, for the Collector (collector.cpp): an output's moments and unit statistics, a
+// gradient's sum of squares, and at the step's end every logged layer's parameters in one call, parallel over
+// layers. Per tensor one pass, with several vector accumulators per sum (see vec_util.h).
 //
 // Activation moments are shifted sums (t = y - k, k the first value), merged across tensors by Chan, Golub
 // and LeVeque's update: M2 = sum(t^2) - sum(t)^2 / n is then accurate however large the mean. NaN and Inf
-// are not excluded here: they propagate into the sums, and the Monitor recomputes that layer with masking.
+// propagate into the fast sums; the Collector then sums that tensor again over its finite values
+// (finite_output_moments, finite_sum_squares), counting the others.
 #include "stats.h"
 
 #include "moments.h"
@@ -276,7 +278,7 @@ static void add_parameter(SlotSums& sums, const Entry& e, const at::Tensor& dens
       sums.weight = weight_moments(p, n, e.copy);
       break;
     default:
-      TORCH_CHECK(false, "layer_statistics: unknown role ", e.role);
+      TORCH_CHECK(false, "slot_statistics: unknown role ", e.role);
   }
 }
 
@@ -286,9 +288,9 @@ at::Tensor slot_statistics(const std::vector<Entry>& entries, int64_t n_slots, s
   std::vector<at::Tensor> dense(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) {
     const Entry& e = entries[i];
-    TORCH_CHECK(e.slot >= 0 && e.slot < n_slots, "layer_statistics: slot index out of range");
-    // no rows at all: the caller computes these statistics its other way (checked here, not per tensor in Python)
-    if (e.tensor.scalar_type() != at::kFloat || !e.tensor.device().is_cpu()) return at::empty({0, kColumns}, options);
+    TORCH_CHECK(e.slot >= 0 && e.slot < n_slots, "slot_statistics: slot index out of range");
+    TORCH_CHECK(e.tensor.scalar_type() == at::kFloat && e.tensor.device().is_cpu(),
+                "slot_statistics takes float32 CPU tensors (the Collector converts the others)");
     dense[i] = e.tensor.contiguous();
     work[e.slot].push_back(i);
   }
@@ -297,46 +299,11 @@ at::Tensor slot_statistics(const std::vector<Entry>& entries, int64_t n_slots, s
   at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       SlotSums sums = taps != nullptr && slot < static_cast<int64_t>(taps->size()) ? (*taps)[slot] : SlotSums();
-      for (size_t i : work[slot]) {
-        const Entry& e = entries[i];
-        switch (e.role) {
-          case kActivation:
-            sums.activation.merge(output_moments(dense[i], e.kind, sums.units));
-            break;
-          case kUnits:  // the activation function's output, when it is not the layer's
-            output_moments(dense[i], e.kind, sums.units);
-            break;
-          case kOutputGrad:
-            sums.grad = (std::isnan(sums.grad) ? 0.0 : sums.grad) + sum_squares(dense[i].data_ptr<float>(), dense[i].numel());
-            break;
-          default:
-            add_parameter(sums, e, dense[i]);
-        }
-      }
+      for (size_t i : work[slot]) add_parameter(sums, entries[i], dense[i]);
       sums.write_row(out + slot * kColumns);
     }
   });
   return table;
-}
-
-at::Tensor layer_statistics(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& slots,
-                            const std::vector<int64_t>& roles, const std::vector<int64_t>& kinds, int64_t n_slots,
-                            const std::vector<c10::optional<at::Tensor>>& snapshots) {
-  const size_t count = tensors.size();
-  TORCH_CHECK(slots.size() == count && roles.size() == count && kinds.size() == count && snapshots.size() == count,
-              "layer_statistics: tensors, slots, roles, kinds and snapshots must have the same length");
-  std::vector<Entry> entries;
-  entries.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    float* copy = nullptr;
-    if (snapshots[i].has_value()) {
-      TORCH_CHECK(snapshot_fits(*snapshots[i], tensors[i]), "layer_statistics: a snapshot must be a contiguous "
-                  "float32 CPU tensor of its weight's size");
-      copy = snapshots[i]->data_ptr<float>();
-    }
-    entries.push_back({tensors[i], slots[i], roles[i], kinds[i], copy});
-  }
-  return slot_statistics(entries, n_slots, nullptr);
 }
 
 bool snapshot_fits(const at::Tensor& snapshot, const at::Tensor& weight) {
