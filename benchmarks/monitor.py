@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/monitor.py [--steps 400]
 
 A 20-layer, width-256 ReLU MLP, batch 128, SGD. Rows: the bare step (the reference), the Monitor logging
-every step (full per-layer records), every 10th step, both with the compiled statistics
-(``steadygrad.fast``) and with the eager ones, and a plain per-step hook baseline (a forward hook
+every step (full per-layer records) and every 10th step, with each kind of taps this machine has: the C++
+ones (``steadygrad.fast``), numba's (``steadygrad.fast.enable("numba")``, for machines with no C++
+compiler) and the eager statistics; and a plain per-step hook baseline (a forward hook
 and a gradient hook per layer computing mean, std and gradient norm, the way hand-written monitoring
 usually does). Each ratio is the median over rounds of the variant's mean step time over the bare step's in
 the same round (every variant runs 20 steps per round, in turn), so the machine's drift hits all alike; the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +53,16 @@ class PlainHooks:
             h.remove()
 
 
-def _logged_step_cost(step, net, opt, steps: int, compiled: bool) -> tuple[float, float]:
+def _use(backend: str | None) -> None:
+    """Switch to ``backend``'s taps ("cpp", "numba"), or to the eager statistics (None)."""
+    fast.enable(backend) if backend else fast.disable()
+
+
+def _logged_step_cost(step, net, opt, steps: int, backend: str | None) -> tuple[float, float]:
     """(extra ms of a logged step, bare ms) from a Monitor logging every 2nd step: logged and unlogged steps
     alternate, so the difference of their medians is the logged step's cost with the machine's drift paired
     out. A schedule of every k-th step then costs about 1 + extra / (k * bare)."""
-    (fast.enable if compiled else fast.disable)()
+    _use(backend)
     monitor = Monitor(net, every=2, optimizer=opt).attach()
     times = {True: [], False: []}
     for i in range(steps + 20):
@@ -80,25 +87,28 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
-    compiled = fast.enable()
+    # the taps each backend has here: C++ (compiled), numba (no C++ compiler needed), and the eager statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backends = {"compiled": "cpp", "numba": "numba"}
+        backends = {label: b for label, b in backends.items() if fast.enable(b) and fast.backend() == b}
+    backends["eager"] = None
 
-    def monitor(every: int, use_kernels: bool):
+    def monitor(every: int, backend: str | None):
         made = Monitor(net, every=every, optimizer=opt)  # made once: rounds time the steps, not the set-up
 
         def start():
-            (fast.enable if use_kernels else fast.disable)()
+            _use(backend)
             return made.attach()
 
         return start, lambda m: m.detach()
 
-    variants = {
-        "bare step (reference)": (lambda: None, lambda c: None),
-        "Monitor, every step": monitor(1, compiled),
-        "Monitor, every 10th step": monitor(10, compiled),
-        "Monitor, every step, eager": monitor(1, False),
-        "Monitor, every 10th, eager": monitor(10, False),
-        "plain per-step hooks": (lambda: PlainHooks(net), lambda h: h.close()),
-    }
+    variants = {"bare step (reference)": (lambda: None, lambda c: None)}
+    for label, backend in backends.items():
+        suffix = "" if label == "compiled" else f", {label}"
+        variants[f"Monitor, every step{suffix}"] = monitor(1, backend)
+        variants[f"Monitor, every 10th step{suffix}"] = monitor(10, backend)
+    variants["plain per-step hooks"] = (lambda: PlainHooks(net), lambda h: h.close())
     times = {name: [] for name in variants}
     for _ in range(3):
         step()
@@ -118,17 +128,15 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
     )
     print("# ratio: median over rounds of (variant's mean step / the bare step's in the same round), with the")
     print("# middle half of the rounds' ratios; a round runs every variant in turn, so drift hits all alike")
-    print(f"{'variant':28} {'ms per step':>12} {'ratio':>7}  {'middle half':>13}")
+    print(f"{'variant':33} {'ms per step':>12} {'ratio':>7}  {'middle half':>13}")
     for name, values in times.items():
         ratios = [v / b for v, b in zip(values, bare, strict=True)]
         q1, median, q3 = statistics.quantiles(ratios, n=4)
         mean_ms = statistics.mean(values) * 1e3
         rows.append((name, f"{mean_ms:.3f}", median))
-        print(f"{name:28} {mean_ms:12.3f} {median:7.3f}  {q1:6.3f}-{q3:6.3f}")
-    for use_kernels, label in ((compiled, "compiled"), (False, "eager")):
-        if label == "compiled" and not compiled:
-            continue
-        extra, bare_ms = _logged_step_cost(step, net, opt, steps, use_kernels)
+        print(f"{name:33} {mean_ms:12.3f} {median:7.3f}  {q1:6.3f}-{q3:6.3f}")
+    for label, backend in backends.items():
+        extra, bare_ms = _logged_step_cost(step, net, opt, steps, backend)
         print(
             f"# one logged step ({label}), paired against the unlogged steps between: +{extra:.3f} ms on a "
             f"{bare_ms:.3f} ms step; every 10th step then costs {1 + extra / (10 * bare_ms):.3f}x"
