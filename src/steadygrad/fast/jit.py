@@ -4,7 +4,8 @@ numba compiles Python to machine code with the LLVM that ships inside its wheel,
 system compiler, no ninja and no headers. They run the same math, in the same order, as ``csrc/norm.cpp``
 (see its header comment): statistics from sums shifted by a sample of each group (Chan, Golub and LeVeque
 1983), float32 partial sums joining float64 every ``CHUNK`` values, each group's second read while it is still
-in cache, and the backward in two passes with dgamma and dbeta folded into the first. Reductions vectorize
+in cache, and a backward that reads each group from memory twice, its sums for dgamma and dbeta taken while
+the group is in cache. Reductions vectorize
 because the kernels allow LLVM to reassociate floating-point sums (``fastmath={"reassoc", "contract"}``),
 while NaN and Inf keep their IEEE meaning (no "nnan"/"ninf"), so a broken input still gives NaN, as torch's
 kernels do.
@@ -485,10 +486,10 @@ class NumbaRowsNorm(torch.autograd.Function):
         partial_w = np.zeros((_chunks(rows), width), dtype=np.float64)
         partial_b = np.zeros_like(partial_w)
         if x.numel():
-            s = stats.numpy()
+            s, dya = stats.numpy(), _array(dy.contiguous())
             _rows_backward(
-                _array(dy), _array(x), s[0], s[1], s[2], _array(weight), dx.view(-1).numpy(), partial_w, partial_b,
-                groups, cpg, hw, per_element,
+                dya, _array(x), s[0], s[1], s[2], _array(weight), dx.view(-1).numpy(), partial_w, partial_b, groups,
+                cpg, hw, per_element,
             )  # fmt: skip
         dgamma = torch.from_numpy(partial_w.sum(0)).float() if ctx.needs_input_grad[1] else None
         dbeta = torch.from_numpy(partial_b.sum(0)).float() if ctx.needs_input_grad[2] else None

@@ -34,7 +34,7 @@ from steadygrad.measure.stats import (
 __all__ = ["RECORD_WIDTH", "SUMS_COLUMNS", "Recorder", "first_tensor", "kind_name", "make_records", "rows_from_sums"]
 
 RECORD_WIDTH = 13  # 6 activation + 2 unit + 2 gradient + 3 weight values per layer call
-# A layer call's sums, the one layout of finalize and of the compiled kernels (steadygrad/fast/csrc/stats.h)
+# A layer call's sums, the one layout of finalize and of the compiled taps (steadygrad/fast/csrc/stats.h)
 SUMS_COLUMNS = (
     "n",  # activation: values seen, their mean, M2 (merged over micro-batches), min, max, sum of squares
     "mean",
@@ -42,7 +42,7 @@ SUMS_COLUMNS = (
     "min",
     "max",
     "squares",
-    "nonfinite",  # NaN/Inf values in the output (0 from the compiled kernels: they propagate instead)
+    "nonfinite",  # NaN/Inf values in the output (excluded from the other sums and counted here)
     "saturated",  # tanh/sigmoid values saturated, of
     "counted",
     "units",  # rectifier units, and those <= 0 for every sample
@@ -174,9 +174,10 @@ class Recorder:
     their outputs for the gradient. ``active`` switches the work off without removing the hooks.
 
     With ``deferred`` (the Monitor's mode when ``steadygrad.fast`` is on) the hooks hand each output to the
-    compiled taps (``collector()``), which sum it at once and sum its gradient from a C++ hook, keeping
-    nothing; ``deferred_table`` adds the parameters at the step's end. That is one C++ call per layer in the
-    forward pass and no Python at all in the backward pass, instead of a dozen small reductions per tensor.
+    compiled taps (``collector()``), which sum it with its gradient when that arrives, keeping nothing;
+    ``deferred_table`` adds the parameters at the step's end. With the C++ taps that is one C++ call per layer
+    in the forward pass and no Python at all in the backward pass; numba's taps have a Python gradient hook
+    around two numba calls. Either way it replaces a dozen small reductions per tensor.
     """
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
@@ -322,8 +323,8 @@ class Recorder:
         self._collector = made([w for w, _, _ in roles], [b for _, b, _ in roles], [w for _, _, w in roles], snapshots)
 
     def _collect(self, slot: _Slot, y: torch.Tensor, module: nn.Module, own_kind: str | None) -> None:
-        """Deferred mode: the output is summed by the compiled taps now (and its gradient, by a C++ hook, in the
-        backward pass); nothing is kept here."""
+        """Deferred mode: the output goes to the compiled taps, which sum it with its gradient in the backward
+        pass (at once if it will get none); nothing is kept here."""
         collector = self._collector or self.collector()
         if own_kind:  # the activation function's output is the layer's: one pass gives both statistics
             collector.output(y, slot.index, _KIND_CODES[own_kind])
