@@ -26,7 +26,7 @@ def test_unknown_backend_is_refused_with_the_choices():
 def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
     pytest.importorskip("numba")
     fast._STATE.update(module=None, error="steadygrad's compiled kernels could not be built (no compiler).")
-    with pytest.warns(RuntimeWarning, match="numba-compiled norm kernels are used instead"):
+    with pytest.warns(RuntimeWarning, match="numba-compiled kernels are used instead"):
         assert fast.enable()
     assert fast.backend() == "numba"
     y = F.layer_norm(torch.randn(3, 8, requires_grad=True), (8,))
@@ -34,10 +34,25 @@ def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
     assert fast.compile_seconds("numba") is not None
 
 
+def test_a_numba_that_cannot_compile_the_kernels_warns_and_keeps_the_eager_path(monkeypatch):
+    pytest.importorskip("numba")
+    from steadygrad.fast import jit
+
+    def broken():
+        raise TypeError("no typing for this numba")
+
+    fast._STATE.update(jit=None, jit_error=None)
+    monkeypatch.setattr(jit, "warm_up", broken)
+    with pytest.warns(RuntimeWarning, match="numba kernels could not be compiled .TypeError: no typing"):
+        assert not fast.enable("numba")
+    assert fast.backend() is None
+    assert not fast.available("numba")  # the reason is kept: no second attempt
+
+
 def test_no_backend_at_all_warns_with_both_reasons_and_keeps_the_eager_path(monkeypatch):
-    fast._STATE.update(module=None, error="no compiler here.", jit=None)
+    fast._STATE.update(module=None, error="no compiler here.", jit=None, jit_error=None)
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
-    with pytest.warns(RuntimeWarning, match=r"no compiler here\. numba is not installed"):
+    with pytest.warns(RuntimeWarning, match=r"no compiler here\. numba cannot be imported"):
         assert not fast.enable()
     assert not fast.enabled()
     assert fast.backend() is None

@@ -43,7 +43,15 @@ __all__ = [
     "norm_kernels",
 ]
 
-_STATE: dict = {"module": None, "enabled": None, "seconds": None, "error": None, "jit": None, "jit_seconds": None}
+_STATE: dict = {
+    "module": None,  # the C++ build, its first call's seconds, or why it failed
+    "seconds": None,
+    "error": None,
+    "jit": None,  # the numba kernels, the same three
+    "jit_seconds": None,
+    "jit_error": None,
+    "enabled": None,  # the backend switched on: "cpp", "numba" or None
+}
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "norm.cpp", "stats.cpp", "collector.cpp")]
 
 # The flags torch's own CPU kernels are built with for each capability (ATen/cpu/vec selects its
@@ -95,23 +103,34 @@ BACKENDS = ("auto", "cpp", "numba")
 
 
 def _numba_kernels():
-    """The numba-compiled norm kernels (``jit.py``), compiled or loaded from numba's cache on first call."""
+    """The numba-compiled kernels (``jit.py``, ``jit_collector.py``), compiled or loaded from numba's cache on
+    first call (raises RuntimeError with the reason if they cannot be had)."""
     if _STATE["jit"] is None:
+        if _STATE["jit_error"] is not None:
+            raise RuntimeError(_STATE["jit_error"])
         try:
             import numba
-        except ImportError:
-            raise RuntimeError(
-                'numba is not installed (pip install "steadygrad[numba]"), so the numba-compiled kernels are not '
-                "available."
-            ) from None
+        except ImportError as error:  # not installed, or installed against another numpy
+            _STATE["jit_error"] = (
+                f'numba cannot be imported ({str(error).splitlines()[0][:200]}); pip install "steadygrad[numba]" '
+                "for the numba-compiled kernels."
+            )
+            raise RuntimeError(_STATE["jit_error"]) from None
         import torch
 
-        from steadygrad.fast import jit, jit_collector
-
         start = time.perf_counter()
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        jit.warm_up()
-        jit_collector.warm_up()
+        try:
+            from steadygrad.fast import jit, jit_collector
+
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+            jit.warm_up()
+            jit_collector.warm_up()
+        except Exception as error:  # a numba that cannot compile them: keep the eager path and say why
+            _STATE["jit_error"] = (
+                f"steadygrad's numba kernels could not be compiled ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300] if str(error) else ''}); the eager path is used."
+            )
+            raise RuntimeError(_STATE["jit_error"]) from None
         _STATE["jit_seconds"] = time.perf_counter() - start
         _STATE["jit"] = jit
     return _STATE["jit"]
@@ -141,7 +160,7 @@ def enable(backend: str = "auto") -> bool:
             reasons.append(str(error))
             continue
         if reasons:  # auto, after C++ failed: say that numba stands in
-            message = f"{reasons[0]} The numba-compiled norm kernels are used instead."
+            message = f"{reasons[0]} steadygrad's numba-compiled kernels are used instead."
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         _STATE["enabled"] = name
         return True
