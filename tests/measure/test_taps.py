@@ -178,3 +178,16 @@ def test_a_layer_called_twice_has_one_weight_in_both_slots(collector_type):
     assert first["weight_m2"] == second["weight_m2"] > 0
     assert torch.equal(snapshot, w.detach())
     assert collector.update_norms()[0, 0].item() == 0.0  # no step yet: no change
+
+
+def test_the_numba_taps_use_the_measure_layers_constants():
+    # jit_collector sits below steadygrad.measure (as the C++ taps do) and repeats its constants
+    pytest.importorskip("numba")
+    from steadygrad.fast import jit_collector
+    from steadygrad.measure import hooks, stats
+
+    assert jit_collector.TANH_SATURATION == stats.TANH_SATURATION
+    assert jit_collector.SIGMOID_SATURATION == stats.SIGMOID_SATURATION
+    assert len(SUMS_COLUMNS) == jit_collector.COLUMNS
+    codes = {"tanh": jit_collector.TANH, "sigmoid": jit_collector.SIGMOID, "rectifier": jit_collector.RECTIFIER}
+    assert {kind: code for kind, code in hooks._KIND_CODES.items() if kind} == codes

@@ -31,7 +31,7 @@ import torch
 from numba import njit, prange
 from torch.autograd.graph import increment_version
 
-from steadygrad.norm.streamed import no_double_backward
+from steadygrad._autograd import no_double_backward
 
 __all__ = ["batch_norm_train", "rows_norm", "warm_up"]
 

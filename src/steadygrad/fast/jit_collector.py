@@ -25,14 +25,17 @@ import torch
 from numba import njit, prange
 from numba.typed import List
 
+from steadygrad._autograd import on_gradient
 from steadygrad.fast.jit import _MATH, _PARALLEL, CHUNK
-from steadygrad.measure.hooks import SUMS_COLUMNS, on_gradient
-from steadygrad.measure.stats import SIGMOID_SATURATION, TANH_SATURATION
 
 __all__ = ["Collector", "warm_up"]
 
 # the activation kinds of the taps (steadygrad.measure.hooks._KIND_CODES, csrc/stats.h)
 NO_KIND, TANH, SIGMOID, RECTIFIER = 0, 1, 2, 3
+# as steadygrad.measure.stats's (this layer sits below measure, as csrc/stats.cpp does; tests check they agree)
+TANH_SATURATION = 0.99
+SIGMOID_SATURATION = 0.01
+COLUMNS = 17  # a row of sums: len(steadygrad.measure.hooks.SUMS_COLUMNS), csrc/moments.h's kColumns
 _TANH = np.float32(TANH_SATURATION)
 _SIGMOID_LOW = np.float32(SIGMOID_SATURATION)
 _SIGMOID_HIGH = np.float32(1.0 - SIGMOID_SATURATION)
@@ -384,7 +387,7 @@ class Collector:
             sums.grad_nonfinite += nonfinite
 
     def statistics(self, slot_layers: list[int]) -> torch.Tensor:
-        """Every slot's row of sums, (slots, len(SUMS_COLUMNS)) float64; slot_layers[i] is slot i's layer.
+        """Every slot's row of sums, (slots, COLUMNS) float64; slot_layers[i] is slot i's layer.
         Adds each slot's parameter gradients and first weight, copying each first weight once: two numba calls,
         each parallel over all the tensors."""
         with self._lock:
@@ -421,7 +424,7 @@ class Collector:
         for (index, _, _), (n, m2) in zip(weighted, moments.tolist(), strict=True):
             params[index][2:] = [n, m2]
         rows = [self._slot(index).row(params[index]) for index in range(len(slot_layers))]
-        return torch.tensor(rows, dtype=torch.float64).reshape(len(slot_layers), len(SUMS_COLUMNS))
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(slot_layers), COLUMNS)
 
     def _weight_lists(self, entries: tuple[tuple[int, bool], ...]) -> tuple[List, List, List, List]:
         """numba lists for (layer, copied) entries: the weights and their copy buffers (empty: no copy), and the

@@ -44,6 +44,7 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 from steadygrad import fast
+from steadygrad._autograd import no_double_backward
 from steadygrad.norm import streamed
 
 __all__ = [
@@ -179,7 +180,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        streamed.no_double_backward()
+        no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         g = grad_y.to(x_hat.dtype)
         constant = _constant_over(weight, x_hat.dim(), ctx.dims) and _constant_over(
@@ -283,7 +284,7 @@ class _SyncBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        streamed.no_double_backward()
+        no_double_backward()
         x_hat, inv_std, weight = ctx.saved_tensors
         dy = grad_y.to(x_hat.dtype)
         g = dy if weight is None else dy * weight.to(x_hat.dtype).reshape(ctx.view)  # (1) dL/dx_hat

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
+from steadygrad._autograd import no_double_backward
+
 __all__ = ["batch_norm_train", "grouped_norm_train", "takes"]
 
 
@@ -39,17 +41,6 @@ def takes(x: torch.Tensor) -> bool:
     """Whether this path takes ``x``: contiguous float32 or float64. Other inputs take ``functional``'s general
     path (low precision is computed there in float32; strided layouts keep their layout)."""
     return x.is_contiguous() and x.dtype in (torch.float32, torch.float64)
-
-
-def no_double_backward() -> None:
-    """Inside a backward, grad mode is on only under create_graph=True: refuse it with the way out. (Every
-    hand-derived norm backward calls this, ``functional``'s too.)"""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "steadygrad's normalization backward is hand-derived and differentiable once: a second derivative "
-            "(create_graph=True, gradient penalties, Hessian-vector products) is not supported. Convert the "
-            "model to torch's norms for that: steadygrad.norm.convert_norms(model, to='torch')."
-        )
 
 
 def _moments(shifted: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
