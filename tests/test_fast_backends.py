@@ -34,6 +34,16 @@ def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
     assert fast.compile_seconds("numba") is not None
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_numba_can_be_enabled_where_gradients_are_off(context):
+    # enable() runs a backward pass to compile the kernels: it must not depend on the caller's grad mode
+    pytest.importorskip("numba")
+    fast._STATE.update(jit=None, jit_error=None)
+    with context():
+        assert fast.enable("numba")
+    assert fast.backend() == "numba"
+
+
 def test_a_numba_that_cannot_compile_the_kernels_warns_and_keeps_the_eager_path(monkeypatch):
     pytest.importorskip("numba")
     from steadygrad.fast import jit

@@ -123,8 +123,9 @@ def _numba_kernels():
             from steadygrad.fast import jit, jit_collector
 
             numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            jit.warm_up()
-            jit_collector.warm_up()
+            with torch.inference_mode(False), torch.enable_grad():  # the warm-up runs a backward pass
+                jit.warm_up()
+                jit_collector.warm_up()
         except Exception as error:  # a numba that cannot compile them: keep the eager path and say why
             _STATE["jit_error"] = (
                 f"steadygrad's numba kernels could not be compiled ({type(error).__name__}: "
