@@ -90,20 +90,23 @@ def main(repeats: int = 20) -> list[tuple]:
             print(f"# {label}: first enable() took {first_calls[column]:.1f} s (a compile, or a load from the cache)")
         else:
             print(f"# {label}: NOT available here")
-    print("# floor: two plain copies (x -> y, dy -> dx) into preallocated tensors; nat/floor, fused/floor against it")
+    print(
+        "# floor: two plain copies (x -> y, dy -> dx) into preallocated tensors; nat/floor, numba/floor and "
+        "fused/floor against it"
+    )
     print(
         f"{'layer':24} {'torch.nn (native)':>21} {'eager':>21} {'numba':>21} {'fused':>21} {'floor':>9} "
-        f"{'eager/nat':>9} {'numba/nat':>9} {'fused/nat':>9} {'nat/floor':>9} {'fused/floor':>11}"
+        f"{'eager/nat':>9} {'numba/nat':>9} {'fused/nat':>9} {'nat/floor':>9} {'numba/floor':>11} {'fused/floor':>11}"
     )
     results = []
     for name, ref, times, ratios, floor in rows:
         cells = [str(times[c]) if c in times else "n/a" for c in columns]
         ratio = [ratios.get(c, float("nan")) for c in columns]
-        fused_floor = times["fused"].median_ms / floor.median_ms if "fused" in times else float("nan")
+        to_floor = [times[c].median_ms / floor.median_ms if c in times else float("nan") for c in ("numba", "fused")]
         print(
             f"{name:24} {ref!s:>21} {cells[0]:>21} {cells[1]:>21} {cells[2]:>21} {floor.median_ms:6.3f} ms "
             f"{ratio[0]:9.2f} {ratio[1]:9.2f} {ratio[2]:9.2f} {ref.median_ms / floor.median_ms:9.2f} "
-            f"{fused_floor:11.2f}"
+            f"{to_floor[0]:11.2f} {to_floor[1]:11.2f}"
         )
         results.append((name, ref, times, ratios, floor))
     return results
