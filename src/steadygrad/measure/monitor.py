@@ -103,6 +103,7 @@ class Monitor:
     def detach(self) -> None:
         """Remove every hook this monitor added and close its sinks."""
         self._arm(False)
+        self._recorder.detach()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -132,7 +133,7 @@ class Monitor:
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
         else:
-            self._recorder.detach()
+            self._recorder.park()
             if self._pass_hook is not None:
                 self._pass_hook.remove()
                 self._pass_hook = None
