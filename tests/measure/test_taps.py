@@ -122,7 +122,8 @@ def test_gradients_weights_and_the_snapshot(collector_type):
 
 def test_a_gradient_arriving_twice_counts_its_output_once(collector_type):
     # retain_graph and a second backward: the output was summed with the first gradient, the gradients add
-    y, grad = torch.randn(8, 4), torch.randn(8, 4)
+    g = torch.Generator().manual_seed(7)
+    y, grad = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
     collector = make(collector_type)
     leaf = y.requires_grad_(True)
     out = leaf * 1.0
@@ -135,7 +136,8 @@ def test_a_gradient_arriving_twice_counts_its_output_once(collector_type):
 
 
 def test_non_finite_values_are_excluded_and_counted(collector_type):
-    y, grad = torch.randn(6, 8), torch.randn(6, 8)
+    g = torch.Generator().manual_seed(8)
+    y, grad = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     y[1, 2], y[3, 3], grad[0, 0] = math.nan, math.inf, -math.inf
     collector = make(collector_type)
     with_gradient(collector, y, grad, 0, RECTIFIER)
@@ -150,7 +152,7 @@ def test_non_finite_values_are_excluded_and_counted(collector_type):
 
 @pytest.mark.parametrize("other", [torch.float64, torch.bfloat16], ids=str)
 def test_other_dtypes_are_summed_as_float32(collector_type, other):
-    y = torch.randn(5, 7).to(other)
+    y = torch.randn(5, 7, generator=torch.Generator().manual_seed(9)).to(other)
     collector = make(collector_type)
     collector.output(y, 0, NO_KIND)
     (got,) = rows(collector.statistics([0]))
@@ -171,7 +173,7 @@ def test_weight_moments_and_snapshot_over_several_chunks(collector_type, mean, s
 
 
 def test_a_layer_called_twice_has_one_weight_in_both_slots(collector_type):
-    w = torch.nn.Parameter(torch.randn(6, 4))
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(10)))
     snapshot = torch.zeros_like(w)
     collector = make(collector_type, layer([w], snapshot=snapshot))
     first, second = rows(collector.statistics([0, 0]))
