@@ -178,8 +178,17 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     a = load_checkpoint(whole / "checkpoint.pt")
     b = load_checkpoint(killed / "checkpoint.pt")
     assert a["step"] == b["step"]
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    theirs = b["model"]
+    differing = {k: float((v - theirs[k]).abs().max()) for k, v in a["model"].items() if not torch.equal(v, theirs[k])}
+    if differing:  # rare in full-suite runs and not reproduced alone: say as much as can be known
+        epochs = [
+            [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()] for run in (whole, killed)
+        ]
+        first = next((w["epoch"] for w, k in zip(*epochs, strict=False) if w["test_loss"] != k["test_loss"]), None)
+        raise AssertionError(
+            f"killed after the checkpoint of step {step}; after resuming, weights differ (max |difference|): "
+            f"{differing}; the first epoch whose test loss differs: {first}"
+        )
     steps = [json.loads(line)["step"] for line in (killed / "monitor.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the resumed run did not log a step twice
     history = [json.loads(line)["epoch"] for line in (killed / "history.jsonl").read_text().splitlines()]
