@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from steadygrad.distributed import teardown
 from steadygrad.measure import Monitor
 from steadygrad.nets import NetSpec, build
 from steadygrad.norm import BatchNorm1d, BatchNorm2d
@@ -54,7 +55,7 @@ def _sync_bn_worker(rank, init_file, out_dir, cls, shape):
         },
         f"{out_dir}/{rank}.pt",
     )
-    dist.destroy_process_group()
+    teardown()
 
 
 @pytest.mark.parametrize(("cls", "shape"), [(BatchNorm1d, (8, 5)), (BatchNorm2d, (6, 3, 4, 4))], ids=["1d", "2d"])
@@ -95,7 +96,8 @@ def _monitor_worker(rank, init_file, out_dir):
         F.cross_entropy(model(x[rank::WORLD]), y[rank::WORLD]).backward()
         opt.step()
     torch.save([r.to_dict() for r in monitor.history.reports[0].records], f"{out_dir}/m{rank}.pt")
-    dist.destroy_process_group()
+    del model  # DDP holds the group and gloo work: let it go while the group is alive
+    teardown()
 
 
 def test_monitor_reports_global_figures_under_ddp(tmp_path):

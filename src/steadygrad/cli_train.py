@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from steadygrad import data as sg_data
+from steadygrad import distributed
 from steadygrad._cli_common import console, fail, user_errors
 from steadygrad.nets import build, expand_specs, spec_options
 from steadygrad.train import CheckpointError, TrainConfig, Trainer
@@ -117,6 +118,7 @@ def train_command(
         result = Trainer(model, dataset, config).fit(resume=resume)
     except CheckpointError as error:
         fail(str(error))
+    distributed.teardown()  # under torchrun: every rank got here (they take every branch together)
     if result.epochs:
         table = Table(title="Held-out metrics per epoch", title_justify="left")
         columns = [c for c in ("epoch", "step", "lr", "test_loss", "test_accuracy", "seconds") if c in result.epochs[0]]

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["is_distributed", "rank", "setup", "world_size"]
+__all__ = ["is_distributed", "rank", "setup", "teardown", "world_size"]
 
 
 def setup() -> tuple[int, int]:
@@ -26,6 +26,19 @@ def setup() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def teardown() -> None:
+    """Leave the process group once every rank has finished: a barrier, then ``destroy_process_group``.
+
+    A process that exits without destroying its group, or while a peer is still exchanging with it, can die in
+    gloo's threads at interpreter shutdown ("terminate called without an active exception"). Call it only after
+    a run every rank completed: a rank that failed never reaches the barrier, and torchrun stops the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
