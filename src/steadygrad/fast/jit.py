@@ -407,10 +407,13 @@ def _batch_rows(x, dy, w, b, out, n, c, length, stats, grads, chunks, eps, runni
 
 
 def _array(t: torch.Tensor | None) -> np.ndarray:
-    """A flat float32 view of a contiguous CPU tensor (no copy), or the empty array for an absent one."""
+    """A flat float32 view of a contiguous float32 CPU tensor (no copy), the empty array for an absent or empty
+    one, and a float32 CPU copy of anything else (the Monitor's taps take any output; the norms never pass one)."""
     if t is None or t.numel() == 0:
         return _NONE
-    return t.detach().numpy().reshape(-1)
+    if t.dtype is torch.float32 and t.is_cpu and t.is_contiguous():
+        return t.detach().view(-1).numpy()
+    return t.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()
 
 
 def _batch_layout(x: torch.Tensor) -> tuple[int, int, int]:
