@@ -30,7 +30,7 @@ E[x^2] - E[x]^2 cancels catastrophically (inputs with mean 1e4 and std 1e-2 in f
 ``normalize_forward``.
 
 Three routes run this math, with the same results (tested against torch.nn in float64): ``steadygrad.fast``'s
-C++ kernels when enabled (contiguous float32 on the CPU); ``streamed`` for other contiguous float32/float64
+kernels when enabled (C++ or numba; contiguous float32 on the CPU); ``streamed`` for other contiguous float32/float64
 inputs in training mode (plain PyTorch ops in the fewest full passes over memory); and ``_Normalize`` below,
 the formulas as written, for everything else (eval mode, strided layouts, float16/bfloat16).
 """

@@ -9,7 +9,6 @@
 // others (as the eager statistics do), so the records never need a second look.
 #include "collector.h"
 
-
 #include <cmath>
 
 namespace steadygrad {
