@@ -21,6 +21,8 @@ def restore_state():
 def test_unknown_backend_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="'auto', 'cpp', 'numba'"):
         fast.enable("triton")
+    with pytest.raises(ValueError, match="'cpp' or 'numba'"):
+        fast.available("triton")
 
 
 def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():

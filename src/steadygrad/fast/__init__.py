@@ -200,8 +200,11 @@ def collector_type():
 
 def available(backend: str = "cpp") -> bool:
     """Whether ``backend``'s kernels can be had here: the C++ ones built, or numba's compiled (tries once)."""
+    builders = {"cpp": kernels, "numba": _numba_kernels}
+    if backend not in builders:
+        raise ValueError(f"backend must be 'cpp' or 'numba'; got {backend!r}.")
     try:
-        (kernels if backend == "cpp" else _numba_kernels)()
+        builders[backend]()
         return True
     except RuntimeError:
         return False
