@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # while any looser request pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-peer clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,13 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: install
+# The Monitor benchmark's peer (cockpit-for-pytorch), without its dependencies: they would pull another torch.
+# benchmarks/peer-requirements.txt says why that is safe. The torch check after it must still pass.
+bench-peer: install
+	$(PY) -m pip install --quiet --no-deps -r benchmarks/peer-requirements.txt
+	@$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_PIN)'.split('==')[1] else f'torch {torch.__version__} is installed instead of $(TORCH_PIN)')"
+
+bench: bench-peer
 	$(PY) benchmarks/run_all.py
 
 clean:

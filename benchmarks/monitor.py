@@ -11,11 +11,16 @@ usually does). Each ratio is the median over rounds of the variant's mean step t
 the same round (every variant runs 20 steps per round, in turn), so the machine's drift hits all alike; the
 middle half of the rounds' ratios shows the spread. A last measurement takes one logged step's cost directly:
 with a Monitor logging every 2nd step, logged and unlogged steps alternate and their medians are compared.
+
+The best-known peer, cockpit-for-pytorch with its 'economy' configuration tracking every step, runs last
+where it is installed (`make bench-peer`, which `make bench` calls; see benchmarks/peer-requirements.txt for
+why it is installed without its dependencies). At over a second a step it runs 5 rounds, not 20.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -28,11 +33,7 @@ from steadygrad import fast
 from steadygrad.measure import Monitor
 from steadygrad.nets import NetSpec, build
 
-COCKPIT = (
-    "cockpit-for-pytorch (the best-known peer): not measured. `pip install --dry-run cockpit-for-pytorch` shows that "
-    "1.0.2 pulls backpack-for-pytorch 1.7.1 and with it torch 2.14.1 (a CUDA build) and torchvision 0.29.1, which "
-    "would replace the pinned CPU torch 2.13.0 this project must keep."
-)
+PEER = "cockpit-for-pytorch 'economy' (the best-known peer)"
 
 
 class PlainHooks:
@@ -74,6 +75,60 @@ def _logged_step_cost(step, net, opt, steps: int, backend: str | None) -> tuple[
     monitor.detach()
     logged, bare = statistics.median(times[True]), statistics.median(times[False])
     return (logged - bare) * 1e3, bare * 1e3
+
+
+def _cockpit_ratio(net, x, y, rounds: int = 5) -> tuple[float, float, float] | str:
+    """cockpit-for-pytorch's 'economy' configuration, tracking every step, over the bare step: (median cockpit
+    ms, median bare ms, median of the rounds' ratios), or why it could not run. Each round times 5 bare steps
+    of ``net`` and one cockpit step of a backpack-extended copy (``extend`` adds hooks to every module, so the
+    bare net stays unextended). One cockpit step takes over a second: a few rounds suffice."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cockpit imports the deprecated pkg_resources
+            from backpack import extend
+            from cockpit import Cockpit
+            from cockpit.utils.configuration import configuration
+    except ImportError as error:
+        return f"not installed here ({error}); `make bench-peer` installs it without its dependencies"
+    bare_opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    model = extend(copy.deepcopy(net))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    cockpit = Cockpit(model.parameters(), quantities=configuration("economy"))
+
+    def bare_step():
+        bare_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        bare_opt.step()
+
+    def cockpit_step(step: int):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = loss_fn(out, y)
+        info = {
+            "batch_size": x.shape[0],
+            "individual_losses": F.cross_entropy(out, y, reduction="none"),
+            "loss": loss,
+            "optimizer": opt,
+        }
+        with cockpit(step, info=info):
+            loss.backward(create_graph=cockpit.create_graph(step))
+        opt.step()
+
+    def seconds(fn) -> float:
+        began = time.perf_counter()
+        fn()
+        return time.perf_counter() - began
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # backpack's full backward hooks warn that the input needs no grad
+        cockpit_step(0)
+        bare, peer = [], []
+        for step in range(1, rounds + 1):
+            bare.append(statistics.mean(seconds(bare_step) for _ in range(5)))
+            peer.append(seconds(lambda s=step: cockpit_step(s)))
+    ratio = statistics.median(p / b for p, b in zip(peer, bare, strict=True))
+    return statistics.median(peer) * 1e3, statistics.median(bare) * 1e3, ratio
 
 
 def main(steps: int = 400) -> list[tuple[str, str, float]]:
@@ -141,7 +196,16 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
             f"# one logged step ({label}), paired against the unlogged steps between: +{extra:.3f} ms on a "
             f"{bare_ms:.3f} ms step; every 10th step then costs {1 + extra / (10 * bare_ms):.3f}x"
         )
-    print(COCKPIT)
+    peer = _cockpit_ratio(net, x, y)
+    if isinstance(peer, str):
+        print(f"{PEER}: {peer}")
+    else:
+        peer_ms, bare_ms, ratio = peer
+        rows.append((PEER, f"{peer_ms:.3f}", ratio))
+        print(
+            f"{PEER}, every step: {peer_ms:.1f} ms per step against {bare_ms:.3f} ms bare, {ratio:.0f}x "
+            "(median of 5 rounds: 5 bare steps, then one cockpit step)"
+        )
     fast.disable()
     return rows
 
