@@ -9,8 +9,8 @@ compiler) and the eager statistics; and a plain per-step hook baseline (a forwar
 and a gradient hook per layer computing mean, std and gradient norm, the way hand-written monitoring
 usually does). Each ratio is the median over rounds of the variant's mean step time over the bare step's in
 the same round (every variant runs 20 steps per round, in turn), so the machine's drift hits all alike; the
-middle half of the rounds' ratios shows the spread. A last measurement takes one logged step's cost directly:
-with a Monitor logging every 2nd step, logged and unlogged steps alternate and their medians are compared.
+middle half of the rounds' ratios shows the spread. A last measurement shows where the every-10th schedule's
+cost lies: one Monitor logging every 10th step, each step timed and filed by its place in the 10-step cycle.
 
 The best-known peer, cockpit-for-pytorch with its 'economy' configuration tracking every step, runs last
 where it is installed (`make bench-peer`, which `make bench` calls; see benchmarks/peer-requirements.txt for
@@ -59,22 +59,28 @@ def _use(backend: str | None) -> None:
     fast.enable(backend) if backend else fast.disable()
 
 
-def _logged_step_cost(step, net, opt, steps: int, backend: str | None) -> tuple[float, float]:
-    """(extra ms of a logged step, bare ms) from a Monitor logging every 2nd step: logged and unlogged steps
-    alternate, so the difference of their medians is the logged step's cost with the machine's drift paired
-    out. A schedule of every k-th step then costs about 1 + extra / (k * bare)."""
+def _cycle_costs(step, net, opt, steps: int, backend: str | None) -> tuple[list[float], float]:
+    """Where a Monitor logging every 10th step spends its time: ([extra ms of each step of the 10-step cycle,
+    the logged step first], the clean unlogged step's ms). Every step is timed and filed by its position after
+    the last logged step. The clean step is the median of positions 2-8: position 1 can pay for what the logged
+    step left behind (caches, the allocator's heap) and position 9 re-arms the hooks in its optimizer step. All
+    positions interleave within one run, so the machine's drift hits them alike."""
     _use(backend)
-    monitor = Monitor(net, every=2, optimizer=opt).attach()
-    times = {True: [], False: []}
-    for i in range(steps + 20):
+    monitor = Monitor(net, every=10, optimizer=opt).attach()
+    by_position = [[] for _ in range(10)]
+    since_logged = None  # steps since the last logged one: None until the first logged step
+    for _ in range(steps + 20):
         logged = monitor.logging
         began = time.perf_counter()
         step()
-        if i >= 20:
-            times[logged].append(time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        since_logged = 0 if logged else (None if since_logged is None else since_logged + 1)
+        if since_logged is not None and since_logged < 10:
+            by_position[since_logged].append(elapsed)
     monitor.detach()
-    logged, bare = statistics.median(times[True]), statistics.median(times[False])
-    return (logged - bare) * 1e3, bare * 1e3
+    medians = [statistics.median(times) * 1e3 for times in by_position]
+    clean = statistics.median(medians[2:9])
+    return [m - clean for m in medians], clean
 
 
 def _cockpit_ratio(net, x, y, rounds: int = 5) -> tuple[float, float, float] | str:
@@ -191,10 +197,11 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
         rows.append((name, f"{mean_ms:.3f}", median))
         print(f"{name:33} {mean_ms:12.3f} {median:7.3f}  {q1:6.3f}-{q3:6.3f}")
     for label, backend in backends.items():
-        extra, bare_ms = _logged_step_cost(step, net, opt, steps, backend)
+        extra, clean = _cycle_costs(step, net, opt, steps, backend)
         print(
-            f"# one logged step ({label}), paired against the unlogged steps between: +{extra:.3f} ms on a "
-            f"{bare_ms:.3f} ms step; every 10th step then costs {1 + extra / (10 * bare_ms):.3f}x"
+            f"# every 10th step ({label}), each step of the cycle timed in one run: the logged step "
+            f"+{extra[0]:.3f} ms, the one after it {extra[1]:+.3f}, the one before it (re-arming) {extra[9]:+.3f}, "
+            f"on a {clean:.3f} ms unlogged step; the cycle costs {1 + sum(extra) / (10 * clean):.3f}x"
         )
     peer = _cockpit_ratio(net, x, y)
     if isinstance(peer, str):
