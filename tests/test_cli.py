@@ -24,6 +24,15 @@ def test_help_lists_commands():
     assert "inits" in result.output
 
 
+def test_help_reflows_docstring_paragraphs():
+    """A docstring's line breaks are source formatting: help text reflows each paragraph to the terminal, so at
+    200 columns a sentence the source breaks stays on one line (rich markup mode kept the break)."""
+    listing = runner.invoke(app, ["--help"]).output
+    assert "weight: closed-form variance beside the variance of one draw." in listing
+    own = runner.invoke(app, ["inits", "--help"]).output
+    assert "gives a variance near 2/10 = 0.2, Glorot-uniform near 2/(10+32) = 0.0476." in own
+
+
 def test_inits_table_and_json(tmp_path):
     out = tmp_path / "sub" / "inits.json"
     result = runner.invoke(app, ["inits", "--fan-in", "100", "--fan-out", "128", "--json", str(out)])

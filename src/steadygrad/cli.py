@@ -27,6 +27,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # markdown reflows each docstring paragraph to the terminal; rich mode keeps the source's line breaks
+    rich_markup_mode="markdown",
 )
 
 
