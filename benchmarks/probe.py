@@ -43,17 +43,20 @@ net = build(NetSpec(depth=int(sys.argv[1]), width=256, in_features=256), torch.G
 x = torch.randn(128, 256)
 if sys.argv[2] == "probe":
     probe(net, x)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 
 
 def _peak_mb(depth: int, mode: str) -> float:
-    """Peak resident memory (MB) of a fresh process running SIZED, from the kernel's accounting at its exit."""
+    """Peak resident memory (MB) of a fresh process running SIZED: its VmHWM, the high-water mark of its own
+    address space. Not ``ru_maxrss`` from ``wait4``: Linux carries the parent's high-water mark into a child
+    across exec, so under ``make bench``, whose process holds the earlier benchmarks' memory, every child
+    reported the parent's 832 MB."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    child = subprocess.Popen([sys.executable, "-c", SIZED, str(depth), mode], env=env)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"the {mode} process for depth {depth} failed (wait status {status})")
-    return usage.ru_maxrss / 1024  # kilobytes on Linux
+    done = subprocess.run(
+        [sys.executable, "-c", SIZED, str(depth), mode], env=env, capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.strip().splitlines()[-1]) / 1024  # kB
 
 
 def main(depths=(100, 300, 1000)) -> list[dict]:
