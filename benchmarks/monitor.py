@@ -34,6 +34,7 @@ from steadygrad.measure import Monitor
 from steadygrad.nets import NetSpec, build
 
 PEER = "cockpit-for-pytorch 'economy' (the best-known peer)"
+PEER_ROUNDS, BARE_PER_ROUND = 5, 5  # one cockpit step takes over a second
 
 
 class PlainHooks:
@@ -69,13 +70,13 @@ def _cycle_costs(step, net, opt, steps: int, backend: str | None) -> tuple[list[
     monitor = Monitor(net, every=10, optimizer=opt).attach()
     by_position = [[] for _ in range(10)]
     since_logged = None  # steps since the last logged one: None until the first logged step
-    for _ in range(steps + 20):
+    for i in range(steps + 20):
         logged = monitor.logging
         began = time.perf_counter()
         step()
         elapsed = time.perf_counter() - began
         since_logged = 0 if logged else (None if since_logged is None else since_logged + 1)
-        if since_logged is not None and since_logged < 10:
+        if i >= 20 and since_logged is not None and since_logged < 10:  # after a warm-up of 20 steps
             by_position[since_logged].append(elapsed)
     monitor.detach()
     medians = [statistics.median(times) * 1e3 for times in by_position]
@@ -83,11 +84,11 @@ def _cycle_costs(step, net, opt, steps: int, backend: str | None) -> tuple[list[
     return [m - clean for m in medians], clean
 
 
-def _cockpit_ratio(net, x, y, rounds: int = 5) -> tuple[float, float, float] | str:
+def _cockpit_ratio(net, x, y) -> tuple[float, float, float] | str:
     """cockpit-for-pytorch's 'economy' configuration, tracking every step, over the bare step: (median cockpit
-    ms, median bare ms, median of the rounds' ratios), or why it could not run. Each round times 5 bare steps
-    of ``net`` and one cockpit step of a backpack-extended copy (``extend`` adds hooks to every module, so the
-    bare net stays unextended). One cockpit step takes over a second: a few rounds suffice."""
+    ms, median bare ms, median of the rounds' ratios), or why it could not run. Each of PEER_ROUNDS rounds times
+    BARE_PER_ROUND bare steps of ``net`` and one cockpit step of a backpack-extended copy (``extend`` adds hooks
+    to every module, so the bare net stays unextended)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # cockpit imports the deprecated pkg_resources
@@ -130,8 +131,8 @@ def _cockpit_ratio(net, x, y, rounds: int = 5) -> tuple[float, float, float] | s
         warnings.simplefilter("ignore")  # backpack's full backward hooks warn that the input needs no grad
         cockpit_step(0)
         bare, peer = [], []
-        for step in range(1, rounds + 1):
-            bare.append(statistics.mean(seconds(bare_step) for _ in range(5)))
+        for step in range(1, PEER_ROUNDS + 1):
+            bare.append(statistics.mean(seconds(bare_step) for _ in range(BARE_PER_ROUND)))
             peer.append(seconds(lambda s=step: cockpit_step(s)))
     ratio = statistics.median(p / b for p, b in zip(peer, bare, strict=True))
     return statistics.median(peer) * 1e3, statistics.median(bare) * 1e3, ratio
@@ -211,7 +212,7 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
         rows.append((PEER, f"{peer_ms:.3f}", ratio))
         print(
             f"{PEER}, every step: {peer_ms:.1f} ms per step against {bare_ms:.3f} ms bare, {ratio:.0f}x "
-            "(median of 5 rounds: 5 bare steps, then one cockpit step)"
+            f"(median of {PEER_ROUNDS} rounds: {BARE_PER_ROUND} bare steps, then one cockpit step)"
         )
     fast.disable()
     return rows
