@@ -1,6 +1,7 @@
 """steadygrad.fast's switch: which backend runs, what happens where one cannot be had, and that nothing is
 compiled unless asked."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -12,10 +13,16 @@ from steadygrad.norm import functional as F
 
 @pytest.fixture(autouse=True)
 def restore_state():
-    saved = dict(fast._STATE)
+    builds = {name: dataclasses.replace(build) for name, build in fast._BUILDS.items()}
+    enabled = fast.backend()
     yield
-    fast._STATE.clear()
-    fast._STATE.update(saved)
+    fast._BUILDS.update(builds)
+    fast._STATE["enabled"] = enabled
+
+
+def forget(backend, error=None):
+    """As if ``backend`` had never been built in this process (with ``error``: as if it had failed so)."""
+    fast._BUILDS[backend] = fast._Build(error=error)
 
 
 def test_unknown_backend_is_refused_with_the_choices():
@@ -23,11 +30,13 @@ def test_unknown_backend_is_refused_with_the_choices():
         fast.enable("triton")
     with pytest.raises(ValueError, match="'cpp' or 'numba'"):
         fast.available("triton")
+    with pytest.raises(ValueError, match="'cpp' or 'numba'"):
+        fast.compile_seconds("triton")
 
 
 def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
     pytest.importorskip("numba")
-    fast._STATE.update(module=None, error="steadygrad's compiled kernels could not be built (no compiler).")
+    forget("cpp", error="steadygrad's compiled kernels could not be built (no compiler).")
     with pytest.warns(RuntimeWarning, match="numba-compiled kernels are used instead"):
         assert fast.enable()
     assert fast.backend() == "numba"
@@ -40,7 +49,7 @@ def test_auto_falls_back_to_numba_where_cpp_cannot_be_built():
 def test_numba_can_be_enabled_where_gradients_are_off(context):
     # enable() runs a backward pass to compile the kernels: it must not depend on the caller's grad mode
     pytest.importorskip("numba")
-    fast._STATE.update(jit=None, jit_error=None)
+    forget("numba")
     with context():
         assert fast.enable("numba")
     assert fast.backend() == "numba"
@@ -53,7 +62,7 @@ def test_a_numba_that_cannot_compile_the_kernels_warns_and_keeps_the_eager_path(
     def broken():
         raise TypeError("no typing for this numba")
 
-    fast._STATE.update(jit=None, jit_error=None)
+    forget("numba")
     monkeypatch.setattr(jit, "warm_up", broken)
     with pytest.warns(RuntimeWarning, match="numba kernels could not be compiled .TypeError: no typing"):
         assert not fast.enable("numba")
@@ -62,7 +71,8 @@ def test_a_numba_that_cannot_compile_the_kernels_warns_and_keeps_the_eager_path(
 
 
 def test_no_backend_at_all_warns_with_both_reasons_and_keeps_the_eager_path(monkeypatch):
-    fast._STATE.update(module=None, error="no compiler here.", jit=None, jit_error=None)
+    forget("cpp", error="no compiler here.")
+    forget("numba")
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
     with pytest.warns(RuntimeWarning, match=r"no compiler here\. numba cannot be imported"):
         assert not fast.enable()

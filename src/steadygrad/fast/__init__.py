@@ -28,6 +28,7 @@ cache (see ``jit.py``). Later processes load either in well under a second (``co
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -43,15 +44,20 @@ __all__ = [
     "norm_kernels",
 ]
 
-_STATE: dict = {
-    "module": None,  # the C++ build, its first call's seconds, or why it failed
-    "seconds": None,
-    "error": None,
-    "jit": None,  # the numba kernels, the same three
-    "jit_seconds": None,
-    "jit_error": None,
-    "enabled": None,  # the backend switched on: "cpp", "numba" or None
-}
+
+@dataclass
+class _Build:
+    """One backend's build in this process: the loaded kernels, the first build's seconds, or why it failed."""
+
+    module: object = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+BACKENDS = ("auto", "cpp", "numba")
+_BUILDS = {"cpp": _Build(), "numba": _Build()}
+_STATE: dict = {"enabled": None}  # the backend switched on: "cpp", "numba" or None
+
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "norm.cpp", "stats.cpp", "collector.cpp")]
 
 # The flags torch's own CPU kernels are built with for each capability (ATen/cpu/vec selects its
@@ -69,72 +75,89 @@ def _capability() -> str:
     return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
 
 
+def _build_cpp():
+    """Compile the C++ kernels (or load them from torch's extension cache): (module, seconds), or RuntimeError
+    with the reason."""
+    start = time.perf_counter()
+    capability = _capability()
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for is inline and runs on one thread unless the extension itself is built
+        # with OpenMP; the library it links is the libgomp.so.1 torch has already loaded (one runtime)
+        flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *_CAPABILITY_FLAGS.get(capability, [])]
+        module = load(
+            name=f"steadygrad_kernels_{capability.lower()}",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, no headers: keep the eager path and say why
+        raise RuntimeError(
+            f"steadygrad's compiled kernels could not be built ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300]}); the eager path is used."
+        ) from None
+    return module, time.perf_counter() - start
+
+
+def _build_numba():
+    """Compile (or load from numba's cache) the numba kernels, ``jit.py`` and ``jit_collector.py``, by running each
+    once on tiny inputs: (module, seconds), or RuntimeError with the reason. The seconds leave out importing
+    numba (about a second), which is not the kernels' compile."""
+    try:
+        import numba
+    except ImportError as error:  # not installed, or installed against another numpy
+        raise RuntimeError(
+            f'numba cannot be imported ({str(error).splitlines()[0][:200]}); pip install "steadygrad[numba]" '
+            "for the numba-compiled kernels."
+        ) from None
+    import torch
+
+    start = time.perf_counter()
+    try:
+        from steadygrad.fast import jit, jit_collector
+
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        with torch.inference_mode(False), torch.enable_grad():  # the warm-up runs a backward pass
+            jit.warm_up()
+            jit_collector.warm_up()
+    except Exception as error:  # a numba that cannot compile them: keep the eager path and say why
+        raise RuntimeError(
+            f"steadygrad's numba kernels could not be compiled ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300] if str(error) else ''}); the eager path is used."
+        ) from None
+    return jit, time.perf_counter() - start
+
+
+def _built(backend: str) -> _Build:
+    """``backend``'s build record ("cpp" or "numba"); ValueError for any other name."""
+    if backend not in _BUILDS:
+        raise ValueError(f"backend must be 'cpp' or 'numba'; got {backend!r}.")
+    return _BUILDS[backend]
+
+
+def _load(backend: str):
+    """``backend``'s kernels, built on the first call; a failure is kept, so later calls raise the same
+    RuntimeError without trying again."""
+    build = _built(backend)
+    if build.module is None:
+        if build.error is not None:
+            raise RuntimeError(build.error)
+        try:
+            build.module, build.seconds = _BUILDERS[backend]()
+        except RuntimeError as error:
+            build.error = str(error)
+            raise
+    return build.module
+
+
+_BUILDERS = {"cpp": _build_cpp, "numba": _build_numba}
+
+
 def kernels():
-    """The compiled module, building it on first call (raises RuntimeError with the reason if it cannot)."""
-    if _STATE["module"] is None:
-        if _STATE["error"] is not None:
-            raise RuntimeError(_STATE["error"])
-        start = time.perf_counter()
-        capability = _capability()
-        try:
-            from torch.utils.cpp_extension import load
-
-            # -fopenmp: at::parallel_for is inline and runs on one thread unless the extension itself is built
-            # with OpenMP; the library it links is the libgomp.so.1 torch has already loaded (one runtime)
-            flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *_CAPABILITY_FLAGS.get(capability, [])]
-            _STATE["module"] = load(
-                name=f"steadygrad_kernels_{capability.lower()}",
-                sources=[str(s) for s in SOURCES],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as error:  # no compiler, no ninja, no headers: keep the eager path and say why
-            _STATE["error"] = (
-                f"steadygrad's compiled kernels could not be built ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300]}); the eager path is used."
-            )
-            raise RuntimeError(_STATE["error"]) from None
-        _STATE["seconds"] = time.perf_counter() - start
-    return _STATE["module"]
-
-
-BACKENDS = ("auto", "cpp", "numba")
-
-
-def _numba_kernels():
-    """The numba-compiled kernels (``jit.py``, ``jit_collector.py``), compiled or loaded from numba's cache on
-    first call (raises RuntimeError with the reason if they cannot be had)."""
-    if _STATE["jit"] is None:
-        if _STATE["jit_error"] is not None:
-            raise RuntimeError(_STATE["jit_error"])
-        try:
-            import numba
-        except ImportError as error:  # not installed, or installed against another numpy
-            _STATE["jit_error"] = (
-                f'numba cannot be imported ({str(error).splitlines()[0][:200]}); pip install "steadygrad[numba]" '
-                "for the numba-compiled kernels."
-            )
-            raise RuntimeError(_STATE["jit_error"]) from None
-        import torch
-
-        start = time.perf_counter()
-        try:
-            from steadygrad.fast import jit, jit_collector
-
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            with torch.inference_mode(False), torch.enable_grad():  # the warm-up runs a backward pass
-                jit.warm_up()
-                jit_collector.warm_up()
-        except Exception as error:  # a numba that cannot compile them: keep the eager path and say why
-            _STATE["jit_error"] = (
-                f"steadygrad's numba kernels could not be compiled ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300] if str(error) else ''}); the eager path is used."
-            )
-            raise RuntimeError(_STATE["jit_error"]) from None
-        _STATE["jit_seconds"] = time.perf_counter() - start
-        _STATE["jit"] = jit
-    return _STATE["jit"]
+    """The compiled C++ module, building it on first call (raises RuntimeError with the reason if it cannot)."""
+    return _load("cpp")
 
 
 def enable(backend: str = "auto") -> bool:
@@ -152,11 +175,11 @@ def enable(backend: str = "auto") -> bool:
     import warnings
 
     reasons = []
-    for name, build in (("cpp", kernels), ("numba", _numba_kernels)):
+    for name in _BUILDS:
         if backend not in ("auto", name):
             continue
         try:
-            build()
+            _load(name)
         except RuntimeError as error:
             reasons.append(str(error))
             continue
@@ -186,7 +209,7 @@ def backend() -> str | None:
 
 def norm_kernels():
     """The enabled backend's normalization entry points (``batch_norm_train``, ``rows_norm``)."""
-    return _STATE["jit"] if _STATE["enabled"] == "numba" else kernels()
+    return _load(_STATE["enabled"] or "cpp")
 
 
 def collector_type():
@@ -200,11 +223,9 @@ def collector_type():
 
 def available(backend: str = "cpp") -> bool:
     """Whether ``backend``'s kernels can be had here: the C++ ones built, or numba's compiled (tries once)."""
-    builders = {"cpp": kernels, "numba": _numba_kernels}
-    if backend not in builders:
-        raise ValueError(f"backend must be 'cpp' or 'numba'; got {backend!r}.")
+    _built(backend)  # an unknown name is refused, not taken for "not available"
     try:
-        builders[backend]()
+        _load(backend)
         return True
     except RuntimeError:
         return False
@@ -213,4 +234,4 @@ def available(backend: str = "cpp") -> bool:
 def compile_seconds(backend: str = "cpp") -> float | None:
     """Seconds the first build of ``backend``'s kernels took in this process: for C++ a compile or a load from
     torch's extension cache, for numba the compile (or load from numba's cache) of every kernel."""
-    return _STATE["seconds" if backend == "cpp" else "jit_seconds"]
+    return _built(backend).seconds
