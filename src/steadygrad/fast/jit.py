@@ -511,10 +511,10 @@ def rows_norm(x, weight, bias, groups: int, cpg: int, hw: int, per_element: bool
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel, on tiny inputs: ``enable`` pays the cost here."""
-    for shape, batch_shape in (((2, 3, 4), (3, 2, 17)), ((2, 3, 4), (4, 3))):
-        x = torch.randn(shape, requires_grad=True)
-        w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
-        rows_norm(x, w, b, 1, 4, 1, True, 1e-5).sum().backward()
-        rows_norm(x.view(2, 3, 2, 2), torch.ones(3), None, 3, 1, 4, False, 1e-5).sum().backward()
-        xb = torch.randn(batch_shape, requires_grad=True)
-        batch_norm_train(xb, torch.ones(batch_shape[1]), None, None, None, 0.1, 1e-5).sum().backward()
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    rows_norm(x, w, b, 1, 4, 1, True, 1e-5).sum().backward()
+    rows_norm(x.view(2, 3, 2, 2), torch.ones(3), None, 3, 1, 4, False, 1e-5).sum().backward()
+    for shape in ((3, 2, 17), (4, 3)):  # the per-channel kernels (L >= SMALL_L) and the row sweeps
+        xb = torch.randn(shape, requires_grad=True)
+        batch_norm_train(xb, torch.ones(shape[1]), None, None, None, 0.1, 1e-5).sum().backward()
