@@ -140,6 +140,11 @@ def _rows_forward(x, w, b, y, shift, dev, rstd, groups, cpg, hw, per_element, ep
     rows = shift.shape[0]
     has_w = w.shape[0] > 0
     has_b = b.shape[0] > 0
+    # LayerNorm's elementwise affine, ones and zeros standing in for an absent weight or bias (as in the backward)
+    ones = np.ones(d if per_element and not has_w else 0, dtype=np.float32)
+    zeros = np.zeros(d if per_element and not has_b else 0, dtype=np.float32)
+    gammas = w if has_w or not per_element else ones
+    betas = b if has_b or not per_element else zeros
     for r in prange(rows):
         xr = x[r * d : (r + 1) * d]
         yr = y[r * d : (r + 1) * d]
@@ -157,17 +162,9 @@ def _rows_forward(x, w, b, y, shift, dev, rstd, groups, cpg, hw, per_element, ep
                 scale = rs * (w[base + c] if has_w else np.float32(1.0))
                 beta = (b[base + c] if has_b else np.float32(0.0)) - md * scale
                 _affine(xr[c * hw : (c + 1) * hw], yr[c * hw : (c + 1) * hw], k, scale, beta)
-        elif has_w and has_b:  # LayerNorm's elementwise affine: y = x_hat w + b
+        else:  # LayerNorm: y = x_hat gamma + beta
             for j in range(d):
-                yr[j] = ((xr[j] - k) - md) * rs * w[j] + b[j]
-        elif has_w:
-            for j in range(d):
-                yr[j] = ((xr[j] - k) - md) * rs * w[j]
-        elif has_b:
-            for j in range(d):
-                yr[j] = ((xr[j] - k) - md) * rs + b[j]
-        else:
-            _affine(xr, yr, k, rs, -md * rs)
+                yr[j] = ((xr[j] - k) - md) * rs * gammas[j] + betas[j]
 
 
 @njit(**_PARALLEL)
