@@ -98,7 +98,6 @@ def main(repeats: int = 20) -> list[tuple]:
         f"{'layer':24} {'torch.nn (native)':>21} {'eager':>21} {'numba':>21} {'fused':>21} {'floor':>9} "
         f"{'eager/nat':>9} {'numba/nat':>9} {'fused/nat':>9} {'nat/floor':>9} {'numba/floor':>11} {'fused/floor':>11}"
     )
-    results = []
     for name, ref, times, ratios, floor in rows:
         cells = [str(times[c]) if c in times else "n/a" for c in columns]
         ratio = [ratios.get(c, float("nan")) for c in columns]
@@ -108,8 +107,7 @@ def main(repeats: int = 20) -> list[tuple]:
             f"{ratio[0]:9.2f} {ratio[1]:9.2f} {ratio[2]:9.2f} {ref.median_ms / floor.median_ms:9.2f} "
             f"{to_floor[0]:11.2f} {to_floor[1]:11.2f}"
         )
-        results.append((name, ref, times, ratios, floor))
-    return results
+    return rows
 
 
 if __name__ == "__main__":
