@@ -84,10 +84,10 @@ def _cycle_costs(step, net, opt, steps: int, backend: str | None) -> tuple[list[
     return [m - clean for m in medians], clean
 
 
-def _cockpit_ratio(net, x, y) -> tuple[float, float, float] | str:
+def _cockpit_ratio(bare_step, net, x, y) -> tuple[float, float, float] | str:
     """cockpit-for-pytorch's 'economy' configuration, tracking every step, over the bare step: (median cockpit
     ms, median bare ms, median of the rounds' ratios), or why it could not run. Each of PEER_ROUNDS rounds times
-    BARE_PER_ROUND bare steps of ``net`` and one cockpit step of a backpack-extended copy (``extend`` adds hooks
+    BARE_PER_ROUND ``bare_step``s (of ``net``) and one cockpit step of a backpack-extended copy (``extend`` adds hooks
     to every module, so the bare net stays unextended)."""
     try:
         with warnings.catch_warnings():
@@ -97,16 +97,10 @@ def _cockpit_ratio(net, x, y) -> tuple[float, float, float] | str:
             from cockpit.utils.configuration import configuration
     except ImportError as error:
         return f"not installed here ({error}); `make bench-peer` installs it without its dependencies"
-    bare_opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     model = extend(copy.deepcopy(net))
     loss_fn = extend(torch.nn.CrossEntropyLoss())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cockpit = Cockpit(model.parameters(), quantities=configuration("economy"))
-
-    def bare_step():
-        bare_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        bare_opt.step()
 
     def cockpit_step(step: int):
         opt.zero_grad(set_to_none=True)
@@ -204,7 +198,7 @@ def main(steps: int = 400) -> list[tuple[str, str, float]]:
             f"+{extra[0]:.3f} ms, the one after it {extra[1]:+.3f}, the one before it (re-arming) {extra[9]:+.3f}, "
             f"on a {clean:.3f} ms unlogged step; the cycle costs {1 + sum(extra) / (10 * clean):.3f}x"
         )
-    peer = _cockpit_ratio(net, x, y)
+    peer = _cockpit_ratio(step, net, x, y)
     if isinstance(peer, str):
         print(f"{PEER}: {peer}")
     else:
