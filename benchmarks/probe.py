@@ -20,31 +20,35 @@ import sys
 
 from _timing import machine
 
-TIMED = """
+# both children's first lines: the network of the depth in argv[1], and its input
+SETUP = """
 import json, statistics, sys, time, torch
 from steadygrad.measure import probe
 from steadygrad.nets import NetSpec, build
-depth = int(sys.argv[1])
-net = build(NetSpec(depth=depth, width=256, in_features=256), torch.Generator().manual_seed(0))
+net = build(NetSpec(depth=int(sys.argv[1]), width=256, in_features=256), torch.Generator().manual_seed(0))
 x = torch.randn(128, 256)
+"""
+
+TIMED = (
+    SETUP
+    + """
 probe(net, x)
 times = []
 for _ in range(3):
     start = time.perf_counter(); probe(net, x); times.append(time.perf_counter() - start)
 print(json.dumps(statistics.median(times)))
 """
+)
 
-# argv: depth, and whether to probe (the baseline process builds the same network and stops)
-SIZED = """
-import sys, torch
-from steadygrad.measure import probe
-from steadygrad.nets import NetSpec, build
-net = build(NetSpec(depth=int(sys.argv[1]), width=256, in_features=256), torch.Generator().manual_seed(0))
-x = torch.randn(128, 256)
+# argv[2]: whether to probe (the baseline process builds the same network and stops)
+SIZED = (
+    SETUP
+    + """
 if sys.argv[2] == "probe":
     probe(net, x)
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
+)
 
 
 def _peak_mb(depth: int, mode: str) -> float:
