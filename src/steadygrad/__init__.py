@@ -7,6 +7,11 @@ through a model, and a lab that reproduces the field's claims.
     import steadygrad as sg
     sg.init.init_model(model, "he_normal")             # every layer matched to its activation
     sg.clip.clip_grads_(model, mode="agc", threshold=0.01)
+    report = sg.probe(model, x, y)                     # one step's per-layer records
+    findings = sg.diagnose(report, model=model)        # what is wrong, with the fixes to try
+
+``steadygrad.diagnose`` and ``steadygrad.doctor`` are the functions; their modules stay importable by their
+full names (``from steadygrad.diagnose import Finding``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -15,8 +20,12 @@ from steadygrad import clip, fast, init, norm, theory
 from steadygrad.clip import clip_grads_
 from steadygrad.doctor import doctor
 from steadygrad.init import init_model
-from steadygrad.measure import FlowReport, LayerRecord, probe
+from steadygrad.measure import FlowReport, LayerRecord, Monitor, probe
 from steadygrad.nets import NetSpec, build
+from steadygrad.train import TrainConfig, Trainer
+
+# Last: binding the function replaces the attribute that importing the submodule ``steadygrad.diagnose`` set.
+from steadygrad.diagnose import diagnose  # noqa: E402, I001
 
 try:
     __version__ = version("steadygrad")
@@ -26,11 +35,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "FlowReport",
     "LayerRecord",
+    "Monitor",
     "NetSpec",
+    "TrainConfig",
+    "Trainer",
     "__version__",
     "build",
     "clip",
     "clip_grads_",
+    "diagnose",
     "doctor",
     "fast",
     "init",

@@ -24,7 +24,7 @@ from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.nets import DeepNet
-from steadygrad.norm.modules import convert_sync_batchnorm
+from steadygrad.norm.convert import convert_sync_batchnorm
 
 __all__ = ["CheckpointError", "ClipSpec", "TrainConfig", "TrainResult", "Trainer", "load_checkpoint", "save_checkpoint"]
 

@@ -8,7 +8,7 @@ backward, drop-in for torch.nn; model conversion both ways; BatchNorm folding fo
 """
 
 from steadygrad.norm import functional
-from steadygrad.norm.convert import convert_norms
+from steadygrad.norm.convert import convert_norms, convert_sync_batchnorm
 from steadygrad.norm.fold import fold_batchnorm
 from steadygrad.norm.modules import (
     BatchNorm1d,
@@ -19,7 +19,6 @@ from steadygrad.norm.modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
-    convert_sync_batchnorm,
 )
 
 __all__ = [

@@ -9,7 +9,7 @@ from torch import nn
 from steadygrad._checks import check_choice
 from steadygrad.norm import modules as sg
 
-__all__ = ["convert_norms"]
+__all__ = ["convert_norms", "convert_sync_batchnorm"]
 
 # torch class <-> steadygrad class, with the constructor arguments to read off an instance
 _PAIRS = [
@@ -83,4 +83,16 @@ def convert_norms(model: nn.Module, to: str = "steadygrad", inplace: bool = Fals
             setattr(model, name, _convert_one(child, mapping[type(child)]))
         else:
             convert_norms(child, to=target, inplace=True)
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Switch every steadygrad BatchNorm of ``model`` to synchronized statistics across ranks (in place;
+    returns the model). torch's BatchNorms are converted to steadygrad's first (weights and buffers kept).
+    Outside a multi-process run it changes nothing: with one rank the statistics are the local ones."""
+    model = convert_norms(model, to="steadygrad", inplace=True)
+    for module in model.modules():
+        if isinstance(module, sg._BatchNorm):
+            module.sync = True
+            module.process_group = process_group
     return model

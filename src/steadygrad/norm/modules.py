@@ -22,7 +22,6 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
-    "convert_sync_batchnorm",
 ]
 
 
@@ -395,16 +394,3 @@ class GroupNorm(nn.Module):
             f"bias={self.bias is not None}"
         )
 
-
-def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """Switch every steadygrad BatchNorm of ``model`` to synchronized statistics across ranks (in place;
-    returns the model). torch's BatchNorms are converted to steadygrad's first (weights and buffers kept).
-    Outside a multi-process run it changes nothing: with one rank the statistics are the local ones."""
-    from steadygrad.norm.convert import convert_norms
-
-    model = convert_norms(model, to="steadygrad", inplace=True)
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            module.sync = True
-            module.process_group = process_group
-    return model
