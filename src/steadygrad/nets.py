@@ -22,6 +22,7 @@ from steadygrad._checks import check_choice
 from steadygrad.init import get as get_init
 from steadygrad.init import init_model
 from steadygrad.norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
+from steadygrad.structure import Structure
 
 __all__ = [
     "ACTIVATIONS",
@@ -280,6 +281,22 @@ class DeepNet(nn.Module):
         if self.spec.kind == "rnn":
             x = x[:, -1]  # the last time step
         return self.head(x)
+
+    def steadygrad_structure(self) -> Structure:
+        """This network's description for the remedies and instruments (``steadygrad.structure``)."""
+        spec, blocks = self.spec, self.blocks
+        plain_mlp = spec.kind == "mlp" and spec.skip == "none"
+        return Structure(
+            label=spec.label(),
+            kind=spec.kind,
+            skip=spec.skip,
+            normalized=spec.norm != "none",
+            blocks=list(self.named_children()),
+            branches=blocks[1:] if spec.skip == "residual" else [],
+            chain=[(block.linear, block.act) for block in blocks] if plain_mlp else [],
+            head=self.head,
+            spec=spec,
+        )
 
     def extra_repr(self) -> str:
         return f"spec: {self.spec.label()}"

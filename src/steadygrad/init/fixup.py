@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from steadygrad.init.schemes import he_normal_
+from steadygrad.structure import describe
 
 __all__ = ["fixup_"]
 
@@ -33,8 +34,8 @@ def fixup_(
     """Fixup-initialize ``model`` in place and return it.
 
     Args:
-        model: a residual network. For a ``steadygrad.build`` network with ``skip="residual"``, the
-            branches (every block after the first) and the head are found automatically.
+        model: a residual network. For a ``steadygrad.build`` network with ``skip="residual"``, or any model
+            that describes itself (``steadygrad.structure``), the branches and the head are found automatically.
         branches: the residual branches (modules whose output is added to the stream), in any other model.
         head: the final classification layer, zero-initialized (default: ``model.head`` if present).
         generator: random source for the He draws.
@@ -42,16 +43,16 @@ def fixup_(
     Raises:
         ValueError: when the branches cannot be found, or a branch has no weight layer.
     """
-    from steadygrad.nets import DeepNet  # the init layer sits below nets; import on use
-
+    structure = describe(model)
     if branches is None:
-        if not (isinstance(model, DeepNet) and model.spec.skip == "residual"):
+        if structure is None or structure.skip != "residual":
             raise ValueError(
-                "fixup_ needs the residual branches: pass branches=[...], or use a steadygrad.build "
-                "network with skip='residual'."
+                "fixup_ needs the residual branches: pass branches=[...], use a steadygrad.build "
+                "network with skip='residual', or implement steadygrad_structure() (steadygrad.structure)."
             )
-        branches = model.blocks[1:]
-    head = head if head is not None else getattr(model, "head", None)
+        branches = structure.branches
+    if head is None:
+        head = structure.head if structure is not None else getattr(model, "head", None)
     count = len(branches)
     for branch in branches:
         layers = [m for m in branch.modules() if isinstance(m, _WEIGHTED)]

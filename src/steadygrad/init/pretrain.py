@@ -15,17 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steadygrad.structure import describe
+
 __all__ = ["pretrain_autoencoders"]
 
 
 def _hidden_layers(model: nn.Module) -> list[tuple[nn.Linear, nn.Module]]:
-    """(Linear, activation) pairs of a plain MLP: a steadygrad DeepNet's blocks, or an nn.Sequential."""
-    from steadygrad.nets import DeepNet  # the init layer sits below nets; import on use
-
-    if isinstance(model, DeepNet):
-        if model.spec.kind != "mlp" or model.spec.skip != "none":
-            raise ValueError("pretrain_autoencoders needs a plain MLP (kind='mlp', skip='none').")
-        return [(block.linear, block.act) for block in model.blocks]
+    """(Linear, activation) pairs of a plain MLP: a model's own description (``steadygrad.structure``, as
+    ``steadygrad.build`` networks give), or an nn.Sequential's consecutive children."""
+    structure = describe(model)
+    if structure is not None:
+        if not structure.chain:
+            raise ValueError(
+                f"pretrain_autoencoders needs a plain MLP (kind='mlp', skip='none'); got {structure.label}."
+            )
+        return list(structure.chain)
     if isinstance(model, nn.Sequential):
         children = list(model.children())
         return [(layer, after) for layer, after in itertools.pairwise(children) if isinstance(layer, nn.Linear)]
