@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from steadygrad import data as sg_data
+from steadygrad.display import Figure, Table
 
 __all__ = ["NOT_REPRODUCED", "PARTLY", "REPRODUCED", "Claim", "ClaimResult", "Context", "Figure", "Table", "verdict"]
 
@@ -41,20 +42,6 @@ class Claim:
     setup: str  # what is run
     expected: str  # what would confirm it
     teaches: str  # what a student should take away
-
-
-@dataclass
-class Table:
-    title: str
-    columns: list[str]
-    rows: list[list]
-
-
-@dataclass
-class Figure:
-    title: str
-    png: bytes = field(repr=False)
-    caption: str = ""
 
 
 @dataclass

@@ -17,8 +17,8 @@ from torch import nn
 from steadygrad import theory
 from steadygrad.measure.hooks import Recorder, first_tensor, make_records, rows_from_sums
 from steadygrad.measure.records import FlowReport
-from steadygrad.nets import DeepNet
 from steadygrad.norm.modules import GroupNorm, LayerNorm, _NormBase
+from steadygrad.structure import describe
 
 __all__ = ["DEFAULT_LAYER_TYPES", "probe", "select_layers"]
 
@@ -48,8 +48,9 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
     # a model with no submodules is its own only layer, named after its class
     named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
     if layers is None:
-        if isinstance(model, DeepNet):
-            return [(n, m) for n, m in model.named_children()]
+        structure = describe(model)
+        if structure is not None and structure.blocks:
+            return list(structure.blocks)
         return [(n, m) for n, m in named if isinstance(m, DEFAULT_LAYER_TYPES)]
     if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
         return [(n, m) for n, m in named if isinstance(m, layers)]
@@ -176,7 +177,7 @@ def probe(
             records=records,
             loss=float(loss_value.detach()),
             input_grad_norm=input_grad_norm,
-            label=model.spec.label() if isinstance(model, DeepNet) else type(model).__name__,
+            label=structure.label if (structure := describe(model)) is not None else type(model).__name__,
             unused=[name for name, _ in selected if name not in recorder.called],
         )
         if theory_prediction and layers is None:
@@ -193,20 +194,21 @@ def probe(
 
 def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:
     """Mean-field predictions beside the measurements of a built MLP without norm or skips."""
-    if not isinstance(model, DeepNet):
+    structure = describe(model)
+    plain = structure is not None and structure.chain and not structure.normalized and structure.skip == "none"
+    activation = getattr(structure.spec, "activation", None) if plain else None
+    if activation is None or not isinstance(inputs, torch.Tensor) or not isinstance(structure.head, nn.Linear):
         return
-    spec = model.spec
-    if spec.kind != "mlp" or spec.norm != "none" or spec.skip != "none" or not isinstance(inputs, torch.Tensor):
-        return
-    linears = [block.linear for block in model.blocks] + [model.head]
+    linears = [layer for layer, _ in structure.chain] + [structure.head]
     sigma_w2 = [float(m.weight.detach().double().var()) * m.in_features for m in linears]
     sigma_b2 = [
         float(m.bias.detach().double().var()) if m.bias is not None and m.bias.numel() > 1 else 0.0 for m in linears
     ]
     q_input = float(inputs.detach().double().square().mean())
-    second_moments, relative = theory.mlp_prediction(sigma_w2, sigma_b2, spec.activation, q_input)
-    blocks = [r for r in report.records if r.name.startswith("block")]
-    if len(blocks) != spec.depth:
+    second_moments, relative = theory.mlp_prediction(sigma_w2, sigma_b2, activation, q_input)
+    names = {name for name, module in structure.blocks if module is not structure.head}
+    blocks = [r for r in report.records if r.name in names]
+    if len(blocks) != len(structure.chain):
         return  # a block called more or fewer times than once: the prediction does not apply
     last = blocks[-1].grad_norm
     for record, moment, rel in zip(blocks, second_moments, relative, strict=True):

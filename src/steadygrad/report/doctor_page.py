@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steadygrad.lab.base import Table
+from steadygrad.display import Table
 from steadygrad.measure.plot import _pyplot, figure_png
 from steadygrad.report.html import Page, Section, figure, fmt, write_page
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steadygrad.lab.base import Table
+from steadygrad.display import Table
 from steadygrad.measure.plot import _pyplot, figure_png, plot_flow
 from steadygrad.measure.records import FlowReport
 from steadygrad.report.html import Page, Section, figure, fmt, slug, write_page

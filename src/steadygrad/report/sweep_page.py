@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-from steadygrad.lab.base import Table
+from steadygrad.display import Table
 from steadygrad.measure.plot import _pyplot, figure_png
 from steadygrad.report.html import Page, Section, figure, fmt, write_page
 
