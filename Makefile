@@ -37,6 +37,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The Monitor benchmark's peer (cockpit-for-pytorch), without its dependencies: they would pull another torch.
 # benchmarks/peer-requirements.txt says why that is safe. The torch check after it must still pass.
