@@ -18,14 +18,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from steadygrad import clip, fast, init, norm, theory
 from steadygrad.clip import clip_grads_
+
+# Last: binding the function replaces the attribute that importing the submodule ``steadygrad.diagnose`` set.
+from steadygrad.diagnose import diagnose
 from steadygrad.doctor import doctor
 from steadygrad.init import init_model
 from steadygrad.measure import FlowReport, LayerRecord, Monitor, probe
 from steadygrad.nets import NetSpec, build
 from steadygrad.train import TrainConfig, Trainer
-
-# Last: binding the function replaces the attribute that importing the submodule ``steadygrad.diagnose`` set.
-from steadygrad.diagnose import diagnose  # noqa: E402, I001
 
 try:
     __version__ = version("steadygrad")

@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.init.schemes import he_normal_
 from steadygrad.structure import describe
 
 __all__ = ["fixup_"]
 
-_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+_WEIGHTED = kinds.weight_layer_types(*kinds.AFFINE)
 
 
 @torch.no_grad()

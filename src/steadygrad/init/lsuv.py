@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.init.schemes import orthogonal_
 
 __all__ = ["lsuv_"]
 
-_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+_WEIGHTED = kinds.weight_layer_types(*kinds.AFFINE)
 
 
 @torch.no_grad()

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.init.fans import NONLINEARITIES, fans
 from steadygrad.init.registry import Initializer, get
 
 __all__ = ["LayerInit", "init_model", "mean_field_", "next_activation"]
 
-# Activation modules whose gain calculate_gain knows; anything else is not an activation to us.
-_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], tuple[str, float | None]]] = {
-    nn.ReLU: lambda m: ("relu", None),
-    nn.ReLU6: lambda m: ("relu", None),
-    nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
-    nn.Tanh: lambda m: ("tanh", None),
-    nn.Sigmoid: lambda m: ("sigmoid", None),
-    nn.SELU: lambda m: ("selu", None),
-    nn.GELU: lambda m: ("gelu", None),
-    nn.SiLU: lambda m: ("silu", None),
-    nn.Identity: lambda m: ("linear", None),
-}
-_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase)
+# What init_model initializes: the affine layers and recurrent ones (embeddings keep their own schemes)
+_WEIGHT_LAYERS = kinds.weight_layer_types("dense", "conv", "recurrent")
 _GATES = {nn.LSTM: 4, nn.GRU: 3}
 
 
@@ -78,14 +67,21 @@ def next_activation(model: nn.Module) -> dict[str, tuple[str, float | None]]:
         for _, after in leaves[index + 1 :]:
             if isinstance(after, _WEIGHT_LAYERS):
                 break
-            if type(after) in _ACTIVATIONS:
-                found[name] = _ACTIVATIONS[type(after)](after)
+            gain = _gain_of(after)
+            if gain is not None:
+                found[name] = gain
                 break
     return found
 
 
+def _gain_of(module: nn.Module) -> tuple[str, float | None] | None:
+    """(nonlinearity, parameter) of an activation whose gain calculate_gain knows; None for anything else."""
+    kind = kinds.activation(module)
+    return None if kind is None else kind.gain_of(module)
+
+
 def _has_activation_modules(model: nn.Module) -> bool:
-    return any(type(m) in _ACTIVATIONS and not isinstance(m, nn.Identity) for m in model.modules())
+    return any(_gain_of(m) is not None and kinds.activation(m).family != "linear" for m in model.modules())
 
 
 @torch.no_grad()

@@ -14,25 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steadygrad import theory
+from steadygrad import kinds, theory
 from steadygrad.measure.hooks import Recorder, first_tensor, make_records, rows_from_sums
 from steadygrad.measure.records import FlowReport
-from steadygrad.norm.modules import GroupNorm, LayerNorm, _NormBase
 from steadygrad.structure import describe
 
-__all__ = ["DEFAULT_LAYER_TYPES", "probe", "select_layers"]
+__all__ = ["default_layer_types", "probe", "select_layers"]
 
-DEFAULT_LAYER_TYPES = (
-    nn.Linear,
-    nn.modules.conv._ConvNd,
-    nn.RNNBase,
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    _NormBase,
-    LayerNorm,
-    GroupNorm,
-)
+
+def default_layer_types() -> tuple[type[nn.Module], ...]:
+    """What the probe records when it is not told: the dense, conv and recurrent layers and every norm, from
+    ``steadygrad.kinds`` at call time (a kind registered later is recorded too)."""
+    return kinds.weight_layer_types("dense", "conv", "recurrent") + kinds.norm_types()
+
 
 LayerSelector = type | tuple[type, ...] | str | Sequence[str] | None
 
@@ -51,7 +45,7 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
         structure = describe(model)
         if structure is not None and structure.blocks:
             return list(structure.blocks)
-        return [(n, m) for n, m in named if isinstance(m, DEFAULT_LAYER_TYPES)]
+        return [(n, m) for n, m in named if isinstance(m, default_layer_types())]
     if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
         return [(n, m) for n, m in named if isinstance(m, layers)]
     patterns = [layers] if isinstance(layers, str) else list(layers)

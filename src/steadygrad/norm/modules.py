@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.norm import functional as F
 
 __all__ = [
@@ -393,3 +394,8 @@ class GroupNorm(nn.Module):
             f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
             f"bias={self.bias is not None}"
         )
+
+
+# steadygrad's norms are norms to every instrument and rule (steadygrad.kinds)
+for _cls, _family in ((_BatchNorm, "batch"), (_InstanceNorm, "instance"), (LayerNorm, "layer"), (GroupNorm, "group")):
+    kinds.register_norm(_cls, _family)

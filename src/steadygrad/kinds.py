@@ -1,0 +1,181 @@
+"""One table per concept: the kinds of layer steadygrad tells apart, consulted everywhere.
+
+Three tables, each keyed by module class and resolved through the class's MRO (so a subclass of
+``nn.ReLU`` is a rectifier, and ``nn.ReLU6``, which torch derives from ``nn.Hardtanh``, is a rectifier
+and not a saturating unit because its own entry comes first):
+
+- **weight-bearing layers**, by family: ``dense`` (y = W x + b), ``conv`` (every ``_ConvNd``, the transposed
+  ones too), ``recurrent`` (``RNNBase``), ``bilinear``, ``embedding``;
+- **activations**: family (``saturating``, ``rectifier``, ``smooth``, ``linear``), the nonlinearity name
+  whose gain ``steadygrad.init.calculate_gain`` knows (None: no standard gain), and for saturating units
+  which saturation test applies;
+- **normalizations**, by family: ``batch``, ``instance``, ``layer``, ``group``.
+
+Names, classes and instances are resolved at the edges (``activation("tanh")``, ``activation(nn.Tanh)``,
+``activation(module)``), as timm's ``create_act`` does; inside the library objects are passed. Adding a
+kind from another library is one line::
+
+    steadygrad.kinds.register_weight_layer(transformers.pytorch_utils.Conv1D, "dense")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "ACTIVATION_FAMILIES",
+    "AFFINE",
+    "NORM_FAMILIES",
+    "WEIGHT_FAMILIES",
+    "ActivationKind",
+    "activation",
+    "activation_types",
+    "norm_family",
+    "norm_types",
+    "register_activation",
+    "register_norm",
+    "register_weight_layer",
+    "weight_family",
+    "weight_layer_types",
+]
+
+WEIGHT_FAMILIES = ("dense", "conv", "recurrent", "bilinear", "embedding")
+ACTIVATION_FAMILIES = ("saturating", "rectifier", "smooth", "linear")
+NORM_FAMILIES = ("batch", "instance", "layer", "group")
+
+# The families whose layers compute y = W x (+ b) with fans: what variance-scaling schemes, Fixup, LSUV and
+# the rules on weights (symmetric units, bias before a norm) apply to.
+AFFINE: tuple[str, ...] = ("dense", "conv")
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """One activation: its name, class, family, init gain and saturation test."""
+
+    name: str
+    module: type[nn.Module]
+    family: str
+    gain: str | None = None  # nonlinearity name for calculate_gain; None: no standard gain
+    saturation: str | None = None  # "tanh" (|y| > 0.99) or "sigmoid" (y outside [0.01, 0.99])
+    gain_param: Callable[[nn.Module], float | None] = lambda module: None  # e.g. LeakyReLU's slope
+
+    def gain_of(self, module: nn.Module) -> tuple[str, float | None] | None:
+        """(nonlinearity, its parameter) for ``calculate_gain``, or None when no standard gain applies."""
+        return None if self.gain is None else (self.gain, self.gain_param(module))
+
+
+_WEIGHT_LAYERS: dict[type[nn.Module], str] = {}
+_ACTIVATIONS: dict[type[nn.Module], ActivationKind] = {}
+_ACTIVATIONS_BY_NAME: dict[str, ActivationKind] = {}
+_NORMS: dict[type[nn.Module], str] = {}
+
+
+def _check(value: str, accepted: tuple[str, ...], what: str) -> None:
+    if value not in accepted:
+        raise ValueError(f"Unknown {what} {value!r}: accepted are {', '.join(accepted)}.")
+
+
+def register_weight_layer(module: type[nn.Module], family: str) -> None:
+    """Make ``module`` (and its subclasses) a weight-bearing layer of ``family``."""
+    _check(family, WEIGHT_FAMILIES, "weight-layer family")
+    _WEIGHT_LAYERS[module] = family
+
+
+def register_activation(kind: ActivationKind) -> None:
+    """Make ``kind.module`` (and its subclasses) an activation; ``kind.name`` resolves to it."""
+    _check(kind.family, ACTIVATION_FAMILIES, "activation family")
+    _ACTIVATIONS[kind.module] = kind
+    _ACTIVATIONS_BY_NAME.setdefault(kind.name, kind)
+
+
+def register_norm(module: type[nn.Module], family: str) -> None:
+    """Make ``module`` (and its subclasses) a normalization layer of ``family``."""
+    _check(family, NORM_FAMILIES, "normalization family")
+    _NORMS[module] = family
+
+
+def _lookup(table: dict, module: nn.Module | type[nn.Module]):
+    cls = module if isinstance(module, type) else type(module)
+    return next((table[base] for base in cls.__mro__ if base in table), None)
+
+
+def weight_family(module: nn.Module | type[nn.Module]) -> str | None:
+    """The weight-layer family of a module or class, or None when it is not a registered weight layer."""
+    return _lookup(_WEIGHT_LAYERS, module)
+
+
+def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:
+    """The registered weight-layer classes of ``families`` (all families when none is given), for isinstance.
+    Subclasses of a class registered under another family resolve to that family, so check with
+    ``weight_family`` where the distinction matters."""
+    for family in families:
+        _check(family, WEIGHT_FAMILIES, "weight-layer family")
+    wanted = families or WEIGHT_FAMILIES
+    return tuple(cls for cls, family in _WEIGHT_LAYERS.items() if family in wanted)
+
+
+def activation(which: str | nn.Module | type[nn.Module]) -> ActivationKind | None:
+    """The activation kind of a name, class or module, or None when it is not a registered activation."""
+    if isinstance(which, str):
+        return _ACTIVATIONS_BY_NAME.get(which)
+    return _lookup(_ACTIVATIONS, which)
+
+
+def activation_types(*families: str) -> tuple[type[nn.Module], ...]:
+    """The registered activation classes of ``families`` (all when none is given)."""
+    for family in families:
+        _check(family, ACTIVATION_FAMILIES, "activation family")
+    wanted = families or ACTIVATION_FAMILIES
+    return tuple(cls for cls, kind in _ACTIVATIONS.items() if kind.family in wanted)
+
+
+def norm_family(module: nn.Module | type[nn.Module]) -> str | None:
+    """The normalization family of a module or class, or None when it is not a registered norm."""
+    return _lookup(_NORMS, module)
+
+
+def norm_types(*families: str) -> tuple[type[nn.Module], ...]:
+    """The registered normalization classes of ``families`` (all when none is given)."""
+    for family in families:
+        _check(family, NORM_FAMILIES, "normalization family")
+    wanted = families or NORM_FAMILIES
+    return tuple(cls for cls, family in _NORMS.items() if family in wanted)
+
+
+for _cls, _family in (
+    (nn.Linear, "dense"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.RNNBase, "recurrent"),
+    (nn.Bilinear, "bilinear"),
+    (nn.Embedding, "embedding"),
+):
+    register_weight_layer(_cls, _family)
+
+for _kind in (
+    ActivationKind("sigmoid", nn.Sigmoid, "saturating", "sigmoid", saturation="sigmoid"),
+    ActivationKind("tanh", nn.Tanh, "saturating", "tanh", saturation="tanh"),
+    ActivationKind("hardtanh", nn.Hardtanh, "saturating", saturation="tanh"),
+    ActivationKind("relu", nn.ReLU, "rectifier", "relu"),
+    ActivationKind("relu6", nn.ReLU6, "rectifier", "relu"),
+    ActivationKind("leaky_relu", nn.LeakyReLU, "rectifier", "leaky_relu", gain_param=lambda m: m.negative_slope),
+    ActivationKind("prelu", nn.PReLU, "rectifier"),
+    ActivationKind("rrelu", nn.RReLU, "rectifier"),
+    ActivationKind("elu", nn.ELU, "rectifier"),
+    ActivationKind("selu", nn.SELU, "rectifier", "selu"),
+    ActivationKind("celu", nn.CELU, "rectifier"),
+    ActivationKind("gelu", nn.GELU, "smooth", "gelu"),
+    ActivationKind("silu", nn.SiLU, "smooth", "silu"),
+    ActivationKind("identity", nn.Identity, "linear", "linear"),
+):
+    register_activation(_kind)
+
+for _cls, _family in (
+    (nn.modules.batchnorm._BatchNorm, "batch"),
+    (nn.modules.instancenorm._InstanceNorm, "instance"),
+    (nn.LayerNorm, "layer"),
+    (nn.GroupNorm, "group"),
+):
+    register_norm(_cls, _family)
