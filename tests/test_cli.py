@@ -53,6 +53,92 @@ def test_usage_errors_exit_2_without_traceback(args):
     assert "Traceback" not in result.output
 
 
+def test_a_usage_error_exits_2_with_one_paragraph_and_no_traceback():
+    """A UsageError raised by the CLI's own parsing: exit 2, stderr is ``Error: <message>``, nothing else."""
+    result = runner.invoke(app, ["demo", "--only", "a,b"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("Error: --only takes claim numbers separated by commas, e.g. --only 1,5,19")
+
+
+def test_a_library_value_error_is_a_usage_error():
+    """The library's ValueErrors report bad input (here a NetSpec value): exit 2 with the library's message."""
+    result = runner.invoke(app, ["probe", "--norm", "instance", "--depth", "2"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--norm='instance' needs spatial positions" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), KeyError("block01"), RuntimeError("boom")])
+def test_a_bug_in_steadygrad_prints_its_traceback_and_exits_1(monkeypatch, error):
+    """An exception that is not a usage error (a TypeError included) is steadygrad's bug: never exit 2."""
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("steadygrad.cli.probe.probe", broken)
+    result = runner.invoke(app, ["probe", "--depth", "2", "--width", "8"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback (most recent call last)" in result.output
+    assert f"{type(error).__name__}: " in result.output and "in broken" in result.output
+    assert "This is a bug in steadygrad" in " ".join(result.output.split())
+
+
+def test_a_bug_in_the_console_script_exits_1_with_its_traceback(tmp_path):
+    """The same through the installed entry point, in a real process (no test runner catching anything)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "import steadygrad.cli.train as train\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise TypeError('a bug')\n"
+        "train.build = broken\n"
+        "from steadygrad.cli import main\n"
+        "sys.argv = ['steadygrad', 'train', '--depth', '2', '--no-progress', '--logdir', sys.argv[1]]\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "TypeError: a bug" in done.stderr
+
+
+def test_network_options_come_from_netspec_fields():
+    """probe offers one option per NetSpec field with CLI metadata, train the same minus the sizes its data
+    sets; both print the field's own help text."""
+    from steadygrad.nets import SPEC_OPTIONS, spec_cli_options
+
+    probe_help = " ".join(runner.invoke(app, ["probe", "--help"]).output.split())
+    train_help = " ".join(runner.invoke(app, ["train", "--help"]).output.split())
+    for name, field, option in spec_cli_options():
+        assert f"--{name} " in probe_help, name
+        assert (f"--{name} " in train_help) is (not option.from_data), name
+        assert SPEC_OPTIONS[name] == field.name
+    assert "Hidden blocks (weight layers before the head). [default: 10]" in probe_help
+    assert "Hidden blocks (weight layers before the head). [default: 10]" in train_help
+    assert "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu, or tanh for kind rnn]" in probe_help
+    assert "Comma-separated values compare several networks" not in train_help
+    for option in ("--kind", "--act", "--norm-position", "--residual-scale", "--norm-groups", "--bias", "--cell"):
+        assert f"{option} " in train_help
+
+
+def test_probe_takes_every_netspec_option():
+    result = runner.invoke(
+        app, ["probe", "--skip", "residual", "--branch-layers", "1,2", "--depth", "3", "--width", "8", "--bias", "no"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "branch_layers" in result.output  # the side-by-side table names the field that varies
+
+
+def test_unknown_network_option_is_a_usage_error(tmp_path):
+    from steadygrad.nets import expand_specs
+
+    with pytest.raises(ValueError, match=r"Unknown network option 'activation'\. Accepted: kind, depth"):
+        expand_specs({"activation": "relu"})
+    result = runner.invoke(app, ["sweep", "--grid", "activation=relu", "--db", str(tmp_path / "s.sqlite")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--grid has no network option 'activation'. Accepted: kind" in " ".join(result.output.split())
+
+
 def test_unwritable_json_path_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

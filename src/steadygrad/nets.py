@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +36,10 @@ __all__ = [
     "SPEC_OPTIONS",
     "DeepNet",
     "NetSpec",
+    "SpecOption",
     "build",
     "expand_specs",
+    "spec_cli_options",
     "spec_options",
 ]
 
@@ -56,27 +60,97 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 @dataclass(frozen=True)
+class SpecOption:
+    """How a NetSpec field is typed on the command line (``steadygrad probe``, ``train`` and ``sweep --grid``):
+    the one declaration the CLI generates its network options from. Stored as ``field.metadata["option"]``.
+
+    Attributes:
+        help: what the field means, for ``--help`` (a sentence without its final period).
+        name: the option's name without ``--`` (``act`` for ``activation``); "" means the field's name with
+            ``-`` for ``_``.
+        choices: the accepted values, listed in the help; NetSpec checks them on creation.
+        shown_default: the default as the help states it, when the field's default alone would mislead.
+        from_data: ``train`` takes this size from its data, so it offers no option for it.
+    """
+
+    help: str
+    name: str = ""
+    choices: tuple[str, ...] = ()
+    shown_default: str = ""
+    from_data: bool = False
+
+
+def _cli(help: str, **option) -> dict:
+    """A NetSpec field's metadata: its command-line declaration (see SpecOption)."""
+    return {"option": SpecOption(help, **option)}
+
+
+@dataclass(frozen=True)
 class NetSpec:
     """What to build. Every field is checked on creation; a bad value raises ``ValueError`` naming the
     field and the accepted values."""
 
-    kind: str = "mlp"  # mlp: Linear blocks; cnn: 3x3 convolution blocks; rnn: stacked recurrent layers
-    depth: int = 10  # number of hidden blocks (weight layers before the head)
-    width: int = 64  # units (mlp, rnn) or channels (cnn) of every block
-    in_features: int = 64  # input features (mlp; rnn: per time step) or input channels (cnn)
-    out_features: int = 10  # outputs of the linear head
-    activation: str | None = None  # one of ACTIVATIONS; rnn: the cell's nonlinearity. None: relu, or tanh for rnn
-    init: str | Callable = "he_uniform"  # an init registry name (the bad ones included) or a callable
-    norm: str = "none"  # none, batch, layer, group or instance normalization in every block
-    norm_position: str = "before"  # the norm before or after the activation
-    skip: str = "none"  # none; residual: x + scale * block(x); dense: each block sees all earlier outputs
-    bias: bool = True  # biases in the Linear/conv/recurrent layers (redundant right before a norm)
-    residual_scale: float = 1.0  # the residual branch's multiplier (depth ** -0.5 cures variance growth)
-    branch_layers: int = 1  # residual: weight layers per branch; >= 2 makes pre-activation branches (see DeepNet)
-    cell: str = "rnn"  # rnn kind: rnn (Elman, tanh or relu), lstm or gru
-    seq_len: int = 20  # rnn kind: time steps of the input
-    image_size: int = 8  # cnn kind: height and width of the input
-    norm_groups: int = 8  # group norm: number of groups (must divide width)
+    kind: str = dataclasses.field(
+        default="mlp",
+        metadata=_cli(
+            "Network kind (mlp: Linear blocks; cnn: 3x3 convolution blocks, on image data; rnn: stacked recurrent "
+            "layers)",
+            choices=KINDS,
+        ),
+    )
+    depth: int = dataclasses.field(default=10, metadata=_cli("Hidden blocks (weight layers before the head)"))
+    width: int = dataclasses.field(default=64, metadata=_cli("Units (mlp, rnn) or channels (cnn) per block"))
+    in_features: int = dataclasses.field(
+        default=64,
+        metadata=_cli("Input features (mlp; rnn: per time step), or input channels for cnn", from_data=True),
+    )
+    out_features: int = dataclasses.field(
+        default=10, metadata=_cli("Outputs (classes) of the linear head", from_data=True)
+    )
+    # None: relu, or tanh for rnn
+    activation: str | None = dataclasses.field(
+        default=None,
+        metadata=_cli(
+            "Activation (for rnn: the cell's nonlinearity)",
+            name="act",
+            choices=tuple(ACTIVATIONS),
+            shown_default="relu, or tanh for kind rnn",
+        ),
+    )
+    # an init registry name (the bad ones included), or in Python a callable
+    init: str | Callable = dataclasses.field(
+        default="he_uniform", metadata=_cli("Initialization scheme (see `steadygrad inits`)")
+    )
+    norm: str = dataclasses.field(default="none", metadata=_cli("Normalization in every block", choices=NORMS))
+    norm_position: str = dataclasses.field(
+        default="before", metadata=_cli("The norm before or after the activation", choices=NORM_POSITIONS)
+    )
+    skip: str = dataclasses.field(
+        default="none",
+        metadata=_cli(
+            "Skip connections (residual: x + scale * block(x); dense: each block sees all earlier outputs)",
+            choices=SKIPS,
+        ),
+    )
+    bias: bool = dataclasses.field(
+        default=True, metadata=_cli("Biases in the weight layers (redundant right before a norm): yes or no")
+    )
+    residual_scale: float = dataclasses.field(
+        default=1.0, metadata=_cli("Residual branch multiplier (depth ** -0.5 cures the variance growth)")
+    )
+    branch_layers: int = dataclasses.field(
+        default=1,
+        metadata=_cli(
+            "Weight layers per residual branch; 2 or more make pre-activation branches, as Fixup needs "
+            "(needs skip residual, kind mlp or cnn)"
+        ),
+    )
+    cell: str = dataclasses.field(
+        default="rnn", metadata=_cli("Recurrent cell for kind rnn (rnn: Elman, tanh or relu)", choices=CELLS)
+    )
+    seq_len: int = dataclasses.field(default=20, metadata=_cli("Time steps of the input for kind rnn", from_data=True))
+    image_size: int = dataclasses.field(default=8, metadata=_cli("Input height and width for kind cnn", from_data=True))
+    norm_groups: int = dataclasses.field(default=8, metadata=_cli("Groups for group norm (must divide the width)"))
 
     def __post_init__(self) -> None:
         def choose(field: str, accepted) -> None:
@@ -321,47 +395,39 @@ def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet:
     return net
 
 
-# option name -> NetSpec field; the option names users type
-SPEC_OPTIONS = {
-    "kind": "kind",
-    "depth": "depth",
-    "width": "width",
-    "in-features": "in_features",
-    "out-features": "out_features",
-    "act": "activation",
-    "init": "init",
-    "norm": "norm",
-    "norm-position": "norm_position",
-    "skip": "skip",
-    "bias": "bias",
-    "residual-scale": "residual_scale",
-    "cell": "cell",
-    "seq-len": "seq_len",
-    "image-size": "image_size",
-    "norm-groups": "norm_groups",
-    "branch-layers": "branch_layers",
-}
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(NetSpec)}
+def spec_cli_options() -> list[tuple[str, dataclasses.Field, SpecOption]]:
+    """(option name, field, its SpecOption) for every NetSpec field the command line offers, in field order."""
+    out = []
+    for f in dataclasses.fields(NetSpec):
+        option = f.metadata.get("option")
+        if option is not None:
+            out.append((option.name or f.name.replace("_", "-"), f, option))
+    return out
+
+
+# option name -> NetSpec field; the option names users type (generated from the fields' SpecOption)
+SPEC_OPTIONS = {name: f.name for name, f, _ in spec_cli_options()}
+_OPTION_NAMES = {field: option for option, field in SPEC_OPTIONS.items()}
+# the fields' real types (the module's annotations are strings: ``from __future__ import annotations``)
+_FIELD_TYPES = typing.get_type_hints(NetSpec)
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 def _convert(option: str, text: str):
-    field = SPEC_OPTIONS[option]
-    kind = _FIELD_TYPES[field]
+    """One comma-separated item of ``--option`` as the value its field's type needs (int, float, bool, str)."""
+    kind = _FIELD_TYPES[SPEC_OPTIONS[option]]
     text = text.strip()
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except ValueError:
-        raise ValueError(
-            f"--{option} takes {'integers' if kind == 'int' else 'numbers'}, comma-separated; got {text!r}."
-        ) from None
-    if kind == "bool":
+    if kind is bool:
         if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
         raise ValueError(f"--{option} takes yes or no (or true/false), comma-separated; got {text!r}.")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(
+                f"--{option} takes {'integers' if kind is int else 'numbers'}, comma-separated; got {text!r}."
+            ) from None
     return text
 
 
@@ -376,7 +442,14 @@ def expand_specs(values: dict[str, str | None]) -> list[NetSpec]:
     """Every combination of the comma-separated option values, as validated NetSpecs.
 
     ``values`` maps option names (``"act"``) to their raw text (``"relu,tanh"``) or None for the default.
+    An unknown option name, a value of the wrong type or a spec NetSpec rejects raises ValueError naming
+    the option as the user typed it.
     """
+    unknown = [option for option in values if option not in SPEC_OPTIONS]
+    if unknown:
+        raise ValueError(
+            f"Unknown network option {', '.join(repr(o) for o in unknown)}. Accepted: {', '.join(SPEC_OPTIONS)}."
+        )
     axes = []
     for option, raw in values.items():
         if raw is None:
@@ -390,8 +463,7 @@ def expand_specs(values: dict[str, str | None]) -> list[NetSpec]:
         try:
             specs.append(NetSpec(**dict(combination)))
         except ValueError as error:
-            message = str(error)
-            for option, field in SPEC_OPTIONS.items():
-                message = message.replace(f"NetSpec.{field} ", f"--{option} ")
+            # NetSpec names its fields (NetSpec.activation); the user typed options (--act)
+            message = re.sub(r"NetSpec\.(\w+)", lambda m: f"--{_OPTION_NAMES.get(m[1], m[1])}", str(error))
             raise ValueError(message) from None
     return specs

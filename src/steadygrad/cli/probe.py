@@ -12,9 +12,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from steadygrad import theory
-from steadygrad._cli_common import console, fail, user_errors, write_json
+from steadygrad.cli._errors import UsageError, handle_errors
+from steadygrad.cli._options import network_options
+from steadygrad.cli._output import console, write_json
 from steadygrad.measure import FlowReport, probe
-from steadygrad.nets import NetSpec, build, expand_specs, spec_options
+from steadygrad.nets import NetSpec, build, expand_specs
 
 
 def varying_fields(specs: list[NetSpec]) -> list[str]:
@@ -105,31 +107,10 @@ def comparison_table(specs: list[NetSpec], reports: list[FlowReport]) -> Table:
     return table
 
 
-def _opt(help_text: str):
-    return typer.Option(help=help_text + " Comma-separated values compare several networks.")
-
-
-@user_errors
+@handle_errors
+@network_options(comma_lists=True, from_data=True)
 def probe_command(
-    kind: Annotated[str | None, _opt("Network kind: mlp, cnn or rnn. [default: mlp]")] = None,
-    depth: Annotated[str | None, _opt("Hidden blocks. [default: 10]")] = None,
-    width: Annotated[str | None, _opt("Units (mlp, rnn) or channels (cnn) per block. [default: 64]")] = None,
-    in_features: Annotated[str | None, _opt("Input features, or channels for cnn. [default: 64]")] = None,
-    out_features: Annotated[str | None, _opt("Outputs (classes). [default: 10]")] = None,
-    act: Annotated[
-        str | None,
-        _opt("Activation: sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu]"),
-    ] = None,
-    init: Annotated[str | None, _opt("Initialization scheme (see `steadygrad inits`). [default: he_uniform]")] = None,
-    norm: Annotated[str | None, _opt("Normalization: none, batch, layer, group, instance. [default: none]")] = None,
-    norm_position: Annotated[str | None, _opt("Norm before or after the activation. [default: before]")] = None,
-    skip: Annotated[str | None, _opt("Skip connections: none, residual, dense. [default: none]")] = None,
-    bias: Annotated[str | None, _opt("Biases in the weight layers: yes or no. [default: yes]")] = None,
-    residual_scale: Annotated[str | None, _opt("Residual branch multiplier. [default: 1]")] = None,
-    cell: Annotated[str | None, _opt("Recurrent cell for kind rnn: rnn, lstm, gru. [default: rnn]")] = None,
-    seq_len: Annotated[str | None, _opt("Time steps for kind rnn. [default: 20]")] = None,
-    image_size: Annotated[str | None, _opt("Input height and width for kind cnn. [default: 8]")] = None,
-    norm_groups: Annotated[str | None, _opt("Groups for group norm. [default: 8]")] = None,
+    network: dict[str, str | None] | None = None,  # the network options (see cli._options)
     batch: Annotated[
         int,
         typer.Option(
@@ -167,7 +148,7 @@ def probe_command(
 
       steadygrad probe --act relu --init he_uniform,glorot_uniform --depth 30 --plot flow.png
     """
-    specs = expand_specs(spec_options(locals()))
+    specs = expand_specs(network)
     patterns = [p.strip() for p in layers.split(",")] if layers else None
     reports, nets = [], []
     with Progress(console=console, transient=True) as progress:
@@ -211,5 +192,7 @@ def probe_command(
             plot_path.parent.mkdir(parents=True, exist_ok=True)
             plot_flow(reports, plot_path)
         except (OSError, ValueError) as error:
-            fail(f"Could not write the plot to {plot_path}: {error}. Use a writable path ending in .png.")
+            raise UsageError(
+                f"Could not write the plot to {plot_path}: {error}. Use a writable path ending in .png."
+            ) from None
         console.print(f"Wrote {plot_path}")

@@ -10,9 +10,11 @@ from rich.table import Table
 
 from steadygrad import data as sg_data
 from steadygrad import distributed
-from steadygrad._cli_common import console, fail, user_errors
-from steadygrad.nets import build, expand_specs, spec_options
-from steadygrad.train import CheckpointError, TrainConfig, Trainer
+from steadygrad.cli._errors import UsageError, handle_errors
+from steadygrad.cli._options import network_options
+from steadygrad.cli._output import console
+from steadygrad.nets import build, expand_specs
+from steadygrad.train import TrainConfig, Trainer
 
 DIVERGED = 1  # exit code of a run stopped by the non-finite guard
 
@@ -21,7 +23,8 @@ def _opt(help_text: str):
     return typer.Option(help=help_text)
 
 
-@user_errors
+@handle_errors
+@network_options(comma_lists=False)
 def train_command(
     data: Annotated[
         str, typer.Option(help="A built-in set (digits, spirals, blobs, teacher) or a .npz (arrays X, y) or .csv file.")
@@ -31,18 +34,7 @@ def train_command(
         bool, _opt("Standardize features to zero mean and unit variance (training split's statistics).")
     ] = True,
     test_fraction: Annotated[float, _opt("Fraction of the data held out for evaluation.")] = 0.2,
-    kind: Annotated[str | None, _opt("Network kind: mlp, cnn (image data) or rnn. [default: mlp]")] = None,
-    depth: Annotated[str | None, _opt("Hidden blocks. [default: 10]")] = None,
-    width: Annotated[str | None, _opt("Units or channels per block. [default: 64]")] = None,
-    act: Annotated[str | None, _opt("Activation: sigmoid, tanh, relu, leaky_relu, gelu, selu, identity.")] = None,
-    init: Annotated[str | None, _opt("Initialization scheme (see `steadygrad inits`).")] = None,
-    norm: Annotated[str | None, _opt("Normalization: none, batch, layer, group, instance.")] = None,
-    norm_position: Annotated[str | None, _opt("Norm before or after the activation.")] = None,
-    skip: Annotated[str | None, _opt("Skip connections: none, residual, dense.")] = None,
-    bias: Annotated[str | None, _opt("Biases in the weight layers: yes or no.")] = None,
-    residual_scale: Annotated[str | None, _opt("Residual branch multiplier.")] = None,
-    cell: Annotated[str | None, _opt("Recurrent cell for kind rnn: rnn, lstm, gru.")] = None,
-    norm_groups: Annotated[str | None, _opt("Groups for group norm.")] = None,
+    network: dict[str, str | None] | None = None,  # the network options (see cli._options)
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training split.")] = 10,
     lr: Annotated[float, _opt("Learning rate.")] = 1e-3,
     optimizer: Annotated[str, _opt("sgd, momentum (SGD with 0.9 momentum), adam or adamw.")] = "adam",
@@ -82,13 +74,13 @@ def train_command(
 
       steadygrad train --data my.csv --target label --clip norm:1.0 --tensorboard
 
-    Exit code 0: trained; 1: stopped by the non-finite guard; 2: bad options or files.
+    Exit code 0: trained; 1: stopped by the non-finite guard (or a bug in steadygrad, with its traceback);
+    2: bad options or files.
     """
     torch.set_flush_denormal(True)  # denormals make near-zero activations 5-10x slower on CPU
-    raw = spec_options(locals())
-    specs = expand_specs(raw)
+    specs = expand_specs(network)
     if len(specs) != 1:
-        fail(
+        raise UsageError(
             "train takes one value per option; to compare several networks, use `steadygrad probe` or run "
             "train once per network."
         )
@@ -114,10 +106,7 @@ def train_command(
         f"Training [bold]{escape(spec.label())}[/] on {escape(dataset.name)} "
         f"({len(dataset.x_train)} train / {len(dataset.x_test)} test, {dataset.task})."
     )
-    try:
-        result = Trainer(model, dataset, config).fit(resume=resume)
-    except CheckpointError as error:
-        fail(str(error))
+    result = Trainer(model, dataset, config).fit(resume=resume)  # a CheckpointError is a ValueError: exit 2
     distributed.teardown()  # under torchrun: every rank got here (they take every branch together)
     if result.epochs:
         table = Table(title="Held-out metrics per epoch", title_justify="left")

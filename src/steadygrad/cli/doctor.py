@@ -14,7 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from steadygrad import data as sg_data
-from steadygrad._cli_common import console, fail, user_errors, write_json
+from steadygrad.cli._errors import UsageError, handle_errors
+from steadygrad.cli._output import console, write_json
 
 
 def _user_lines(error: BaseException, user_file: str | None) -> str:
@@ -39,13 +40,13 @@ def load_factory(target: str):
     """``path/to/file.py:make_model`` or ``package.module:make_model`` -> (the callable, the file or None)."""
     module_part, sep, name = target.rpartition(":")
     if not sep or not module_part or not name:
-        raise ValueError(f"Give the model factory as FILE.py:FUNCTION or package.module:FUNCTION; got {target!r}.")
+        raise UsageError(f"Give the model factory as FILE.py:FUNCTION or package.module:FUNCTION; got {target!r}.")
     user_file = None
     try:
         if module_part.endswith(".py") or "/" in module_part:
             path = Path(module_part)
             if not path.is_file():
-                raise ValueError(f"No file {path}: give the path of the .py file that defines {name}.")
+                raise UsageError(f"No file {path}: give the path of the .py file that defines {name}.")
             user_file = str(path.resolve())
             spec = importlib.util.spec_from_file_location(f"_steadygrad_user_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
@@ -59,15 +60,15 @@ def load_factory(target: str):
     except ValueError:
         raise
     except ModuleNotFoundError as error:
-        raise ValueError(
+        raise UsageError(
             f"Cannot import {module_part}: {error}. Give FILE.py:FUNCTION or an importable package.module:FUNCTION."
         ) from None
     except Exception as error:
-        raise ValueError(f"Importing {module_part} failed:\n{_user_lines(error, user_file)}") from None
+        raise UsageError(f"Importing {module_part} failed:\n{_user_lines(error, user_file)}") from None
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         available = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise ValueError(f"{module_part} has no callable {name!r}. Callables there: {', '.join(available) or 'none'}.")
+        raise UsageError(f"{module_part} has no callable {name!r}. Callables there: {', '.join(available) or 'none'}.")
     return factory, user_file
 
 
@@ -76,7 +77,7 @@ def _parse_args(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--arg takes KEY=VALUE with a Python identifier as KEY; got {pair!r}.")
+            raise UsageError(f"--arg takes KEY=VALUE with a Python identifier as KEY; got {pair!r}.")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -84,7 +85,7 @@ def _parse_args(pairs: list[str]) -> dict:
     return kwargs
 
 
-@user_errors
+@handle_errors
 def doctor_command(
     target: Annotated[
         str,
@@ -147,15 +148,15 @@ def doctor_command(
         try:
             shape = tuple(int(part) for part in input_shape.split(","))
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"--input-shape takes sizes separated by commas, e.g. 3,32,32; got {input_shape!r}."
             ) from None
         if not shape or min(shape) < 1:
-            raise ValueError(f"--input-shape sizes must be positive; got {input_shape!r}.")
+            raise UsageError(f"--input-shape sizes must be positive; got {input_shape!r}.")
         inputs = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(seed))
         targets = None
     else:
-        raise ValueError(
+        raise UsageError(
             "Give the data: --data FILE.npz (or a built-in set such as digits), or --input-shape "
             "3,32,32 [--classes 10] for synthetic inputs."
         )
@@ -164,9 +165,9 @@ def doctor_command(
         try:
             model = factory(**kwargs)
         except Exception as error:
-            raise ValueError(f"The model factory {target} raised:\n{_user_lines(error, user_file)}") from None
+            raise UsageError(f"The model factory {target} raised:\n{_user_lines(error, user_file)}") from None
         if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"The model factory {target} returned {type(model).__name__}, not an nn.Module.")
+            raise UsageError(f"The model factory {target} returned {type(model).__name__}, not an nn.Module.")
         return model
 
     probe_model = build()
@@ -175,7 +176,7 @@ def doctor_command(
             probe_model.eval()(inputs[:2])
     except Exception as error:
         shape = tuple(inputs.shape[1:])
-        raise ValueError(
+        raise UsageError(
             f"The model rejects inputs of shape (N, {', '.join(map(str, shape))}):\n"
             f"{_user_lines(error, user_file)}\nCheck --input-shape or the data."
         ) from None
@@ -225,4 +226,6 @@ def doctor_command(
         try:
             console.print(f"Wrote {write_doctor_report(report, out, target)}")
         except OSError as error:
-            fail(f"Could not write the report to {out}: {error.strerror}.")
+            raise UsageError(
+                f"Could not write the report to {out}: {error.strerror}. Choose a writable --out folder."
+            ) from None

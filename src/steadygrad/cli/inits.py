@@ -1,6 +1,5 @@
-"""The ``steadygrad`` command line. Strings become objects here, and library errors become exit code 2."""
+"""``steadygrad inits``: every initialization scheme on one layer's weight, formula beside measurement."""
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -8,48 +7,13 @@ import torch
 import typer
 from rich.table import Table
 
-import steadygrad
 from steadygrad import init as sg_init
-from steadygrad._cli_common import console, user_errors, write_json
-from steadygrad.cli_doctor import doctor_command
-from steadygrad.cli_lab import demo_command, report_command
-from steadygrad.cli_probe import probe_command
-from steadygrad.cli_sweep import sweep_command
-from steadygrad.cli_train import train_command
-
-app = typer.Typer(
-    name="steadygrad",
-    help=(
-        "Keep gradients steady through deep networks.\n\n"
-        "Measure how signal and gradient travel through a model, try the classic remedies "
-        "(initialization, normalization, skip connections, clipping) and see the field's claims reproduced."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # markdown reflows each docstring paragraph to the terminal; rich mode keeps the source's line breaks
-    rich_markup_mode="markdown",
-)
+from steadygrad.cli._errors import handle_errors
+from steadygrad.cli._output import console, write_json
 
 
-def _version(value: bool) -> None:
-    if value:
-        console.print(f"steadygrad {steadygrad.__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Keep gradients steady through deep networks."""
-
-
-@app.command("inits")
-@user_errors
-def inits(
+@handle_errors
+def inits_command(
     fan_in: Annotated[int, typer.Option("--fan-in", min=1, help="Inputs of the layer (in_features).")] = 10,
     fan_out: Annotated[int, typer.Option("--fan-out", min=1, help="Outputs of the layer (out_features).")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed of the draw.")] = 0,
@@ -98,20 +62,3 @@ def inits(
     console.print(table)
     if json_path is not None:
         write_json(json_path, {"fan_in": fan_in, "fan_out": fan_out, "seed": seed, "schemes": rows})
-
-
-app.command("probe")(probe_command)
-app.command("train")(train_command)
-app.command("demo")(demo_command)
-app.command("report")(report_command)
-app.command("doctor")(doctor_command)
-app.command("sweep")(sweep_command)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="steadygrad")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -7,27 +7,39 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from steadygrad._cli_common import console, user_errors
+from steadygrad.cli._errors import UsageError, handle_errors
+from steadygrad.cli._output import console
+from steadygrad.nets import SPEC_OPTIONS
 from steadygrad.sweep import TASKS, Job, SweepDB, expand_grid, run_sweep
 
 
 def _grid(items: list[str]) -> dict[str, str]:
+    """``["depth=10,50", "act=relu"]`` -> ``{"depth": "10,50", "act": "relu"}``, keys as the options' names."""
     grid: dict[str, str] = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise ValueError(f"--grid takes OPTION=V1,V2,... items (e.g. depth=10,50 act=relu,tanh); got {item!r}.")
-        grid[key.strip().replace("_", "-") if key.strip() not in ("in_features",) else "in-features"] = values
+            raise UsageError(
+                f"--grid takes OPTION=V1,V2,... items (e.g. depth=10,50 act=relu,tanh); got {item!r}. "
+                f"OPTION is one of {', '.join(SPEC_OPTIONS)}."
+            )
+        key = key.strip().lstrip("-").replace("_", "-")
+        if key not in SPEC_OPTIONS:
+            raise UsageError(
+                f"--grid has no network option {key!r}. Accepted: {', '.join(SPEC_OPTIONS)} "
+                "(the network options of `steadygrad probe`)."
+            )
+        grid[key] = values
     return grid
 
 
-@user_errors
+@handle_errors
 def sweep_command(
     grid: Annotated[
         list[str],
         typer.Option(
             help="OPTION=V1,V2,... for any network option of `steadygrad probe` "
-            "(depth, width, act, init, norm, skip, ...); more may follow."
+            f"({', '.join(SPEC_OPTIONS)}); more may follow."
         ),
     ],
     more: Annotated[
@@ -67,7 +79,7 @@ def sweep_command(
       steadygrad report s.sqlite
     """
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}. Accepted: {', '.join(TASKS)}.")
+        raise UsageError(f"Unknown task {task!r}. Accepted: {', '.join(TASKS)}.")
     specs = expand_grid(_grid([*grid, *(more or [])]))
     train = {"epochs": epochs, "lr": lr, "optimizer": optimizer} if task == "train" else {}
     jobs = [

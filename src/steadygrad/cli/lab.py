@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from steadygrad import lab
-from steadygrad._cli_common import console, fail, user_errors
+from steadygrad.cli._errors import UsageError, handle_errors
+from steadygrad.cli._output import console
 
 _STYLE = {"reproduced": "green", "partly reproduced": "yellow", "not reproduced": "red", "error": "red"}
 
@@ -21,10 +22,10 @@ def _parse_only(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--only takes claim numbers separated by commas, e.g. --only 1,5,19; got {text!r}.") from None
+        raise UsageError(f"--only takes claim numbers separated by commas, e.g. --only 1,5,19; got {text!r}.") from None
 
 
-@user_errors
+@handle_errors
 def demo_command(
     quick: Annotated[
         bool, typer.Option(help="Every claim at reduced size (about 15 s instead of about a minute).")
@@ -84,7 +85,9 @@ def demo_command(
     try:
         path = write_lab_report(results, out, seed=seed, seconds=time.perf_counter() - start)
     except OSError as error:
-        fail(f"Could not write the report to {out}: {error.strerror}. Choose a writable --out folder.")
+        raise UsageError(
+            f"Could not write the report to {out}: {error.strerror}. Choose a writable --out folder."
+        ) from None
     counts = {}
     for result in results:
         counts[result.verdict] = counts.get(result.verdict, 0) + 1
@@ -94,7 +97,7 @@ def demo_command(
     )
 
 
-@user_errors
+@handle_errors
 def report_command(
     path: Annotated[
         Path, typer.Argument(help="A training log directory, a probe JSON file (--json), or a folder holding one.")
