@@ -1,5 +1,9 @@
 """A small trainer with guard rails: clipping, a monitor, atomic checkpoints that resume exactly,
-a non-finite guard that names the first layer to blow up, progress, and a diagnosis at the end."""
+a non-finite guard that names the first layer to blow up, progress, and a diagnosis at the end.
+
+``Trainer.fit`` is one loop over the positions of a ``RunState``; one batch is ``Trainer.training_step``.
+The guard rails are callbacks in ``steadygrad.train_callbacks`` (Lightning's hook names); pass your own
+with ``Trainer(..., callbacks=[...])``."""
 
 from __future__ import annotations
 
