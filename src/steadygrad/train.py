@@ -242,7 +242,7 @@ class Trainer:
     # -- the run's files, state and callbacks ------------------------------------------------------------
     def _builtin_callbacks(self) -> list[Callback]:
         """Progress bar, run files (rank 0 with a logdir), checkpoints and the non-finite guard, in this order:
-        at an epoch's end the history line is written before the checkpoint, as a resume expects."""
+        at an epoch's end the history line is written before the checkpoint (a resume drops lines past it)."""
         c, files = self.config, self.logdir is not None and self.writes
         checkpoint = self.logdir / "checkpoint.pt" if files else None  # rank 0 writes it
         return [
