@@ -162,6 +162,36 @@ def test_dispatcher_matches_each_function():
         assert_same_grads(a, b)
 
 
+@pytest.mark.parametrize("mode", ["norm", "value", "agc", "layer_norm"])
+def test_dispatcher_returns_the_pre_clip_total_norm_in_every_mode(mode):
+    params = make_params(2, scale=4.0)
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    total = clip_grads_(params, mode=mode, threshold=0.01)
+    assert isinstance(total, torch.Tensor) and total.dim() == 0
+    torch.testing.assert_close(total, expected)
+    assert float(grad_norm(params)) < float(expected)  # the gradients were clipped after the norm was taken
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).square().sum().backward()
+    expected = grad_norm(model.parameters())
+    torch.testing.assert_close(clip_grads_(model, mode=mode, threshold=0.01), expected)  # a module, a generator
+    torch.testing.assert_close(clip_grads_(model.parameters(), mode=mode, threshold=1e9), grad_norm(model.parameters()))
+
+
+@pytest.mark.parametrize("norm_type", [1.0, math.inf], ids=["p1", "pinf"])
+def test_dispatcher_total_norm_follows_norm_type(norm_type):
+    for mode in ("norm", "layer_norm"):
+        params = make_params(3, scale=2.0)
+        expected = grad_norm(params, norm_type)
+        torch.testing.assert_close(clip_grads_(params, mode=mode, threshold=0.1, norm_type=norm_type), expected)
+
+
+@pytest.mark.parametrize("mode", ["norm", "value", "agc", "layer_norm"])
+def test_dispatcher_reports_a_nonfinite_gradient(mode):
+    params = make_params(4)
+    params[0].grad[0, 0] = math.inf
+    assert not torch.isfinite(clip_grads_(params, mode=mode, threshold=0.5))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -10,7 +10,16 @@ import torch
 
 from steadygrad import data
 from steadygrad.nets import NetSpec, build
-from steadygrad.train import CheckpointError, ClipSpec, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from steadygrad.train import (
+    Callback,
+    CheckpointError,
+    ClipSpec,
+    RunState,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +115,89 @@ def test_in_process_resume_matches_an_uninterrupted_run(digits, tmp_path):
     Trainer(resumed, digits, quiet(epochs=3, checkpoint_every=7, logdir=tmp_path / "split")).fit(resume=True)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+class Recording(Callback):
+    """Writes down every hook call, and keeps a count that must survive a resume."""
+
+    def __init__(self):
+        self.calls, self.batches = [], 0
+
+    def on_train_start(self, trainer, state):
+        self.calls.append(("start", state.step))
+
+    def on_train_epoch_start(self, trainer, state):
+        self.calls.append(("epoch_start", state.epoch))
+
+    def on_before_optimizer_step(self, trainer, state, output):
+        self.calls.append(("before_step", state.step, output.finite))
+
+    def on_train_batch_end(self, trainer, state, output):
+        self.batches += 1
+        self.calls.append(("batch_end", state.step))
+
+    def on_train_epoch_end(self, trainer, state, metrics):
+        self.calls.append(("epoch_end", metrics["epoch"], state.epoch))
+
+    def on_train_end(self, trainer, state, result):
+        self.calls.append(("end", result.steps))
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, saved):
+        self.batches = saved["batches"]
+
+
+def test_callbacks_see_the_hooks_in_order_and_resume_their_state(digits, tmp_path):
+    first = Recording()
+    trainer = Trainer(net(), digits, quiet(epochs=1, batch_size=600, logdir=tmp_path), callbacks=[first])
+    result = trainer.fit()
+    steps = trainer.steps_per_epoch
+    assert result.steps == steps == 3
+    assert first.calls == [
+        ("start", 0),
+        ("epoch_start", 0),
+        *[call for i in range(steps) for call in (("before_step", i, True), ("batch_end", i + 1))],
+        ("epoch_end", 1, 1),
+        ("end", steps),
+    ]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["callbacks"] == {"Recording": {"batches": steps}}
+    second = Recording()
+    Trainer(net(), digits, quiet(epochs=2, batch_size=600, logdir=tmp_path), callbacks=[second]).fit(resume=True)
+    assert second.calls[:2] == [("start", steps), ("epoch_start", 1)]
+    assert second.batches == 2 * steps  # counted on from the checkpoint
+
+
+def test_callbacks_must_be_callbacks(digits):
+    with pytest.raises(TypeError, match="Callback instances"):
+        Trainer(net(), digits, quiet(epochs=1), callbacks=[lambda *a: None])
+
+
+def test_a_checkpoint_without_callback_states_still_resumes(digits, tmp_path):
+    Trainer(net(), digits, quiet(epochs=1, logdir=tmp_path)).fit()
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    del saved["callbacks"], saved["format"], saved["version"]  # as the first trainer wrote it
+    save_checkpoint(saved, tmp_path / "checkpoint.pt")
+    late = Recording()
+    result = Trainer(net(seed=3), digits, quiet(epochs=2, logdir=tmp_path), callbacks=[late]).fit(resume=True)
+    assert result.status == "completed" and [e["epoch"] for e in result.epochs] == [1, 2]
+    assert late.batches == result.steps - saved["step"]
+
+
+def test_the_non_finite_guard_skips_the_step_and_rollback_rewinds_the_state(digits):
+    guard = Recording()
+    result = Trainer(
+        net(),
+        digits,
+        quiet(epochs=1, lr=1e6, optimizer="sgd", on_nonfinite="rollback", max_rollbacks=40),
+        callbacks=[guard],
+    ).fit()
+    bad = [call for call in guard.calls if call[0] == "before_step" and not call[2]]
+    assert len(bad) == result.rollbacks > 0
+    ends = [call[1] for call in guard.calls if call[0] == "batch_end"]
+    assert ends[-1] == result.steps and len(ends) > result.steps  # steps were taken again after a rollback
+    assert RunState().state_dict() == {"epoch": 0, "batch": 0, "step": 0, "epochs": [], "rollbacks": 0}
 
 
 def test_clip_spec_parsing():

@@ -34,6 +34,10 @@ def _grads(parameters: Params) -> list[torch.Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def _as_list(parameters: Params) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
 def _norm_type(norm_type: float) -> float:
     p = float(norm_type)
     if not (p == float("inf") or p > 0):
@@ -183,7 +187,7 @@ def adaptive_clip_grad_(parameters: Params, clipping: float = 0.01, eps: float =
 CLIP_MODES = ("norm", "value", "agc", "layer_norm")
 
 
-def clip_grads_(parameters: nn.Module | Params, mode: str = "norm", threshold: float = 1.0, **options):
+def clip_grads_(parameters: nn.Module | Params, mode: str = "norm", threshold: float = 1.0, **options) -> torch.Tensor:
     """Clip gradients in place by one of ``CLIP_MODES``; ``threshold`` is the mode's main knob.
 
     ========== ================================ ==============================
@@ -195,15 +199,33 @@ def clip_grads_(parameters: nn.Module | Params, mode: str = "norm", threshold: f
     layer_norm ``clip_grad_norm_per_layer_``     max_norm (per layer)
     ========== ================================ ==============================
 
-    ``options`` go to that function (``norm_type``, ``error_if_nonfinite``, ``eps``). Returns what it returns.
+    ``options`` go to that function (``norm_type``, ``error_if_nonfinite``, ``eps``).
+
+    Returns:
+        Whatever the mode, one 0-d tensor: the total norm of all gradients *before* clipping, so that a
+        training loop can log it and test it for NaN/Inf the same way in every mode (no host sync).
+
+        - norm: ||concat(g)||_p with the ``norm_type`` p (2 by default), what ``clip_grad_norm_`` returns.
+        - layer_norm: the same global p-norm, computed from the per-layer norms as ||(||g_l||_p)_l||_p
+          (equal to ||concat(g)||_p for every p, inf included); call ``clip_grad_norm_per_layer_`` for the
+          per-layer norms themselves.
+        - value and agc: the global L2 norm ||concat(g)||_2, measured before the clamp or the unit-wise
+          rescaling (these modes have no norm order); call ``adaptive_clip_grad_`` for the fraction of units
+          AGC clipped.
+
+        A NaN or Inf gradient before clipping gives a NaN or Inf norm, even where value clipping would clamp
+        an Inf element to a finite one.
     """
     mode = check_choice("clipping mode", mode, CLIP_MODES)
     if mode == "layer_norm":
-        return clip_grad_norm_per_layer_(parameters, threshold, **options)
-    if isinstance(parameters, nn.Module):
-        parameters = parameters.parameters()
+        norms = clip_grad_norm_per_layer_(parameters, threshold, **options)
+        return torch.linalg.vector_norm(norms, _norm_type(options.get("norm_type", 2.0)))
+    parameters = list(parameters.parameters() if isinstance(parameters, nn.Module) else _as_list(parameters))
     if mode == "norm":
         return clip_grad_norm_(parameters, threshold, **options)
+    total = grad_norm(parameters)
     if mode == "value":
-        return clip_grad_value_(parameters, threshold, **options)
-    return adaptive_clip_grad_(parameters, threshold, **options)
+        clip_grad_value_(parameters, threshold, **options)
+    else:
+        adaptive_clip_grad_(parameters, threshold, **options)
+    return total

@@ -1,13 +1,13 @@
 """A small trainer with guard rails: clipping, a monitor, atomic checkpoints that resume exactly,
-a non-finite guard that names the first layer to blow up, progress, and a diagnosis at the end."""
+a non-finite guard that names the first layer to blow up, progress, and a diagnosis at the end.
+
+``Trainer.fit`` is one loop over the positions of a ``RunState``; one batch is ``Trainer.training_step``.
+The guard rails are callbacks in ``steadygrad.train_callbacks`` (Lightning's hook names); pass your own
+with ``Trainer(..., callbacks=[...])``."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,17 +25,35 @@ from steadygrad.distributed import setup as setup_distributed
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.nets import DeepNet
 from steadygrad.norm.convert import convert_sync_batchnorm
+from steadygrad.train_callbacks import (
+    Callback,
+    CheckpointError,
+    GoodState,
+    ModelCheckpoint,
+    NonFiniteGuard,
+    ProgressBar,
+    RunFiles,
+    RunState,
+    StepOutput,
+    load_checkpoint,
+    save_checkpoint,
+)
 
-__all__ = ["CheckpointError", "ClipSpec", "TrainConfig", "TrainResult", "Trainer", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Callback",
+    "CheckpointError",
+    "ClipSpec",
+    "RunState",
+    "StepOutput",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 NONFINITE_POLICIES = ("stop", "rollback")
-CHECKPOINT_FORMAT = "steadygrad-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupted, foreign, or for another model."""
 
 
 @dataclass(frozen=True)
@@ -134,71 +152,6 @@ class TrainResult:
         }
 
 
-# -- checkpoints --------------------------------------------------------------------------------------
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, fsync, then rename over ``path``.
-    A run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` (no code runs from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"No checkpoint at {path} to resume from. Run without --resume first.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, garbage bytes, or pickled code that weights_only refuses
-        first_line = (str(error).splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {first_line}). It may be truncated, "
-            "corrupted or written by another program: delete it, or resume from another --logdir."
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a steadygrad checkpoint (no '{CHECKPOINT_FORMAT}' marker).")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} is checkpoint format version {state.get('version')}; this steadygrad reads "
-            f"version {CHECKPOINT_VERSION}."
-        )
-    return state
-
-
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Deep copies of the model's and the optimizer's state (for rollback without a disk)."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    return state["model"], state["optimizer"]
-
-
-def _truncate_jsonl(path: Path, keep) -> None:
-    """Drop the lines of a JSON Lines file that a resumed run will write again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 # -- the trainer --------------------------------------------------------------------------------------
 
 
@@ -212,7 +165,13 @@ class Trainer:
         >>> result.final["test_accuracy"]  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        config: TrainConfig | None = None,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
+    ) -> None:
         self.model = model
         self.data = data
         self.config = config or TrainConfig()
@@ -229,6 +188,14 @@ class Trainer:
             convert_sync_batchnorm(model)
             self.forward_model = DistributedDataParallel(model)
         self.optimizer = self._make_optimizer()
+        self.monitor: Monitor | None = None  # the run's Monitor, while fit runs and after
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(
+                    f"callbacks must be steadygrad.train.Callback instances (subclass it and override the hooks "
+                    f"you need); got {type(callback).__name__}."
+                )
+        self.callbacks: list[Callback] = [*self._builtin_callbacks(), *callbacks]
 
     # -- pieces ----------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -272,32 +239,85 @@ class Trainer:
             metrics["test_accuracy"] = correct / count
         return metrics
 
-    def _state(self, epoch: int, batch: int, step: int, epochs: list[dict], rollbacks: int) -> dict:
+    # -- the run's files, state and callbacks ------------------------------------------------------------
+    def _builtin_callbacks(self) -> list[Callback]:
+        """Progress bar, run files (rank 0 with a logdir), checkpoints and the non-finite guard, in this order:
+        at an epoch's end the history line is written before the checkpoint (a resume drops lines past it)."""
+        c, files = self.config, self.logdir is not None and self.writes
+        checkpoint = self.logdir / "checkpoint.pt" if files else None  # rank 0 writes it
+        return [
+            ProgressBar(enabled=c.progress and self.writes),
+            *([RunFiles(self.logdir)] if files else []),
+            ModelCheckpoint(checkpoint, every=c.checkpoint_every),
+            NonFiniteGuard(c.on_nonfinite, c.max_rollbacks),
+        ]
+
+    def _call(self, hook: str, state: RunState, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, state, *args)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._batches(0))
+
+    def checkpoint_state(self, state: RunState) -> dict:
+        """What a checkpoint holds: weights, optimizer, the run's position, the RNG, the config, and the state
+        of every callback that has one (format version 1; files without ``"callbacks"`` resume too)."""
+        saved = {key: sd for key, sd in ((cb.state_key, cb.state_dict()) for cb in self.callbacks) if sd}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "epochs": epochs,
-            "rollbacks": rollbacks,
+            **state.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
+            "callbacks": saved,
         }
 
-    def _restore(self, state: dict) -> None:
+    def _resume(self, state: RunState) -> None:
+        """Load ``logdir/checkpoint.pt`` (every rank reads it) into the model, optimizer, RNG, run state and
+        callbacks."""
+        if self.logdir is None:
+            raise ValueError("resume=True needs the logdir of the run to resume.")
+        saved = load_checkpoint(self.logdir / "checkpoint.pt")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(
                 "The checkpoint was written for a different model or optimizer: "
                 f"{str(error).splitlines()[0][:300]}. Resume with the same network and optimizer options as the "
                 "run that wrote it."
             ) from None
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.load_state_dict(saved)
+        state.resumed = True
+        callbacks = saved.get("callbacks", {})
+        for callback in self.callbacks:
+            if callback.state_key in callbacks:
+                callback.load_state_dict(callbacks[callback.state_key])
 
-    def _first_nonfinite_layer(self, x: torch.Tensor, y: torch.Tensor) -> str:
+    def rewind(self, state: RunState, good: GoodState) -> None:
+        """Go back to ``good``: its weights, optimizer state (learning rates included), RNG and position."""
+        self.model.load_state_dict(good.model)
+        self.optimizer.load_state_dict(good.optimizer)
+        torch.set_rng_state(good.rng)
+        state.epoch, state.batch, state.step = good.epoch, good.batch, good.step
+        if self.monitor is not None:
+            self.monitor.step_count = good.step
+
+    def print(self, text: str) -> None:
+        """Print above the progress bar (or plainly when there is none)."""
+        bar = next((cb for cb in self.callbacks if isinstance(cb, ProgressBar) and cb.console is not None), None)
+        if bar is not None:
+            bar.console.print(text)
+        else:
+            from rich.console import Console
+
+            Console().print(text)
+
+    def first_nonfinite_layer(self, x: torch.Tensor, y: torch.Tensor) -> str:
+        """Where non-finite values first appear on this batch: a layer's output (forward order), a layer's
+        gradient (backward order), or else the loss itself."""
         report = probe(self.model, x, y, loss=lambda out, t: self._loss(out, t), theory_prediction=False)
         for record in report.records:  # the forward pass runs first to last
             if record.nonfinite_act:
@@ -310,183 +330,120 @@ class Trainer:
         )
         return f"the loss itself: every layer's output was finite, the largest |value| {largest:.3g}"
 
+    def summary(self, result: TrainResult) -> dict:
+        """The content of ``summary.json``: the result, the config, the data and (for built nets) the spec."""
+        summary = {
+            **result.to_dict(),
+            "config": self.config.to_dict(),
+            "data": {
+                "name": self.data.name,
+                "task": self.data.task,
+                "train": len(self.data.x_train),
+                "test": len(self.data.x_test),
+            },
+        }
+        if isinstance(self.model, DeepNet):
+            summary["spec"] = self.model.spec.to_dict()
+        return summary
+
     # -- the loop --------------------------------------------------------------------------------------
+    def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean of the ranks' losses under data parallelism (so that every rank takes the same branch),
+        else this loss; detached."""
+        if self.world == 1:
+            return loss.detach()
+        import torch.distributed as dist
+
+        shared = loss.detach().clone()
+        dist.all_reduce(shared)
+        return shared / self.world
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """Forward, loss, backward and clipping on one batch; the optimizer step is the loop's.
+
+        With a non-finite loss no backward runs (the gradients stay None) and ``grad_norm`` is NaN; the
+        gradient norm is the global L2 norm before clipping (what ``clip_grads_`` returns)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(self.forward_model(x), y)
+        loss_value, grad_norm = self._global_loss(loss), math.nan
+        if torch.isfinite(loss_value):
+            loss.backward()
+            if self.monitor is not None:
+                self.monitor.observe_loss(loss)
+            if c.clip is not None:
+                grad_norm = float(clip_grads_(self.model, c.clip.mode, c.clip.threshold))
+            else:
+                grad_norm = float(total_grad_norm(self.model.parameters()))
+        return StepOutput(x, y, loss_value, grad_norm)
+
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train; with ``resume``, continue from ``logdir/checkpoint.pt`` exactly where it was written."""
-        c, start = self.config, time.perf_counter()
-        source = self.logdir / "checkpoint.pt" if self.logdir else None  # every rank reads it on resume
-        checkpoint = source if self.writes else None  # rank 0 writes it
-        epochs_done: list[dict] = []
-        epoch, batch, step, rollbacks = 0, 0, 0, 0
+        """Train; with ``resume``, continue from ``logdir/checkpoint.pt`` exactly where it was written.
+
+        One loop over (epoch, batch) positions in ``RunState``: each turn trains one batch or, past the last
+        batch, ends the epoch. A rollback moves the position back, and the loop simply goes on from there."""
+        c = self.config
+        state = RunState(started=time.perf_counter())
         torch.manual_seed(c.seed)
         if resume:
-            if source is None:
-                raise ValueError("resume=True needs the logdir of the run to resume.")
-            state = load_checkpoint(source)
-            self._restore(state)
-            epoch, batch, step, rollbacks = state["epoch"], state["batch"], state["step"], state["rollbacks"]
-            epochs_done = list(state["epochs"])
-            if self.writes:
-                _truncate_jsonl(self.logdir / "monitor.jsonl", lambda row: row["step"] <= step)
-                _truncate_jsonl(self.logdir / "history.jsonl", lambda row: row["epoch"] <= len(epochs_done))
-        elif self.logdir is not None and self.writes:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            for name in ("monitor.jsonl", "history.jsonl", "summary.json"):
-                (self.logdir / name).unlink(missing_ok=True)
-        if resume:
-            last_good = (epoch, batch, step, _snapshot(self.model, self.optimizer), torch.get_rng_state())
-        else:  # a good state on disk from the start: a run that dies at step 1 can still be resumed
-            last_good = self._checkpoint(checkpoint, epoch, batch, step, epochs_done, rollbacks)
-
-        sinks = []
-        if self.logdir is not None and self.writes:
-            sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
-            if c.tensorboard:
-                sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
-        monitor = Monitor(self.model, every=c.monitor_every, optimizer=self.optimizer, sinks=sinks)
-        monitor.step_count = step
-        status, message = "completed", ""
-        progress = _progress(c.progress and self.writes)
-        steps_per_epoch = len(self._batches(0))
-        task = progress.add_task(
-            "training",
-            total=c.epochs * steps_per_epoch,
-            completed=step,
-            loss=math.nan,
-            grad=math.nan,
-            acc=epochs_done[-1].get("test_accuracy", math.nan) if epochs_done else math.nan,
-        )
-        self.model.train()
-        with monitor, progress:
-            while epoch < c.epochs:
-                batches = self._batches(epoch)
-                restart = False
-                while batch < len(batches):
-                    index = batches[batch][self.rank :: self.world]  # this rank's share of the global batch
-                    x, y = self._inputs(self.data.x_train[index]), self.data.y_train[index]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss = self._loss(self.forward_model(x), y)
-                    grad_norm = math.nan
-                    if self.world > 1:  # decide on the global loss, so that every rank takes the same branch
-                        import torch.distributed as dist
-
-                        shared = loss.detach().clone()
-                        dist.all_reduce(shared)
-                        loss_value = shared / self.world
-                    else:
-                        loss_value = loss.detach()
-                    if torch.isfinite(loss_value):
-                        loss.backward()
-                        monitor.observe_loss(loss)
-                        if c.clip is not None:
-                            clipped = clip_grads_(self.model, c.clip.mode, c.clip.threshold)
-                            grad_norm = (
-                                float(clipped)
-                                if c.clip.mode == "norm"
-                                else float(total_grad_norm(self.model.parameters()))
-                            )
-                        else:
-                            grad_norm = float(total_grad_norm(self.model.parameters()))
-                    if not (torch.isfinite(loss_value) and math.isfinite(grad_norm)):
-                        where = self._first_nonfinite_layer(x, y)
-                        what = (
-                            f"loss {float(loss_value):g}"
-                            if not torch.isfinite(loss_value)
-                            else f"gradient norm {grad_norm:g}"
-                        )
-                        message = (
-                            f"Training diverged at step {step + 1} (epoch {epoch + 1}): {what}; non-finite "
-                            f"values first appear in {where}."
-                        )
-                        if c.on_nonfinite == "stop" or rollbacks >= c.max_rollbacks:
-                            if c.on_nonfinite == "rollback":
-                                message += f" Stopped after {rollbacks} rollbacks."
-                            status = "stopped_nonfinite"
-                            break
-                        failed_lrs = [group["lr"] for group in self.optimizer.param_groups]
-                        epoch, batch, step, (model_state, opt_state), rng = last_good
-                        self.model.load_state_dict(model_state)
-                        self.optimizer.load_state_dict(opt_state)  # this brings back the old learning rate
-                        torch.set_rng_state(rng)
-                        for group, failed in zip(self.optimizer.param_groups, failed_lrs, strict=True):
-                            group["lr"] = failed / 2
-                        rollbacks += 1
-                        monitor.step_count = step
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        progress.console.print(f"{message} Rolled back to step {step}; learning rate halved to {lr:g}.")
-                        message = ""
-                        progress.update(task, completed=step)
-                        restart = True
-                        break
-                    self.optimizer.step()
-                    step += 1
-                    batch += 1
-                    progress.update(task, advance=1, loss=float(loss_value), grad=grad_norm)
-                    if step % c.checkpoint_every == 0:
-                        last_good = self._checkpoint(checkpoint, epoch, batch, step, epochs_done, rollbacks)
-                if status != "completed":
-                    break
-                if restart:
-                    continue
-                metrics = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    **self.evaluate(),
-                    "seconds": time.perf_counter() - start,
-                }
-                epochs_done.append(metrics)
-                progress.update(task, acc=metrics.get("test_accuracy", math.nan))
-                if self.logdir is not None and self.writes:
-                    with (self.logdir / "history.jsonl").open("a") as handle:
-                        handle.write(json.dumps(metrics) + "\n")
-                epoch, batch = epoch + 1, 0
-                last_good = self._checkpoint(checkpoint, epoch, batch, step, epochs_done, rollbacks)
+            self._resume(state)
+        try:
+            self._call("on_train_start", state)  # the run files are ready before the Monitor's sink opens them
+            sinks = []
+            if self.logdir is not None and self.writes:
+                sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
+                if c.tensorboard:
+                    sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
+            self.monitor = Monitor(self.model, every=c.monitor_every, optimizer=self.optimizer, sinks=sinks)
+            self.monitor.step_count = state.step
+            self.model.train()
+            with self.monitor:
+                self._loop(state)
+        except BaseException as error:
+            self._call("on_exception", state, error)
+            raise
+        reports = self.monitor.history.reports
         inputs = self._inputs(self.data.x_train[:256])
-        findings = diagnose(monitor.history.reports, model=self.model, inputs=inputs) if monitor.history.reports else []
+        findings = diagnose(reports, model=self.model, inputs=inputs) if reports else []
         result = TrainResult(
-            status,
-            message or "Training completed.",
-            epochs_done,
+            state.status,
+            state.message or "Training completed.",
+            state.epochs,
             findings,
-            step,
-            rollbacks,
-            time.perf_counter() - start,
-            monitor.history.reports,
+            state.step,
+            state.rollbacks,
+            time.perf_counter() - state.started,
+            reports,
         )
-        if self.logdir is not None and self.writes:
-            summary = {
-                **result.to_dict(),
-                "config": c.to_dict(),
-                "data": {
-                    "name": self.data.name,
-                    "task": self.data.task,
-                    "train": len(self.data.x_train),
-                    "test": len(self.data.x_test),
-                },
-            }
-            if isinstance(self.model, DeepNet):
-                summary["spec"] = self.model.spec.to_dict()
-            (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self._call("on_train_end", state, result)
         return result
 
-    def _checkpoint(self, path, epoch, batch, step, epochs_done, rollbacks):
-        if path is not None:
-            save_checkpoint(self._state(epoch, batch, step, epochs_done, rollbacks), path)
-        return epoch, batch, step, _snapshot(self.model, self.optimizer), torch.get_rng_state()
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}"),
-        TextColumn("grad {task.fields[grad]:.3g}"),
-        TextColumn("test acc {task.fields[acc]:.3f}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    def _loop(self, state: RunState) -> None:
+        epoch, batches = None, []
+        while state.epoch < self.config.epochs and not state.stop:
+            if epoch != state.epoch:
+                epoch, batches = state.epoch, self._batches(state.epoch)
+                if state.batch == 0:
+                    self._call("on_train_epoch_start", state)
+            if state.batch < len(batches):
+                self._call("on_train_batch_start", state)
+                index = batches[state.batch][self.rank :: self.world]  # this rank's share of the global batch
+                output = self.training_step(self._inputs(self.data.x_train[index]), self.data.y_train[index])
+                self._call("on_before_optimizer_step", state, output)
+                if output.skip:  # a callback stopped the run or moved it back
+                    continue
+                self.optimizer.step()
+                state.step += 1
+                state.batch += 1
+                self._call("on_train_batch_end", state, output)
+                continue
+            metrics = {
+                "epoch": state.epoch + 1,
+                "step": state.step,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **self.evaluate(),
+                "seconds": time.perf_counter() - state.started,
+            }
+            state.epochs.append(metrics)
+            state.epoch, state.batch = state.epoch + 1, 0
+            self._call("on_train_epoch_end", state, metrics)
