@@ -23,8 +23,8 @@ from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
-from steadygrad.nets import DeepNet
 from steadygrad.norm.convert import convert_sync_batchnorm
+from steadygrad.structure import describe
 from steadygrad.train_callbacks import (
     Callback,
     CheckpointError,
@@ -175,7 +175,8 @@ class Trainer:
         self.model = model
         self.data = data
         self.config = config or TrainConfig()
-        self.kind = model.spec.kind if isinstance(model, DeepNet) else "mlp"
+        structure = describe(model)
+        self.kind = structure.kind if structure is not None and structure.kind in ("cnn", "rnn") else "mlp"
         self.logdir = None if self.config.logdir is None else Path(self.config.logdir)
         # Data parallelism (under torchrun): every rank trains a replica on its share of each global batch;
         # BatchNorm statistics are synchronized, so N processes compute what one would on the whole batch.
@@ -342,8 +343,9 @@ class Trainer:
                 "test": len(self.data.x_test),
             },
         }
-        if isinstance(self.model, DeepNet):
-            summary["spec"] = self.model.spec.to_dict()
+        structure = describe(self.model)
+        if structure is not None and hasattr(structure.spec, "to_dict"):
+            summary["spec"] = structure.spec.to_dict()
         return summary
 
     # -- the loop --------------------------------------------------------------------------------------
