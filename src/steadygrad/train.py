@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from steadygrad._checks import check_choice, check_positive
@@ -22,6 +21,7 @@ from steadygrad.clip import grad_norm as total_grad_norm
 from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
+from steadygrad.losses import task_loss
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.norm.convert import convert_sync_batchnorm
 from steadygrad.structure import describe
@@ -213,9 +213,7 @@ class Trainer:
         return self.data.inputs_for(self.kind, x)
 
     def _loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.data.task == "classification":
-            return F.cross_entropy(output, y)
-        return F.mse_loss(output.reshape(y.shape), y)
+        return task_loss(output, y, self.data.task)
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
         # the order of an epoch depends on (seed, epoch) alone: a resumed run replays it exactly

@@ -11,11 +11,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from steadygrad import kinds, theory
-from steadygrad.measure.hooks import Recorder, first_tensor, make_records, rows_from_sums
+from steadygrad.losses import resolve_loss, tensors
+from steadygrad.measure.hooks import Recorder, make_records, rows_from_sums
 from steadygrad.measure.records import FlowReport
 from steadygrad.structure import describe
 
@@ -54,16 +54,6 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
     return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    return []
-
-
 def _prepare_inputs(inputs):
     """Detached copies that require grad (floating tensors only), in the same structure."""
     if isinstance(inputs, torch.Tensor):
@@ -82,28 +72,6 @@ def _call(model: nn.Module, inputs):
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
-
-
-def _loss(output, targets, loss: Callable | None, seed: int) -> torch.Tensor:
-    if loss is not None:
-        return loss(output) if targets is None else loss(output, targets)
-    first = first_tensor(output)
-    if first is None:
-        raise ValueError("The model returned no floating-point tensor to take a loss of.")
-    if targets is not None:
-        if not targets.is_floating_point():
-            return F.cross_entropy(first, targets)
-        return F.mse_loss(first, targets)
-    # No targets: a fixed random projection of every output, L = sum(r * y) / N, whose gradient
-    # dL/dy = r / N has the same scale whatever the output's: the per-layer gradients then show the
-    # backward pass alone.
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    total = torch.zeros((), device=first.device)
-    for y in _tensors(output):
-        if y.is_floating_point() and y.requires_grad:
-            r = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
-            total = total + (y * r).sum() / max(y.shape[0] if y.dim() else 1, 1)
-    return total
 
 
 def probe(
@@ -157,13 +125,13 @@ def probe(
         with torch.random.fork_rng(devices=devices):
             prepared = _prepare_inputs(inputs)
             output = _call(model, prepared)
-            loss_value = _loss(output, targets, loss, seed)
+            loss_value = resolve_loss(output, targets, loss, seed=seed)
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
             loss_value.backward()
         slots, sums = recorder.finalize()
         records = make_records(slots, [rows_from_sums(row) for row in sums.tolist()])  # one host copy
-        input_grads = [t.grad for t in _tensors(prepared) if t.is_floating_point() and t.grad is not None]
+        input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
         )
