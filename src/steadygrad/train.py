@@ -24,6 +24,7 @@ from steadygrad.distributed import setup as setup_distributed
 from steadygrad.losses import task_loss
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.norm.convert import convert_sync_batchnorm
+from steadygrad.optimizers import OPTIMIZERS, make_optimizer
 from steadygrad.structure import describe
 from steadygrad.train_callbacks import (
     Callback,
@@ -52,7 +53,6 @@ __all__ = [
     "save_checkpoint",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 NONFINITE_POLICIES = ("stop", "rollback")
 
 
@@ -201,13 +201,7 @@ class Trainer:
     # -- pieces ----------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c, params = self.config, [p for p in self.model.parameters() if p.requires_grad]
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay)
-        if c.optimizer == "momentum":
-            return torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
-        if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return self.data.inputs_for(self.kind, x)
