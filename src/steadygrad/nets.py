@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad._checks import check_choice
 from steadygrad.init import get as get_init
 from steadygrad.init import init_model
@@ -48,14 +49,10 @@ CELLS = ("rnn", "lstm", "gru")
 NORMS = ("none", "batch", "layer", "group", "instance")
 NORM_POSITIONS = ("before", "after")
 SKIPS = ("none", "residual", "dense")
+# The activations a built net offers, by name; their classes, families and gains come from steadygrad.kinds.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "gelu": nn.GELU,
-    "selu": nn.SELU,
-    "identity": nn.Identity,
+    name: kinds.activation(name).module
+    for name in ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "selu", "identity")
 }
 
 
