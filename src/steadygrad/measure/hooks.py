@@ -19,6 +19,20 @@ import torch
 from torch import nn
 
 from steadygrad._autograd import on_gradient
+from steadygrad._layout import (
+    RECORD,
+    RECORD_COLUMNS,
+    RECORD_WIDTH,
+    REPAIRED,
+    SUMS,
+    SUMS_ACTIVATION,
+    SUMS_COLUMNS,
+    SUMS_GRADIENT,
+    SUMS_PARAMETERS,
+    SUMS_SATURATION,
+    SUMS_UNITS,
+    SUMS_WIDTH,
+)
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
     activation_kind,
@@ -32,56 +46,55 @@ from steadygrad.measure.stats import (
     weight_sums,
 )
 
-__all__ = ["RECORD_WIDTH", "SUMS_COLUMNS", "Recorder", "first_tensor", "kind_name", "make_records", "rows_from_sums"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "RECORD_WIDTH",
+    "SUMS_COLUMNS",
+    "Recorder",
+    "first_tensor",
+    "kind_name",
+    "make_records",
+    "rows_from_sums",
+]
 
-RECORD_WIDTH = 13  # 6 activation + 2 unit + 2 gradient + 3 weight values per layer call
-# A layer call's sums, the one layout of finalize and of the compiled taps (steadygrad/fast/csrc/stats.h)
-SUMS_COLUMNS = (
-    "n",  # activation: values seen, their mean, M2 (merged over micro-batches), min, max, sum of squares
-    "mean",
-    "m2",
-    "min",
-    "max",
-    "squares",
-    "nonfinite",  # NaN/Inf values in the output (excluded from the other sums and counted here)
-    "saturated",  # tanh/sigmoid values saturated, of
-    "counted",
-    "units",  # rectifier units, and those <= 0 for every sample
-    "dead",
-    "grad_squares",  # output gradient's sum of squares (NaN: none received), its NaN/Inf count
-    "grad_nonfinite",
-    "weight_grad_squares",  # weight-gradient and bias-gradient sums of squares (NaN: none)
-    "bias_grad_squares",
-    "weight_n",  # the first weight's size (0: none of more than one value) and M2
-    "weight_m2",
-)
-_NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the 7 activation sums of nothing seen
+_NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the SUMS_ACTIVATION sums of nothing seen
+# the order in which Recorder._slot_sums concatenates a slot's accumulators: it must tile SUMS_COLUMNS
+_GROUPS = (SUMS_ACTIVATION, SUMS_SATURATION, SUMS_UNITS, SUMS_GRADIENT, SUMS_PARAMETERS)
+assert [i for g in _GROUPS for i in range(SUMS_WIDTH)[g]] == list(range(SUMS_WIDTH)), "groups must tile the layout"
+assert len(_NO_ACTIVATIONS) == len(SUMS_COLUMNS[SUMS_ACTIVATION])
+
+
+def _width(group: slice) -> int:
+    return len(range(SUMS_WIDTH)[group])
 
 
 def rows_from_sums(sums: list[float], gradient_scale: float = 1.0) -> list[float]:
-    """A layer call's RECORD_WIDTH statistics from its sums (``SUMS_COLUMNS``, on the host): [mean, std
-    (unbiased), min, max, second moment, non-finite | saturated fraction, dead fraction | gradient norm
-    (divided by a GradScaler's scale), its non-finite count | weight- and bias-gradient norms, weight
-    variance (unbiased)]; NaN where nothing was seen."""
-    n, mean, m2, lo, hi, squares, nonfinite, sat, counted, units, dead = sums[:11]
-    grad, grad_nonfinite, weight_grad, bias_grad, weight_n, weight_m2 = sums[11:]
+    """A layer call's RECORD_WIDTH statistics (``RECORD_COLUMNS`` but the update ratio) from its sums
+    (``SUMS_COLUMNS``, on the host): mean, std (unbiased), min, max, second moment, non-finite count, saturated and
+    dead fractions, gradient norm (divided by a GradScaler's scale), its non-finite count, weight- and bias-gradient
+    norms, weight variance (unbiased); NaN where nothing was seen."""
+    s = SUMS
+    n, m2, squares, counted, units = sums[s.n], sums[s.m2], sums[s.squares], sums[s.counted], sums[s.units]
+    grad, weight_grad, bias_grad = sums[s.grad_squares], sums[s.weight_grad_squares], sums[s.bias_grad_squares]
+    weight_n = sums[s.weight_n]
     nan = math.nan
     seen = n > 0
-    return [
-        mean if seen else nan,
-        math.sqrt(m2 / (n - 1)) if n > 1 else nan,
-        lo if seen else nan,
-        hi if seen else nan,
-        squares / n if seen else nan,
-        nonfinite,
-        sat / counted if counted > 0 else nan,
-        dead / units if units > 0 else nan,
-        math.sqrt(grad) / gradient_scale if grad == grad else nan,
-        grad_nonfinite,
-        math.sqrt(weight_grad) if weight_grad == weight_grad else nan,
-        math.sqrt(bias_grad) if bias_grad == bias_grad else nan,
-        weight_m2 / (weight_n - 1) if weight_n > 1 else nan,
-    ]
+    row = [nan] * RECORD_WIDTH
+    r = RECORD
+    row[r.act_mean] = sums[s.mean] if seen else nan
+    row[r.act_std] = math.sqrt(m2 / (n - 1)) if n > 1 else nan
+    row[r.act_min] = sums[s.min] if seen else nan
+    row[r.act_max] = sums[s.max] if seen else nan
+    row[r.act_second_moment] = squares / n if seen else nan
+    row[r.nonfinite_act] = sums[s.nonfinite]
+    row[r.saturated] = sums[s.saturated] / counted if counted > 0 else nan
+    row[r.dead] = sums[s.dead] / units if units > 0 else nan
+    row[r.grad_norm] = math.sqrt(grad) / gradient_scale if grad == grad else nan
+    row[r.nonfinite_grad] = sums[s.grad_nonfinite]
+    row[r.weight_grad_norm] = math.sqrt(weight_grad) if weight_grad == weight_grad else nan
+    row[r.bias_grad_norm] = math.sqrt(bias_grad) if bias_grad == bias_grad else nan
+    row[r.weight_var] = sums[s.weight_m2] / (weight_n - 1) if weight_n > 1 else nan
+    return row
 
 
 def first_tensor(output) -> torch.Tensor | None:
@@ -312,6 +325,12 @@ class Recorder:
         made = collector_type()
         if isinstance(self._collector, made):
             return
+        if made.columns() != SUMS_WIDTH:
+            raise RuntimeError(
+                f"steadygrad's compiled taps ({made.__module__}) write rows of {made.columns()} sums, but the layout "
+                f"(steadygrad/_layout.py) has {SUMS_WIDTH}: rebuild the kernels after changing the layout (C++: "
+                "kColumns in fast/csrc/moments.h and SlotSums::write_row), or run steadygrad.fast.disable()."
+            )
         roles = [self._parameter_roles[id(module)] for _, module in self.selected]
         snapshots = [
             torch.empty_like(w, memory_format=torch.contiguous_format)
@@ -398,14 +417,15 @@ class Recorder:
                 )
 
     def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
-        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``."""
+        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
+        ``_GROUPS`` order, which tiles the layout (checked at import)."""
         f64 = {"dtype": torch.float64, "device": device}
         activations = slot.activations if slot.activations is not None else torch.tensor(_NO_ACTIVATIONS, **f64)
-        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(2, **f64)
-        units = torch.zeros(2, **f64)
+        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(_width(SUMS_SATURATION), **f64)
+        units = torch.zeros(_width(SUMS_UNITS), **f64)
         if slot.unit_active is not None:
             size = slot.unit_active.numel()
-            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])
+            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])  # units, dead
         gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
         weights = weight_sums(self.parameters[id(slot.module)], device)
         return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
@@ -426,7 +446,7 @@ class Recorder:
         if repair:
             self._repair_nonfinite(slots, device)
         if not slots:
-            return slots, torch.zeros((0, len(SUMS_COLUMNS)), dtype=torch.float64, device=device)
+            return slots, torch.zeros((0, SUMS_WIDTH), dtype=torch.float64, device=device)
         return slots, torch.stack([self._slot_sums(slot, device) for slot in slots])
 
 
@@ -443,44 +463,45 @@ def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
     return slots, recorder.collector().statistics([recorder._layer_index[id(slot.module)] for slot in slots])
 
 
-REPAIRED_COLUMNS = 10  # activation, unit and gradient statistics; the weight statistics (10-12) need no repair
+REPAIRED_COLUMNS = REPAIRED.stop  # the record columns before it are repaired (_layout.REPAIRED); the weight ones not
 
 
 def needs_repair(slots: list[_Slot], rows: list[list[float]]) -> bool:
     """Whether host rows of an unrepaired ``finalize`` show that a layer's fast statistics met NaN/Inf: a
     non-finite mean of an output it saw, or a non-finite norm of a gradient it received."""
     return any(
-        (slot.activations is not None and not math.isfinite(row[0]))
-        or (slot.gradients is not None and not math.isfinite(row[8]))
+        (slot.activations is not None and not math.isfinite(row[RECORD.act_mean]))
+        or (slot.gradients is not None and not math.isfinite(row[RECORD.grad_norm]))
         for slot, row in zip(slots, rows, strict=True)
     )
 
 
 def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.0) -> list[LayerRecord]:
-    """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``)."""
+    """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``), read by
+    ``RECORD_COLUMNS`` name (attribute by attribute: a dict per record would cost more than the record itself)."""
     records = []
     for index, (slot, row) in enumerate(zip(slots, values, strict=True)):
-        # row[:6] are stats.ACTIVATION_FIELDS in order (a dict per record costs more than the record itself)
+        r = RECORD
         records.append(
             LayerRecord(
                 name=slot.name,
                 kind=slot.kind,
                 index=index,
                 call=slot.call,
-                act_mean=row[0],
-                act_std=row[1],
-                act_min=row[2],
-                act_max=row[3],
-                act_second_moment=row[4],
-                nonfinite_act=int(row[5]) if math.isfinite(row[5]) else 0,
-                saturated=row[6],
-                dead=row[7],
-                grad_norm=row[8],
-                nonfinite_grad=int(row[9]) if math.isfinite(row[9]) else 0,
-                weight_grad_norm=row[10] / weight_grad_scale,
-                bias_grad_norm=row[11] / weight_grad_scale,
-                weight_var=row[12],
-                update_ratio=row[13] if len(row) > RECORD_WIDTH else math.nan,
+                act_mean=row[r.act_mean],
+                act_std=row[r.act_std],
+                act_min=row[r.act_min],
+                act_max=row[r.act_max],
+                act_second_moment=row[r.act_second_moment],
+                nonfinite_act=int(row[r.nonfinite_act]) if math.isfinite(row[r.nonfinite_act]) else 0,
+                saturated=row[r.saturated],
+                dead=row[r.dead],
+                grad_norm=row[r.grad_norm],
+                nonfinite_grad=int(row[r.nonfinite_grad]) if math.isfinite(row[r.nonfinite_grad]) else 0,
+                weight_grad_norm=row[r.weight_grad_norm] / weight_grad_scale,
+                bias_grad_norm=row[r.bias_grad_norm] / weight_grad_scale,
+                weight_var=row[r.weight_var],
+                update_ratio=row[r.update_ratio] if len(row) > r.update_ratio else math.nan,
             )
         )
     for current, following in itertools.pairwise(records):

@@ -8,9 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from steadygrad._layout import REPAIRED, SUMS_WIDTH
 from steadygrad.measure.hooks import (
-    REPAIRED_COLUMNS,
-    SUMS_COLUMNS,
     Recorder,
     deferred_table,
     make_records,
@@ -24,6 +23,7 @@ from steadygrad.measure.sinks import HistorySink, Sink
 __all__ = ["Monitor"]
 
 Schedule = Callable[[int], bool]
+_RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
 
 
 def _schedule(every: int | Schedule) -> Schedule:
@@ -243,22 +243,17 @@ class Monitor:
                     old, dtype=torch.float64
                 )
                 ratios.append(change.to(device))
-        column = self._ratio_column(slots, ratios)
-        column = torch.stack(column) if slots else table.new_zeros(0)
+        column = torch.stack(self._ratio_column(slots, ratios))  # _before_step leaves no pending step without slots
         loss = self._loss.double().reshape(1).to(device) if self._loss is not None else table.new_full((1,), math.nan)
-        width = len(SUMS_COLUMNS)
-        values = torch.cat([table.reshape(-1, width), column.reshape(-1, 1)], dim=1).reshape(-1)
-        host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
+        # the one host copy of a healthy step: each slot's sums, then its update ratio and the loss (_RATIO, _LOSS)
+        host = torch.cat([table, column.reshape(-1, 1), loss.expand(len(slots), 1)], dim=1).tolist()
         scale = self._recorder.gradient_scale
-        rows = [
-            [*rows_from_sums(host[1 + i * (width + 1) : (i + 1) * (width + 1)], scale), host[(i + 1) * (width + 1)]]
-            for i in range(len(slots))
-        ]
+        rows = [[*rows_from_sums(values[:SUMS_WIDTH], scale), values[_RATIO]] for values in host]
         if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
             _, repaired = self._recorder.finalize(device, repair=True)
             # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
             rows = [
-                [*rows_from_sums(fixed, scale)[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
+                [*rows_from_sums(fixed, scale)[REPAIRED], *row[REPAIRED.stop :]]
                 for fixed, row in zip(repaired.tolist(), rows, strict=True)
             ]
-        return host[0], rows
+        return host[0][_LOSS], rows
