@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +24,24 @@ from steadygrad.measure.sinks import HistorySink, Sink
 __all__ = ["Monitor"]
 
 Schedule = Callable[[int], bool]
+
+
+@dataclass
+class _PendingStep:
+    """A logged step between the optimizer's pre- and post-step hooks: its statistics, taken before the update,
+    and what the update ratio needs after it.
+
+    ``deferred``: the compiled taps made ``table`` (and copied the first weights into their own buffers when
+    ``snapshot``); otherwise it is ``Recorder.finalize``'s and ``weights_before`` holds a copy of each watched
+    layer's first weight (None where it has none, or without ``snapshot``)."""
+
+    slots: list
+    table: torch.Tensor
+    deferred: bool
+    snapshot: bool
+    weights_before: list[torch.Tensor | None] = field(default_factory=list)
+
+
 _RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
 
 
@@ -85,7 +104,7 @@ class Monitor:
         self._recorder = Recorder(self.layers)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
-        self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
+        self._pending: _PendingStep | None = None  # between the step hooks
         self._loss: torch.Tensor | None = None
         self._attached = False
 
@@ -167,7 +186,8 @@ class Monitor:
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
             self._recorder.gradient_scale = float(self.scaler.get_scale())
         if self._recorder.deferred:
-            self._pending = ("deferred", *deferred_table(self._recorder), snapshot)  # copies the weights too
+            slots, table = deferred_table(self._recorder)  # copies the weights too
+            self._pending = _PendingStep(slots, table, deferred=True, snapshot=snapshot)
             return
         from steadygrad.distributed import is_distributed
 
@@ -175,18 +195,15 @@ class Monitor:
             self._recorder.all_reduce()
         slots, table = self._recorder.finalize(repair=False)  # checked on the host copy, see _after_step
         before = [w.detach().clone() if w is not None and snapshot else None for w in self._recorder.first_weights()]
-        self._pending = ("eager", slots, table, before)
+        self._pending = _PendingStep(slots, table, deferred=False, snapshot=snapshot, weights_before=before)
 
     def _after_step(self) -> FlowReport | None:
         self.step_count += 1
         report = None
         if self._pending is not None:
-            kind, slots, table, before = self._pending
-            loss, rows = (
-                self._deferred_rows(slots, table, before)
-                if kind == "deferred"
-                else self._eager_rows(slots, table, before)
-            )
+            pending = self._pending
+            slots = pending.slots
+            loss, rows = self._deferred_rows(pending) if pending.deferred else self._eager_rows(pending)
             report = FlowReport(
                 records=make_records(slots, rows),
                 loss=loss,
@@ -208,13 +225,14 @@ class Monitor:
         index = self._recorder._layer_index
         return [ratios[index[id(slot.module)]] for slot in slots]
 
-    def _deferred_rows(self, slots, table, snapshot: bool) -> tuple[float, list[list[float]]]:
+    def _deferred_rows(self, pending: _PendingStep) -> tuple[float, list[list[float]]]:
         """Host rows from the compiled taps' sums (NaN and Inf already excluded and counted there); the update
         ratios from one more compiled pass over the weights and their copies."""
         scale = self._recorder.gradient_scale
-        rows = [rows_from_sums(sums, scale) for sums in table.tolist()]
+        slots = pending.slots
+        rows = [rows_from_sums(sums, scale) for sums in pending.table.tolist()]
         ratios = [math.nan] * len(self.layers)
-        if snapshot:
+        if pending.snapshot:
             for i, (change, size) in enumerate(self._recorder.collector().update_norms().tolist()):
                 if size > 0:  # NaN (no copy) fails this too
                     ratios[i] = math.sqrt(change) / math.sqrt(size)
@@ -232,10 +250,11 @@ class Monitor:
         watched = self._recorder.watched_parameters
         return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in watched[:1] + watched[-1:])
 
-    def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
+    def _eager_rows(self, pending: _PendingStep) -> tuple[float, list[list[float]]]:
+        slots, table = pending.slots, pending.table
         device = table.device
         ratios = []
-        for old, new in zip(before, self._recorder.first_weights(), strict=True):
+        for old, new in zip(pending.weights_before, self._recorder.first_weights(), strict=True):
             if old is None or new is None:
                 ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
             else:
