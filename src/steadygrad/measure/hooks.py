@@ -10,6 +10,7 @@ so both paths share that last step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -50,10 +51,12 @@ __all__ = [
     "RECORD_COLUMNS",
     "RECORD_WIDTH",
     "SUMS_COLUMNS",
+    "RankSums",
     "Recorder",
     "first_tensor",
     "kind_name",
     "make_records",
+    "merge_ranks",
     "rows_from_sums",
 ]
 
@@ -161,6 +164,42 @@ def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> Non
 def _add_gradient(slot: _Slot, grad: torch.Tensor) -> None:
     moments = fast_gradient_moments(grad)
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
+
+
+@dataclass
+class RankSums:
+    """One layer call's accumulators on one rank, as ``_Slot`` holds them: activation moments (stats'
+    ``activation_moments`` vector), unit counts [saturated, counted], the rectifier units' "ever active" mask and
+    the output gradient's [sum of squares, non-finite count]; None where the slot has none."""
+
+    activations: torch.Tensor
+    unit_counts: torch.Tensor | None = None
+    unit_active: torch.Tensor | None = None
+    gradients: torch.Tensor | None = None
+
+
+def merge_ranks(ranks: list[RankSums]) -> RankSums:
+    """The accumulators of the global batch from each rank's share of it (data parallelism), with no communication.
+
+    Activation moments merge by Chan, Golub and LeVeque's parallel update (exact for mean and M2); unit counts add;
+    a unit is active if it is on any rank. Each rank's loss is the mean over its own share, so its output gradients
+    are world_size times those of the global mean loss: the summed squares are divided by world_size^2 (the
+    non-finite counts just add).
+    """
+    if not ranks:
+        raise ValueError("merge_ranks needs the accumulators of at least one rank; got none.")
+    world = len(ranks)
+    activations = functools.reduce(merge_activations, [r.activations for r in ranks])
+
+    def combined(values, how):
+        return None if values[0] is None else how(torch.stack(values))
+
+    counts = combined([r.unit_counts for r in ranks], lambda t: t.sum(0))
+    active = combined([r.unit_active for r in ranks], lambda t: t.any(0))
+    gradients = combined([r.gradients for r in ranks], lambda t: t.sum(0))
+    if gradients is not None:
+        gradients = gradients * gradients.new_tensor([1.0 / world**2, 1.0])
+    return RankSums(activations, counts, active, gradients)
 
 
 class Recorder:
@@ -382,10 +421,8 @@ class Recorder:
     def all_reduce(self, group=None) -> None:
         """Merge every rank's accumulators so that ``finalize`` reports the statistics of the global batch.
 
-        Slots line up across ranks (the same model ran the same forward). Activation moments merge by Chan's
-        update over an all-gather; unit counts add; a unit is active if it is on any rank. Under data
-        parallelism each rank's loss is the mean over its own share, so its output gradients are world_size
-        times those of the global mean loss: the summed squares are divided by world_size^2.
+        Slots line up across ranks (the same model ran the same forward). Each slot's accumulators are
+        all-gathered and merged by ``merge_ranks`` (the arithmetic, documented and tested there).
         """
         import torch.distributed as dist
 
@@ -395,26 +432,33 @@ class Recorder:
             return
         device = next((s.activations.device for s in slots if s.activations is not None), torch.device("cpu"))
         self._repair_nonfinite(slots, device)
-        empty = torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64, device=device)
-        for slot in slots:
-            local = slot.activations if slot.activations is not None else empty
+        empty = torch.tensor(_NO_ACTIVATIONS, dtype=torch.float64, device=device)
+
+        def gather(local: torch.Tensor | None) -> list[torch.Tensor] | None:
+            if local is None:
+                return None
             gathered = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(gathered, local.contiguous(), group=group)
-            merged = gathered[0]
-            for other in gathered[1:]:
-                merged = merge_activations(merged, other)
-            slot.activations = merged
-            if slot.unit_counts is not None:
-                dist.all_reduce(slot.unit_counts, group=group)
-            if slot.unit_active is not None:
-                active = slot.unit_active.double()
-                dist.all_reduce(active, op=dist.ReduceOp.MAX, group=group)
-                slot.unit_active = active > 0
-            if slot.gradients is not None:
-                dist.all_reduce(slot.gradients, group=group)
-                slot.gradients = slot.gradients * torch.tensor(
-                    [1.0 / world**2, 1.0], dtype=torch.float64, device=slot.gradients.device
-                )
+            return gathered
+
+        for slot in slots:
+            activations = gather(slot.activations if slot.activations is not None else empty)
+            counts = gather(slot.unit_counts)
+            active = gather(None if slot.unit_active is None else slot.unit_active.double())
+            gradients = gather(slot.gradients)
+            merged = merge_ranks(
+                [
+                    RankSums(
+                        activations[rank],
+                        None if counts is None else counts[rank],
+                        None if active is None else active[rank] > 0,
+                        None if gradients is None else gradients[rank],
+                    )
+                    for rank in range(world)
+                ]
+            )
+            slot.activations, slot.unit_counts = merged.activations, merged.unit_counts
+            slot.unit_active, slot.gradients = merged.unit_active, merged.gradients
 
     def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
         """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
