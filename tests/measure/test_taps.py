@@ -205,18 +205,24 @@ def test_the_taps_write_rows_of_the_layouts_width(collector_type):
     assert collector.statistics([0]).shape == (1, SUMS_WIDTH)
 
 
-def test_the_recorder_refuses_taps_of_another_width(monkeypatch):
+class _Wider:
+    @staticmethod
+    def columns():
+        return len(SUMS_COLUMNS) + 1
+
+
+class _BuiltBeforeColumns:  # a cached build from before Collector.columns() existed
+    pass
+
+
+@pytest.mark.parametrize("taps", [_Wider, _BuiltBeforeColumns], ids=["wider", "older"])
+def test_the_recorder_refuses_taps_of_another_width(monkeypatch, taps):
     # a kernel built for another layout is refused before it is used, with what to do about it
     from torch import nn
 
     from steadygrad.measure import hooks
 
-    class Wider:
-        @staticmethod
-        def columns():
-            return len(SUMS_COLUMNS) + 1
-
-    monkeypatch.setattr(fast, "collector_type", lambda: Wider)
+    monkeypatch.setattr(fast, "collector_type", lambda: taps)
     recorder = hooks.Recorder([("0", nn.Linear(2, 2))])
     with pytest.raises(RuntimeError, match="rebuild the kernels"):
         recorder.renew_collector()

@@ -234,7 +234,7 @@ class Recorder:
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
         self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
-        self._handles: list = []  # one per hook of the plan, kept while the hooks are parked
+        self._handles: list = []  # one per hook of the plan while attached
         self._attached = False
         self._plan: list[tuple[nn.Module, object]] | None = None
         self._slots: dict[tuple[str, int], _Slot] = {}
@@ -258,35 +258,33 @@ class Recorder:
         return plan
 
     def attach(self) -> Recorder:
-        """Register the forward hooks, or put parked ones back (the monitor does it for each logged step)."""
+        """Register the forward hooks (the monitor does it for each logged step that follows an unlogged one).
+
+        Only torch's public hook API is used: ``register_forward_hook`` here and ``handle.remove()`` in ``park``,
+        so hooks the user registers in between keep their order relative to these (torch runs hooks in
+        registration order) and torch's own bookkeeping of them stays whole. The hook functions are made once
+        (``_hook_plan``); registering them anew costs about 7 µs a hook (torch makes a handle with weak
+        references), paid once per run of logged steps, not per step."""
         if self._attached:
             return self
         if self._plan is None:
             self._plan = self._hook_plan()
-        if self._handles:  # parked: the same hooks go back under their handles' ids
-            for (module, hook), handle in zip(self._plan, self._handles, strict=True):
-                module._forward_hooks[handle.id] = hook
-        else:
-            self._handles = [module.register_forward_hook(hook) for module, hook in self._plan]
+        self._handles = [module.register_forward_hook(hook) for module, hook in self._plan]
         self._attached = True
         return self
 
     def park(self) -> None:
-        """Take the hooks off their modules but keep them for ``attach``: between a monitor's logged steps the
-        modules then run torch's hook-free fast path. Registering anew costs about 7 µs a hook (torch makes a
-        handle with weak references each time), taking off and putting back a dict entry each."""
-        if not self._attached:
-            return
-        for (module, _), handle in zip(self._plan, self._handles, strict=True):
-            module._forward_hooks.pop(handle.id, None)
+        """Take the hooks off their modules, keeping the hook functions for ``attach``: between a monitor's logged
+        steps the modules then run torch's hook-free fast path."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._attached = False
 
     def detach(self) -> None:
         """Remove the hooks for good."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._attached = False
+        self.park()
+        self._plan = None
 
     def new_pass(self) -> None:
         """Call before each forward pass: call indices restart, so micro-batches merge slot by slot."""
@@ -364,9 +362,10 @@ class Recorder:
         made = collector_type()
         if isinstance(self._collector, made):
             return
-        if made.columns() != SUMS_WIDTH:
+        width = made.columns() if hasattr(made, "columns") else "an unknown number of"  # a build older than columns()
+        if width != SUMS_WIDTH:
             raise RuntimeError(
-                f"steadygrad's compiled taps ({made.__module__}) write rows of {made.columns()} sums, but the layout "
+                f"steadygrad's compiled taps ({made.__module__}) write rows of {width} sums, but the layout "
                 f"(steadygrad/_layout.py) has {SUMS_WIDTH}: rebuild the kernels after changing the layout (C++: "
                 "kColumns in fast/csrc/moments.h and SlotSums::write_row), or run steadygrad.fast.disable()."
             )
