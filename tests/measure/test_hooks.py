@@ -81,3 +81,29 @@ def test_merge_ranks_refuses_no_ranks():
 
     with pytest.raises(ValueError, match="at least one rank"):
         merge_ranks([])
+
+
+def test_the_recorder_is_switched_through_its_methods_only():
+    # active, deferred and the gradient scale are read-only: arm/disarm and set_gradient_scale change them
+    from torch import nn
+
+    from steadygrad.measure.hooks import Recorder
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    recorder = Recorder([("0", net[0]), ("2", net[2])])
+    with pytest.raises(AttributeError):
+        recorder.active = False
+    recorder.disarm()
+    net(torch.randn(5, 3))
+    assert not recorder.active and recorder.empty and not net[0]._forward_hooks
+    recorder.arm(deferred=False)
+    net(torch.randn(5, 3))
+    assert recorder.active and not recorder.deferred and not recorder.empty
+    assert [recorder.layer_index(m) for m in (net[0], net[2])] == [0, 1]
+    recorder.set_gradient_scale(1024.0)
+    assert recorder.gradient_scale == 1024.0
+    with pytest.raises(ValueError, match="positive finite"):
+        recorder.set_gradient_scale(0.0)
+    recorder.reset()
+    assert recorder.gradient_scale == 1.0 and recorder.empty
+    recorder.detach()

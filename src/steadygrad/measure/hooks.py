@@ -204,7 +204,8 @@ def merge_ranks(ranks: list[RankSums]) -> RankSums:
 
 class Recorder:
     """Forward hooks on the selected modules (and on the activation inside each), and tensor hooks on
-    their outputs for the gradient. ``active`` switches the work off without removing the hooks.
+    their outputs for the gradient. ``arm`` and ``disarm`` switch the work on and off for the monitor's logged steps;
+    ``active``, ``deferred`` and ``gradient_scale`` are read-only, set through ``arm`` and ``set_gradient_scale``.
 
     With ``deferred`` (the Monitor's mode when ``steadygrad.fast`` is on) the hooks hand each output to the
     compiled taps (``collector()``), which sum it with its gradient when that arrives, keeping nothing;
@@ -215,8 +216,8 @@ class Recorder:
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
         self.selected = selected
-        self.active = True
-        self.deferred = False
+        self._active = True  # the probe's use: attach, one pass, finalize
+        self._deferred = False
         # per selected module: its primary layer's (name, parameter) pairs, looked up once
         self.parameters: dict[int, list[tuple[str, nn.Parameter]]] = {}
         # and what the deferred statistics take from them: weights, biases, the first weight (all by module id)
@@ -233,7 +234,7 @@ class Recorder:
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
-        self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
+        self._gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
         self._handles: list = []  # one per hook of the plan while attached
         self._attached = False
         self._plan: list[tuple[nn.Module, object]] | None = None
@@ -286,11 +287,54 @@ class Recorder:
         self.park()
         self._plan = None
 
+    # -- the monitor's side: one logged step at a time ------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the hooks record (the step being accumulated is logged)."""
+        return self._active
+
+    @property
+    def deferred(self) -> bool:
+        """Whether this step's statistics come from the compiled taps (``collector()``) instead of the eager ones."""
+        return self._deferred
+
+    @property
+    def gradient_scale(self) -> float:
+        """The factor output gradients are divided by in the records (a GradScaler's scale; 1 otherwise)."""
+        return self._gradient_scale
+
+    def arm(self, deferred: bool = False) -> None:
+        """Record the next step: hooks on, with the compiled taps (``deferred``; their backend renewed if
+        ``steadygrad.fast`` switched backend) or the eager statistics. The choice holds until the next ``arm``."""
+        self._active = True
+        self._deferred = bool(deferred)
+        if self._deferred:
+            self.renew_collector()
+        self.attach()
+
+    def disarm(self) -> None:
+        """Record nothing until the next ``arm``: the hooks come off, so the model runs torch's hook-free path."""
+        self._active = False
+        self.park()
+
+    def set_gradient_scale(self, scale: float) -> None:
+        """Divide this step's output gradients by ``scale`` in the records (``reset`` restores 1)."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"gradient scale must be a positive finite number (a GradScaler's scale); got {scale}.")
+        self._gradient_scale = scale
+
+    def layer_index(self, module: nn.Module) -> int:
+        """The position of a selected module in ``selected`` (a slot's layer, for per-layer columns)."""
+        return self._layer_index[id(module)]
+
     def new_pass(self) -> None:
         """Call before each forward pass: call indices restart, so micro-batches merge slot by slot."""
         self._calls_this_pass.clear()
 
     def reset(self) -> None:
+        """Forget this step's accumulators (and its gradient scale): ready for the next step."""
+        self._gradient_scale = 1.0
         self._slots.clear()
         if self._collector is not None:
             self._collector.clear()
@@ -304,17 +348,17 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------------------
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
-            if not self.active:
+            if not self._active:
                 return
             y = first_tensor(output)
             if y is not None:
-                self._pending_units[id(parent)] = (y.detach(), kind) if self.deferred else unit_moments(y, kind)
+                self._pending_units[id(parent)] = (y.detach(), kind) if self._deferred else unit_moments(y, kind)
 
         return hook
 
     def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
         def hook(mod, args, output):
-            if not self.active:
+            if not self._active:
                 return
             call = self._calls_this_pass.get(name, 0) + 1
             self._calls_this_pass[name] = call
@@ -326,7 +370,7 @@ class Recorder:
             y = first_tensor(output)
             if y is None:
                 return
-            if self.deferred:
+            if self._deferred:
                 self._collect(slot, y, module, own_kind)
                 return
             slot.outputs.append(y.detach())
@@ -503,7 +547,7 @@ def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
     in one parallel pass, which also copies each first weight into its snapshot buffer
     (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
-    return slots, recorder.collector().statistics([recorder._layer_index[id(slot.module)] for slot in slots])
+    return slots, recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
 
 
 REPAIRED_COLUMNS = REPAIRED.stop  # the record columns before it are repaired (_layout.REPAIRED); the weight ones not

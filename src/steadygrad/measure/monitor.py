@@ -141,18 +141,18 @@ class Monitor:
         from steadygrad import fast
         from steadygrad.distributed import is_distributed
 
-        self._recorder.active = logged
         if logged and self._attached:
             # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
-            # stay exact in float64 and run on the device elsewhere)
-            self._recorder.deferred = fast.enabled() and not is_distributed() and self._float32_cpu()
-            if self._recorder.deferred:
-                self._recorder.renew_collector()
-            self._recorder.attach()
+            # stay exact in float64 and run on the device elsewhere), chosen anew for each logged step
+            self._recorder.arm(deferred=fast.enabled() and not is_distributed() and self._float32_cpu())
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
         else:
-            self._recorder.park()
+            if logged:  # not attached yet: the step counts as logged once attach arms it
+                self._recorder.arm(deferred=False)
+                self._recorder.park()
+            else:
+                self._recorder.disarm()
             if self._pass_hook is not None:
                 self._pass_hook.remove()
                 self._pass_hook = None
@@ -184,7 +184,7 @@ class Monitor:
         if self.scaler is not None and self.scaler.is_enabled():
             # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
-            self._recorder.gradient_scale = float(self.scaler.get_scale())
+            self._recorder.set_gradient_scale(self.scaler.get_scale())
         if self._recorder.deferred:
             slots, table = deferred_table(self._recorder)  # copies the weights too
             self._pending = _PendingStep(slots, table, deferred=True, snapshot=snapshot)
@@ -215,15 +215,13 @@ class Monitor:
                 sink.write(report, self.layers)
         self._pending = None
         self._loss = None
-        self._recorder.reset()
-        self._recorder.gradient_scale = 1.0
+        self._recorder.reset()  # and its gradient scale
         self._arm(self.schedule(self.step_count + 1))
         return report
 
     def _ratio_column(self, slots, ratios: list) -> list:
         """Per slot, its layer's entry of ``ratios`` (one per watched layer, in ``self.layers`` order)."""
-        index = self._recorder._layer_index
-        return [ratios[index[id(slot.module)]] for slot in slots]
+        return [ratios[self._recorder.layer_index(slot.module)] for slot in slots]
 
     def _deferred_rows(self, pending: _PendingStep) -> tuple[float, list[list[float]]]:
         """Host rows from the compiled taps' sums (NaN and Inf already excluded and counted there); the update
