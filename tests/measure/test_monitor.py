@@ -336,3 +336,44 @@ def test_a_model_converted_after_attach_switches_between_compiled_and_eager_stat
             assert_same_records(expected, monitor.history.reports[-1], *((1e-10, 1e-12) if exact else TOLERANCE))
     finally:
         fast.disable()
+
+
+def test_user_hooks_keep_running_and_in_order_around_the_monitors(mode):
+    # steadygrad's hooks come and go with the logged steps through torch's public API only (register and
+    # handle.remove()), so a hook the user adds between steps runs on every later step, once, and the user's
+    # hooks keep their registration order among themselves: after the monitor they are exactly as registered
+    net, x, y = net_and_data()
+    layer = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
+    calls = []
+    first = layer.register_forward_hook(lambda m, a, out: calls.append("first"))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with Monitor(net, every=2, optimizer=opt) as monitor:
+        for step in range(1, 6):
+            if step == 2:  # an unlogged step: steadygrad's hooks are off the layer
+                added = layer.register_forward_hook(lambda m, a, out: calls.append("added"))
+            calls.append(step)
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    assert [r.step for r in monitor.history.reports] == [1, 3, 5]
+    assert calls == [1, "first", 2, "first", "added", 3, "first", "added", 4, "first", "added", 5, "first", "added"]
+    assert list(layer._forward_hooks) == [first.id, added.id]  # steadygrad's own are gone, the user's in order
+    first.remove()
+    added.remove()
+
+
+def test_steadygrad_never_writes_torchs_private_hook_dicts():
+    # torch's hook dicts are kept in step with its handles (and with the kwargs and always-called tables);
+    # writing them directly reorders hooks and bypasses that bookkeeping, so the package uses the public API only
+    from pathlib import Path
+
+    import steadygrad
+
+    private = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    offenders = [
+        f"{path.name}: {name}"
+        for path in Path(steadygrad.__file__).parent.rglob("*.py")
+        for name in private
+        if name in path.read_text()
+    ]
+    assert offenders == []

@@ -193,3 +193,36 @@ def test_the_numba_taps_use_the_measure_layers_constants():
     assert len(SUMS_COLUMNS) == jit_collector.COLUMNS
     codes = {"tanh": jit_collector.TANH, "sigmoid": jit_collector.SIGMOID, "rectifier": jit_collector.RECTIFIER}
     assert {kind: code for kind, code in hooks._KIND_CODES.items() if kind} == codes
+
+
+def test_the_taps_write_rows_of_the_layouts_width(collector_type):
+    # the layout is declared once (steadygrad/_layout.py); each backend reports its own width, and a row has it
+    from steadygrad._layout import SUMS_WIDTH
+
+    assert collector_type.columns() == SUMS_WIDTH == len(SUMS_COLUMNS)
+    collector = make(collector_type, layer([torch.randn(3, 4)]))
+    collector.output(torch.randn(5, 3), 0, NO_KIND)
+    assert collector.statistics([0]).shape == (1, SUMS_WIDTH)
+
+
+class _Wider:
+    @staticmethod
+    def columns():
+        return len(SUMS_COLUMNS) + 1
+
+
+class _BuiltBeforeColumns:  # a cached build from before Collector.columns() existed
+    pass
+
+
+@pytest.mark.parametrize("taps", [_Wider, _BuiltBeforeColumns], ids=["wider", "older"])
+def test_the_recorder_refuses_taps_of_another_width(monkeypatch, taps):
+    # a kernel built for another layout is refused before it is used, with what to do about it
+    from torch import nn
+
+    from steadygrad.measure import hooks
+
+    monkeypatch.setattr(fast, "collector_type", lambda: taps)
+    recorder = hooks.Recorder([("0", nn.Linear(2, 2))])
+    with pytest.raises(RuntimeError, match="rebuild the kernels"):
+        recorder.renew_collector()

@@ -26,6 +26,7 @@ from numba import njit, prange
 from numba.typed import List
 
 from steadygrad._autograd import on_gradient
+from steadygrad._layout import SUMS, SUMS_ACTIVATION, SUMS_PARAMETERS, SUMS_WIDTH
 from steadygrad.fast.jit import _MATH, _NONE, _PARALLEL, CHUNK, _array, _shifted_sums
 
 __all__ = ["Collector", "warm_up"]
@@ -35,7 +36,7 @@ NO_KIND, TANH, SIGMOID, RECTIFIER = 0, 1, 2, 3
 # as steadygrad.measure.stats's (this layer sits below measure, as csrc/stats.cpp does; tests check they agree)
 TANH_SATURATION = 0.99
 SIGMOID_SATURATION = 0.01
-COLUMNS = 17  # a row of sums: len(steadygrad.measure.hooks.SUMS_COLUMNS), csrc/moments.h's kColumns
+COLUMNS = SUMS_WIDTH  # a row of sums: steadygrad._layout's SUMS_COLUMNS (csrc/moments.h's kColumns must agree)
 _TANH = np.float32(TANH_SATURATION)
 _SIGMOID_LOW = np.float32(SIGMOID_SATURATION)
 _SIGMOID_HIGH = np.float32(1.0 - SIGMOID_SATURATION)
@@ -257,11 +258,17 @@ class _SlotSums:
             np.maximum(self.maxima, maxima, out=self.maxima)
 
     def row(self, params: list[float]) -> list[float]:
-        """The row, with the layer's parameter sums (weight-grad and bias-grad squares, weight n and M2)."""
-        units = 0 if self.maxima is None else self.maxima.shape[0]
-        dead = 0 if self.maxima is None else int(np.count_nonzero(~(self.maxima > 0)))
-        return [*self.activation, self.nonfinite, self.saturated, self.counted, units, dead, self.grad,
-                self.grad_nonfinite, *params]  # fmt: skip
+        """The row (``steadygrad._layout.SUMS_COLUMNS``, filled by name), with the layer's parameter sums (weight-grad
+        and bias-grad squares, weight n and M2)."""
+        row = [0.0] * COLUMNS
+        row[SUMS_ACTIVATION] = [*self.activation, self.nonfinite]
+        row[SUMS.saturated], row[SUMS.counted] = self.saturated, self.counted
+        if self.maxima is not None:
+            row[SUMS.units] = self.maxima.shape[0]
+            row[SUMS.dead] = int(np.count_nonzero(~(self.maxima > 0)))
+        row[SUMS.grad_squares], row[SUMS.grad_nonfinite] = self.grad, self.grad_nonfinite
+        row[SUMS_PARAMETERS] = params
+        return row
 
 
 def _output_sums_of(y: np.ndarray, rows: int, units: int, kind: int) -> tuple[list[float], float, tuple]:
@@ -304,6 +311,11 @@ class Collector:
         self._copied = [False] * len(weights)
         self._lists = None  # (key, numba lists, copied layers) of the last statistics() call: see _weight_lists
         self._lock = threading.Lock()  # gradient hooks may run on autograd's worker threads
+
+    @staticmethod
+    def columns() -> int:
+        """The width of a row of ``statistics``, as the C++ Collector's ``columns()`` (checked against the layout)."""
+        return COLUMNS
 
     def _slot(self, index: int) -> _SlotSums:
         while len(self._sums) <= index:

@@ -10,6 +10,7 @@ so both paths share that last step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -19,6 +20,20 @@ import torch
 from torch import nn
 
 from steadygrad._autograd import on_gradient
+from steadygrad._layout import (
+    RECORD,
+    RECORD_COLUMNS,
+    RECORD_WIDTH,
+    REPAIRED,
+    SUMS,
+    SUMS_ACTIVATION,
+    SUMS_COLUMNS,
+    SUMS_GRADIENT,
+    SUMS_PARAMETERS,
+    SUMS_SATURATION,
+    SUMS_UNITS,
+    SUMS_WIDTH,
+)
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
     activation_kind,
@@ -32,56 +47,57 @@ from steadygrad.measure.stats import (
     weight_sums,
 )
 
-__all__ = ["RECORD_WIDTH", "SUMS_COLUMNS", "Recorder", "first_tensor", "kind_name", "make_records", "rows_from_sums"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "RECORD_WIDTH",
+    "SUMS_COLUMNS",
+    "RankSums",
+    "Recorder",
+    "first_tensor",
+    "kind_name",
+    "make_records",
+    "merge_ranks",
+    "rows_from_sums",
+]
 
-RECORD_WIDTH = 13  # 6 activation + 2 unit + 2 gradient + 3 weight values per layer call
-# A layer call's sums, the one layout of finalize and of the compiled taps (steadygrad/fast/csrc/stats.h)
-SUMS_COLUMNS = (
-    "n",  # activation: values seen, their mean, M2 (merged over micro-batches), min, max, sum of squares
-    "mean",
-    "m2",
-    "min",
-    "max",
-    "squares",
-    "nonfinite",  # NaN/Inf values in the output (excluded from the other sums and counted here)
-    "saturated",  # tanh/sigmoid values saturated, of
-    "counted",
-    "units",  # rectifier units, and those <= 0 for every sample
-    "dead",
-    "grad_squares",  # output gradient's sum of squares (NaN: none received), its NaN/Inf count
-    "grad_nonfinite",
-    "weight_grad_squares",  # weight-gradient and bias-gradient sums of squares (NaN: none)
-    "bias_grad_squares",
-    "weight_n",  # the first weight's size (0: none of more than one value) and M2
-    "weight_m2",
-)
-_NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the 7 activation sums of nothing seen
+_NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the SUMS_ACTIVATION sums of nothing seen
+# the order in which Recorder._slot_sums concatenates a slot's accumulators: it must tile SUMS_COLUMNS
+_GROUPS = (SUMS_ACTIVATION, SUMS_SATURATION, SUMS_UNITS, SUMS_GRADIENT, SUMS_PARAMETERS)
+assert [i for g in _GROUPS for i in range(SUMS_WIDTH)[g]] == list(range(SUMS_WIDTH)), "groups must tile the layout"
+assert len(_NO_ACTIVATIONS) == len(SUMS_COLUMNS[SUMS_ACTIVATION])
+
+
+def _width(group: slice) -> int:
+    return len(range(SUMS_WIDTH)[group])
 
 
 def rows_from_sums(sums: list[float], gradient_scale: float = 1.0) -> list[float]:
-    """A layer call's RECORD_WIDTH statistics from its sums (``SUMS_COLUMNS``, on the host): [mean, std
-    (unbiased), min, max, second moment, non-finite | saturated fraction, dead fraction | gradient norm
-    (divided by a GradScaler's scale), its non-finite count | weight- and bias-gradient norms, weight
-    variance (unbiased)]; NaN where nothing was seen."""
-    n, mean, m2, lo, hi, squares, nonfinite, sat, counted, units, dead = sums[:11]
-    grad, grad_nonfinite, weight_grad, bias_grad, weight_n, weight_m2 = sums[11:]
+    """A layer call's RECORD_WIDTH statistics (``RECORD_COLUMNS`` but the update ratio) from its sums
+    (``SUMS_COLUMNS``, on the host): mean, std (unbiased), min, max, second moment, non-finite count, saturated and
+    dead fractions, gradient norm (divided by a GradScaler's scale), its non-finite count, weight- and bias-gradient
+    norms, weight variance (unbiased); NaN where nothing was seen."""
+    s = SUMS
+    n, m2, squares, counted, units = sums[s.n], sums[s.m2], sums[s.squares], sums[s.counted], sums[s.units]
+    grad, weight_grad, bias_grad = sums[s.grad_squares], sums[s.weight_grad_squares], sums[s.bias_grad_squares]
+    weight_n = sums[s.weight_n]
     nan = math.nan
     seen = n > 0
-    return [
-        mean if seen else nan,
-        math.sqrt(m2 / (n - 1)) if n > 1 else nan,
-        lo if seen else nan,
-        hi if seen else nan,
-        squares / n if seen else nan,
-        nonfinite,
-        sat / counted if counted > 0 else nan,
-        dead / units if units > 0 else nan,
-        math.sqrt(grad) / gradient_scale if grad == grad else nan,
-        grad_nonfinite,
-        math.sqrt(weight_grad) if weight_grad == weight_grad else nan,
-        math.sqrt(bias_grad) if bias_grad == bias_grad else nan,
-        weight_m2 / (weight_n - 1) if weight_n > 1 else nan,
-    ]
+    row = [nan] * RECORD_WIDTH
+    r = RECORD
+    row[r.act_mean] = sums[s.mean] if seen else nan
+    row[r.act_std] = math.sqrt(m2 / (n - 1)) if n > 1 else nan
+    row[r.act_min] = sums[s.min] if seen else nan
+    row[r.act_max] = sums[s.max] if seen else nan
+    row[r.act_second_moment] = squares / n if seen else nan
+    row[r.nonfinite_act] = sums[s.nonfinite]
+    row[r.saturated] = sums[s.saturated] / counted if counted > 0 else nan
+    row[r.dead] = sums[s.dead] / units if units > 0 else nan
+    row[r.grad_norm] = math.sqrt(grad) / gradient_scale if grad == grad else nan
+    row[r.nonfinite_grad] = sums[s.grad_nonfinite]
+    row[r.weight_grad_norm] = math.sqrt(weight_grad) if weight_grad == weight_grad else nan
+    row[r.bias_grad_norm] = math.sqrt(bias_grad) if bias_grad == bias_grad else nan
+    row[r.weight_var] = sums[s.weight_m2] / (weight_n - 1) if weight_n > 1 else nan
+    return row
 
 
 def first_tensor(output) -> torch.Tensor | None:
@@ -150,9 +166,46 @@ def _add_gradient(slot: _Slot, grad: torch.Tensor) -> None:
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
 
+@dataclass
+class RankSums:
+    """One layer call's accumulators on one rank, as ``_Slot`` holds them: activation moments (stats'
+    ``activation_moments`` vector), unit counts [saturated, counted], the rectifier units' "ever active" mask and
+    the output gradient's [sum of squares, non-finite count]; None where the slot has none."""
+
+    activations: torch.Tensor
+    unit_counts: torch.Tensor | None = None
+    unit_active: torch.Tensor | None = None
+    gradients: torch.Tensor | None = None
+
+
+def merge_ranks(ranks: list[RankSums]) -> RankSums:
+    """The accumulators of the global batch from each rank's share of it (data parallelism), with no communication.
+
+    Activation moments merge by Chan, Golub and LeVeque's parallel update (exact for mean and M2); unit counts add;
+    a unit is active if it is on any rank. Each rank's loss is the mean over its own share, so its output gradients
+    are world_size times those of the global mean loss: the summed squares are divided by world_size^2 (the
+    non-finite counts just add).
+    """
+    if not ranks:
+        raise ValueError("merge_ranks needs the accumulators of at least one rank; got none.")
+    world = len(ranks)
+    activations = functools.reduce(merge_activations, [r.activations for r in ranks])
+
+    def combined(values, how):
+        return None if values[0] is None else how(torch.stack(values))
+
+    counts = combined([r.unit_counts for r in ranks], lambda t: t.sum(0))
+    active = combined([r.unit_active for r in ranks], lambda t: t.any(0))
+    gradients = combined([r.gradients for r in ranks], lambda t: t.sum(0))
+    if gradients is not None:
+        gradients = gradients * gradients.new_tensor([1.0 / world**2, 1.0])
+    return RankSums(activations, counts, active, gradients)
+
+
 class Recorder:
     """Forward hooks on the selected modules (and on the activation inside each), and tensor hooks on
-    their outputs for the gradient. ``active`` switches the work off without removing the hooks.
+    their outputs for the gradient. ``arm`` and ``disarm`` switch the work on and off for the monitor's logged steps;
+    ``active``, ``deferred`` and ``gradient_scale`` are read-only, set through ``arm`` and ``set_gradient_scale``.
 
     With ``deferred`` (the Monitor's mode when ``steadygrad.fast`` is on) the hooks hand each output to the
     compiled taps (``collector()``), which sum it with its gradient when that arrives, keeping nothing;
@@ -163,8 +216,8 @@ class Recorder:
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
         self.selected = selected
-        self.active = True
-        self.deferred = False
+        self._active = True  # the probe's use: attach, one pass, finalize
+        self._deferred = False
         # per selected module: its primary layer's (name, parameter) pairs, looked up once
         self.parameters: dict[int, list[tuple[str, nn.Parameter]]] = {}
         # and what the deferred statistics take from them: weights, biases, the first weight (all by module id)
@@ -181,8 +234,8 @@ class Recorder:
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
-        self.gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
-        self._handles: list = []  # one per hook of the plan, kept while the hooks are parked
+        self._gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
+        self._handles: list = []  # one per hook of the plan while attached
         self._attached = False
         self._plan: list[tuple[nn.Module, object]] | None = None
         self._slots: dict[tuple[str, int], _Slot] = {}
@@ -206,41 +259,82 @@ class Recorder:
         return plan
 
     def attach(self) -> Recorder:
-        """Register the forward hooks, or put parked ones back (the monitor does it for each logged step)."""
+        """Register the forward hooks (the monitor does it for each logged step that follows an unlogged one).
+
+        Only torch's public hook API is used: ``register_forward_hook`` here and ``handle.remove()`` in ``park``,
+        so hooks the user registers in between keep their order relative to these (torch runs hooks in
+        registration order) and torch's own bookkeeping of them stays whole. The hook functions are made once
+        (``_hook_plan``); registering them anew costs about 7 µs a hook (torch makes a handle with weak
+        references), paid once per run of logged steps, not per step."""
         if self._attached:
             return self
         if self._plan is None:
             self._plan = self._hook_plan()
-        if self._handles:  # parked: the same hooks go back under their handles' ids
-            for (module, hook), handle in zip(self._plan, self._handles, strict=True):
-                module._forward_hooks[handle.id] = hook
-        else:
-            self._handles = [module.register_forward_hook(hook) for module, hook in self._plan]
+        self._handles = [module.register_forward_hook(hook) for module, hook in self._plan]
         self._attached = True
         return self
 
     def park(self) -> None:
-        """Take the hooks off their modules but keep them for ``attach``: between a monitor's logged steps the
-        modules then run torch's hook-free fast path. Registering anew costs about 7 µs a hook (torch makes a
-        handle with weak references each time), taking off and putting back a dict entry each."""
-        if not self._attached:
-            return
-        for (module, _), handle in zip(self._plan, self._handles, strict=True):
-            module._forward_hooks.pop(handle.id, None)
+        """Take the hooks off their modules, keeping the hook functions for ``attach``: between a monitor's logged
+        steps the modules then run torch's hook-free fast path."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._attached = False
 
     def detach(self) -> None:
         """Remove the hooks for good."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._attached = False
+        self.park()
+        self._plan = None
+
+    # -- the monitor's side: one logged step at a time ------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the hooks record (the step being accumulated is logged)."""
+        return self._active
+
+    @property
+    def deferred(self) -> bool:
+        """Whether this step's statistics come from the compiled taps (``collector()``) instead of the eager ones."""
+        return self._deferred
+
+    @property
+    def gradient_scale(self) -> float:
+        """The factor output gradients are divided by in the records (a GradScaler's scale; 1 otherwise)."""
+        return self._gradient_scale
+
+    def arm(self, deferred: bool = False) -> None:
+        """Record the next step: hooks on, with the compiled taps (``deferred``; their backend renewed if
+        ``steadygrad.fast`` switched backend) or the eager statistics. The choice holds until the next ``arm``."""
+        self._active = True
+        self._deferred = bool(deferred)
+        if self._deferred:
+            self.renew_collector()
+        self.attach()
+
+    def disarm(self) -> None:
+        """Record nothing until the next ``arm``: the hooks come off, so the model runs torch's hook-free path."""
+        self._active = False
+        self.park()
+
+    def set_gradient_scale(self, scale: float) -> None:
+        """Divide this step's output gradients by ``scale`` in the records (``reset`` restores 1)."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"gradient scale must be a positive finite number (a GradScaler's scale); got {scale}.")
+        self._gradient_scale = scale
+
+    def layer_index(self, module: nn.Module) -> int:
+        """The position of a selected module in ``selected`` (a slot's layer, for per-layer columns)."""
+        return self._layer_index[id(module)]
 
     def new_pass(self) -> None:
         """Call before each forward pass: call indices restart, so micro-batches merge slot by slot."""
         self._calls_this_pass.clear()
 
     def reset(self) -> None:
+        """Forget this step's accumulators (and its gradient scale): ready for the next step."""
+        self._gradient_scale = 1.0
         self._slots.clear()
         if self._collector is not None:
             self._collector.clear()
@@ -254,17 +348,17 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------------------
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
-            if not self.active:
+            if not self._active:
                 return
             y = first_tensor(output)
             if y is not None:
-                self._pending_units[id(parent)] = (y.detach(), kind) if self.deferred else unit_moments(y, kind)
+                self._pending_units[id(parent)] = (y.detach(), kind) if self._deferred else unit_moments(y, kind)
 
         return hook
 
     def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
         def hook(mod, args, output):
-            if not self.active:
+            if not self._active:
                 return
             call = self._calls_this_pass.get(name, 0) + 1
             self._calls_this_pass[name] = call
@@ -276,7 +370,7 @@ class Recorder:
             y = first_tensor(output)
             if y is None:
                 return
-            if self.deferred:
+            if self._deferred:
                 self._collect(slot, y, module, own_kind)
                 return
             slot.outputs.append(y.detach())
@@ -312,6 +406,13 @@ class Recorder:
         made = collector_type()
         if isinstance(self._collector, made):
             return
+        width = made.columns() if hasattr(made, "columns") else "an unknown number of"  # a build older than columns()
+        if width != SUMS_WIDTH:
+            raise RuntimeError(
+                f"steadygrad's compiled taps ({made.__module__}) write rows of {width} sums, but the layout "
+                f"(steadygrad/_layout.py) has {SUMS_WIDTH}: rebuild the kernels after changing the layout (C++: "
+                "kColumns in fast/csrc/moments.h and SlotSums::write_row), or run steadygrad.fast.disable()."
+            )
         roles = [self._parameter_roles[id(module)] for _, module in self.selected]
         snapshots = [
             torch.empty_like(w, memory_format=torch.contiguous_format)
@@ -363,10 +464,8 @@ class Recorder:
     def all_reduce(self, group=None) -> None:
         """Merge every rank's accumulators so that ``finalize`` reports the statistics of the global batch.
 
-        Slots line up across ranks (the same model ran the same forward). Activation moments merge by Chan's
-        update over an all-gather; unit counts add; a unit is active if it is on any rank. Under data
-        parallelism each rank's loss is the mean over its own share, so its output gradients are world_size
-        times those of the global mean loss: the summed squares are divided by world_size^2.
+        Slots line up across ranks (the same model ran the same forward). Each slot's accumulators are
+        all-gathered and merged by ``merge_ranks`` (the arithmetic, documented and tested there).
         """
         import torch.distributed as dist
 
@@ -376,36 +475,44 @@ class Recorder:
             return
         device = next((s.activations.device for s in slots if s.activations is not None), torch.device("cpu"))
         self._repair_nonfinite(slots, device)
-        empty = torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64, device=device)
-        for slot in slots:
-            local = slot.activations if slot.activations is not None else empty
+        empty = torch.tensor(_NO_ACTIVATIONS, dtype=torch.float64, device=device)
+
+        def gather(local: torch.Tensor | None) -> list[torch.Tensor] | None:
+            if local is None:
+                return None
             gathered = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(gathered, local.contiguous(), group=group)
-            merged = gathered[0]
-            for other in gathered[1:]:
-                merged = merge_activations(merged, other)
-            slot.activations = merged
-            if slot.unit_counts is not None:
-                dist.all_reduce(slot.unit_counts, group=group)
-            if slot.unit_active is not None:
-                active = slot.unit_active.double()
-                dist.all_reduce(active, op=dist.ReduceOp.MAX, group=group)
-                slot.unit_active = active > 0
-            if slot.gradients is not None:
-                dist.all_reduce(slot.gradients, group=group)
-                slot.gradients = slot.gradients * torch.tensor(
-                    [1.0 / world**2, 1.0], dtype=torch.float64, device=slot.gradients.device
-                )
+            return gathered
+
+        for slot in slots:
+            activations = gather(slot.activations if slot.activations is not None else empty)
+            counts = gather(slot.unit_counts)
+            active = gather(None if slot.unit_active is None else slot.unit_active.double())
+            gradients = gather(slot.gradients)
+            merged = merge_ranks(
+                [
+                    RankSums(
+                        activations[rank],
+                        None if counts is None else counts[rank],
+                        None if active is None else active[rank] > 0,
+                        None if gradients is None else gradients[rank],
+                    )
+                    for rank in range(world)
+                ]
+            )
+            slot.activations, slot.unit_counts = merged.activations, merged.unit_counts
+            slot.unit_active, slot.gradients = merged.unit_active, merged.gradients
 
     def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
-        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``."""
+        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
+        ``_GROUPS`` order, which tiles the layout (checked at import)."""
         f64 = {"dtype": torch.float64, "device": device}
         activations = slot.activations if slot.activations is not None else torch.tensor(_NO_ACTIVATIONS, **f64)
-        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(2, **f64)
-        units = torch.zeros(2, **f64)
+        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(_width(SUMS_SATURATION), **f64)
+        units = torch.zeros(_width(SUMS_UNITS), **f64)
         if slot.unit_active is not None:
             size = slot.unit_active.numel()
-            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])
+            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])  # units, dead
         gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
         weights = weight_sums(self.parameters[id(slot.module)], device)
         return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
@@ -426,7 +533,7 @@ class Recorder:
         if repair:
             self._repair_nonfinite(slots, device)
         if not slots:
-            return slots, torch.zeros((0, len(SUMS_COLUMNS)), dtype=torch.float64, device=device)
+            return slots, torch.zeros((0, SUMS_WIDTH), dtype=torch.float64, device=device)
         return slots, torch.stack([self._slot_sums(slot, device) for slot in slots])
 
 
@@ -440,47 +547,48 @@ def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
     in one parallel pass, which also copies each first weight into its snapshot buffer
     (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
-    return slots, recorder.collector().statistics([recorder._layer_index[id(slot.module)] for slot in slots])
+    return slots, recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
 
 
-REPAIRED_COLUMNS = 10  # activation, unit and gradient statistics; the weight statistics (10-12) need no repair
+REPAIRED_COLUMNS = REPAIRED.stop  # the record columns before it are repaired (_layout.REPAIRED); the weight ones not
 
 
 def needs_repair(slots: list[_Slot], rows: list[list[float]]) -> bool:
     """Whether host rows of an unrepaired ``finalize`` show that a layer's fast statistics met NaN/Inf: a
     non-finite mean of an output it saw, or a non-finite norm of a gradient it received."""
     return any(
-        (slot.activations is not None and not math.isfinite(row[0]))
-        or (slot.gradients is not None and not math.isfinite(row[8]))
+        (slot.activations is not None and not math.isfinite(row[RECORD.act_mean]))
+        or (slot.gradients is not None and not math.isfinite(row[RECORD.grad_norm]))
         for slot, row in zip(slots, rows, strict=True)
     )
 
 
 def make_records(slots, values: list[list[float]], weight_grad_scale: float = 1.0) -> list[LayerRecord]:
-    """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``)."""
+    """``LayerRecord``s from finalized rows already copied to the host (``tensor.tolist()``), read by
+    ``RECORD_COLUMNS`` name (attribute by attribute: a dict per record would cost more than the record itself)."""
     records = []
     for index, (slot, row) in enumerate(zip(slots, values, strict=True)):
-        # row[:6] are stats.ACTIVATION_FIELDS in order (a dict per record costs more than the record itself)
+        r = RECORD
         records.append(
             LayerRecord(
                 name=slot.name,
                 kind=slot.kind,
                 index=index,
                 call=slot.call,
-                act_mean=row[0],
-                act_std=row[1],
-                act_min=row[2],
-                act_max=row[3],
-                act_second_moment=row[4],
-                nonfinite_act=int(row[5]) if math.isfinite(row[5]) else 0,
-                saturated=row[6],
-                dead=row[7],
-                grad_norm=row[8],
-                nonfinite_grad=int(row[9]) if math.isfinite(row[9]) else 0,
-                weight_grad_norm=row[10] / weight_grad_scale,
-                bias_grad_norm=row[11] / weight_grad_scale,
-                weight_var=row[12],
-                update_ratio=row[13] if len(row) > RECORD_WIDTH else math.nan,
+                act_mean=row[r.act_mean],
+                act_std=row[r.act_std],
+                act_min=row[r.act_min],
+                act_max=row[r.act_max],
+                act_second_moment=row[r.act_second_moment],
+                nonfinite_act=int(row[r.nonfinite_act]) if math.isfinite(row[r.nonfinite_act]) else 0,
+                saturated=row[r.saturated],
+                dead=row[r.dead],
+                grad_norm=row[r.grad_norm],
+                nonfinite_grad=int(row[r.nonfinite_grad]) if math.isfinite(row[r.nonfinite_grad]) else 0,
+                weight_grad_norm=row[r.weight_grad_norm] / weight_grad_scale,
+                bias_grad_norm=row[r.bias_grad_norm] / weight_grad_scale,
+                weight_var=row[r.weight_var],
+                update_ratio=row[r.update_ratio] if len(row) > r.update_ratio else math.nan,
             )
         )
     for current, following in itertools.pairwise(records):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from steadygrad._layout import REPAIRED, SUMS_WIDTH
 from steadygrad.measure.hooks import (
-    REPAIRED_COLUMNS,
-    SUMS_COLUMNS,
     Recorder,
     deferred_table,
     make_records,
@@ -24,6 +24,113 @@ from steadygrad.measure.sinks import HistorySink, Sink
 __all__ = ["Monitor"]
 
 Schedule = Callable[[int], bool]
+
+
+@dataclass
+class _PendingStep:
+    """A logged step between the optimizer's pre- and post-step hooks: its statistics, taken before the update,
+    and what the update ratio needs after it.
+
+    ``taps`` made ``table`` and turn it into rows: the compiled ones copied the first weights into their own
+    buffers when ``snapshot``; for the eager ones ``weights_before`` holds a copy of each watched layer's first
+    weight (None where it has none, or without ``snapshot``)."""
+
+    slots: list
+    table: torch.Tensor
+    taps: _Taps
+    snapshot: bool
+    weights_before: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def _per_slot(recorder: Recorder, slots: list, values: list) -> list:
+    """Per slot, its layer's entry of ``values`` (one per watched layer, in ``recorder.selected`` order)."""
+    return [values[recorder.layer_index(slot.module)] for slot in slots]
+
+
+class _Taps:
+    """How a logged step's statistics are taken: one interface for the eager statistics and the compiled taps,
+    chosen by the Monitor for each logged step (``Monitor._arm``) and kept in its ``_PendingStep``.
+
+    ``before_update`` runs in the optimizer's pre-step hook, when the gradients are final and the weights not yet
+    changed; ``rows`` in the post-step hook, giving (loss, one RECORD_COLUMNS row per slot)."""
+
+    deferred = False  # whether the recorder hands tensors to the compiled taps (Recorder.arm)
+
+    def before_update(self, recorder: Recorder, snapshot: bool) -> _PendingStep:
+        raise NotImplementedError
+
+    def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
+        raise NotImplementedError
+
+
+class _EagerTaps(_Taps):
+    """Float64 torch reductions on the layers' device, merged across ranks under data parallelism; one host copy
+    of a healthy step (a second when a layer met NaN/Inf and is recomputed with masking)."""
+
+    def before_update(self, recorder: Recorder, snapshot: bool) -> _PendingStep:
+        from steadygrad.distributed import is_distributed
+
+        if is_distributed():  # statistics of the global batch, not of this rank's share
+            recorder.all_reduce()
+        slots, table = recorder.finalize(repair=False)  # checked on the host copy, see rows
+        before = [w.detach().clone() if w is not None and snapshot else None for w in recorder.first_weights()]
+        return _PendingStep(slots, table, self, snapshot=snapshot, weights_before=before)
+
+    def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
+        slots, table = pending.slots, pending.table
+        device = table.device
+        ratios = []
+        for old, new in zip(pending.weights_before, recorder.first_weights(), strict=True):
+            if old is None or new is None:
+                ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
+            else:
+                change = torch.linalg.vector_norm(new.detach() - old, dtype=torch.float64) / torch.linalg.vector_norm(
+                    old, dtype=torch.float64
+                )
+                ratios.append(change.to(device))
+        column = torch.stack(_per_slot(recorder, slots, ratios))  # a pending step has slots (Monitor._before_step)
+        loss = loss.double().reshape(1).to(device) if loss is not None else table.new_full((1,), math.nan)
+        # the one host copy of a healthy step: each slot's sums, then its update ratio and the loss (_RATIO, _LOSS)
+        host = torch.cat([table, column.reshape(-1, 1), loss.expand(len(slots), 1)], dim=1).tolist()
+        scale = recorder.gradient_scale
+        rows = [[*rows_from_sums(values[:SUMS_WIDTH], scale), values[_RATIO]] for values in host]
+        if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
+            _, repaired = recorder.finalize(device, repair=True)
+            # the weights have moved since before_update: keep its weight statistics, take the repaired rest
+            rows = [
+                [*rows_from_sums(fixed, scale)[REPAIRED], *row[REPAIRED.stop :]]
+                for fixed, row in zip(repaired.tolist(), rows, strict=True)
+            ]
+        return host[0][_LOSS], rows
+
+
+class _CompiledTaps(_Taps):
+    """``steadygrad.fast``'s taps (C++ or numba): each tensor summed as it arrives, NaN and Inf already excluded
+    and counted there; the update ratios from one more compiled pass over the weights and their copies."""
+
+    deferred = True
+
+    def before_update(self, recorder: Recorder, snapshot: bool) -> _PendingStep:
+        slots, table = deferred_table(recorder)  # copies the weights too
+        return _PendingStep(slots, table, self, snapshot=snapshot)
+
+    def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
+        scale = recorder.gradient_scale
+        rows = [rows_from_sums(sums, scale) for sums in pending.table.tolist()]
+        ratios = [math.nan] * len(recorder.selected)
+        if pending.snapshot:
+            for i, (change, size) in enumerate(recorder.collector().update_norms().tolist()):
+                if size > 0:  # NaN (no copy) fails this too
+                    ratios[i] = math.sqrt(change) / math.sqrt(size)
+        for row, ratio in zip(rows, _per_slot(recorder, pending.slots, ratios), strict=True):
+            row.append(ratio)
+        return (loss.item() if loss is not None else math.nan), rows
+
+
+_EAGER, _COMPILED = _EagerTaps(), _CompiledTaps()
+
+
+_RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
 
 
 def _schedule(every: int | Schedule) -> Schedule:
@@ -85,7 +192,8 @@ class Monitor:
         self._recorder = Recorder(self.layers)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
-        self._pending: tuple | None = None  # (slots, table, weights before the update) between the step hooks
+        self._pending: _PendingStep | None = None  # between the step hooks
+        self._taps: _Taps = _EAGER  # how the next logged step's statistics are taken, chosen in _arm
         self._loss: torch.Tensor | None = None
         self._attached = False
 
@@ -122,18 +230,20 @@ class Monitor:
         from steadygrad import fast
         from steadygrad.distributed import is_distributed
 
-        self._recorder.active = logged
         if logged and self._attached:
             # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
-            # stay exact in float64 and run on the device elsewhere)
-            self._recorder.deferred = fast.enabled() and not is_distributed() and self._float32_cpu()
-            if self._recorder.deferred:
-                self._recorder.renew_collector()
-            self._recorder.attach()
+            # stay exact in float64 and run on the device elsewhere), chosen anew for each logged step
+            compiled = fast.enabled() and not is_distributed() and self._float32_cpu()
+            self._taps = _COMPILED if compiled else _EAGER
+            self._recorder.arm(deferred=self._taps.deferred)
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
         else:
-            self._recorder.park()
+            if logged:  # not attached yet: the step counts as logged once attach arms it
+                self._recorder.arm(deferred=False)
+                self._recorder.park()
+            else:
+                self._recorder.disarm()
             if self._pass_hook is not None:
                 self._pass_hook.remove()
                 self._pass_hook = None
@@ -165,30 +275,17 @@ class Monitor:
         if self.scaler is not None and self.scaler.is_enabled():
             # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
-            self._recorder.gradient_scale = float(self.scaler.get_scale())
-        if self._recorder.deferred:
-            self._pending = ("deferred", *deferred_table(self._recorder), snapshot)  # copies the weights too
-            return
-        from steadygrad.distributed import is_distributed
-
-        if is_distributed():  # statistics of the global batch, not of this rank's share
-            self._recorder.all_reduce()
-        slots, table = self._recorder.finalize(repair=False)  # checked on the host copy, see _after_step
-        before = [w.detach().clone() if w is not None and snapshot else None for w in self._recorder.first_weights()]
-        self._pending = ("eager", slots, table, before)
+            self._recorder.set_gradient_scale(self.scaler.get_scale())
+        self._pending = self._taps.before_update(self._recorder, snapshot)
 
     def _after_step(self) -> FlowReport | None:
         self.step_count += 1
         report = None
         if self._pending is not None:
-            kind, slots, table, before = self._pending
-            loss, rows = (
-                self._deferred_rows(slots, table, before)
-                if kind == "deferred"
-                else self._eager_rows(slots, table, before)
-            )
+            pending = self._pending
+            loss, rows = pending.taps.rows(self._recorder, pending, self._loss)
             report = FlowReport(
-                records=make_records(slots, rows),
+                records=make_records(pending.slots, rows),
                 loss=loss,
                 step=self.step_count,
                 label=type(self.model).__name__,
@@ -198,29 +295,9 @@ class Monitor:
                 sink.write(report, self.layers)
         self._pending = None
         self._loss = None
-        self._recorder.reset()
-        self._recorder.gradient_scale = 1.0
+        self._recorder.reset()  # and its gradient scale
         self._arm(self.schedule(self.step_count + 1))
         return report
-
-    def _ratio_column(self, slots, ratios: list) -> list:
-        """Per slot, its layer's entry of ``ratios`` (one per watched layer, in ``self.layers`` order)."""
-        index = self._recorder._layer_index
-        return [ratios[index[id(slot.module)]] for slot in slots]
-
-    def _deferred_rows(self, slots, table, snapshot: bool) -> tuple[float, list[list[float]]]:
-        """Host rows from the compiled taps' sums (NaN and Inf already excluded and counted there); the update
-        ratios from one more compiled pass over the weights and their copies."""
-        scale = self._recorder.gradient_scale
-        rows = [rows_from_sums(sums, scale) for sums in table.tolist()]
-        ratios = [math.nan] * len(self.layers)
-        if snapshot:
-            for i, (change, size) in enumerate(self._recorder.collector().update_norms().tolist()):
-                if size > 0:  # NaN (no copy) fails this too
-                    ratios[i] = math.sqrt(change) / math.sqrt(size)
-        for row, ratio in zip(rows, self._ratio_column(slots, ratios), strict=True):
-            row.append(ratio)
-        return (self._loss.item() if self._loss is not None else math.nan), rows
 
     def _float32_cpu(self) -> bool:
         """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for).
@@ -231,34 +308,3 @@ class Monitor:
         is still right: the taps convert what is not float32 on the CPU."""
         watched = self._recorder.watched_parameters
         return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in watched[:1] + watched[-1:])
-
-    def _eager_rows(self, slots, table, before) -> tuple[float, list[list[float]]]:
-        device = table.device
-        ratios = []
-        for old, new in zip(before, self._recorder.first_weights(), strict=True):
-            if old is None or new is None:
-                ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
-            else:
-                change = torch.linalg.vector_norm(new.detach() - old, dtype=torch.float64) / torch.linalg.vector_norm(
-                    old, dtype=torch.float64
-                )
-                ratios.append(change.to(device))
-        column = self._ratio_column(slots, ratios)
-        column = torch.stack(column) if slots else table.new_zeros(0)
-        loss = self._loss.double().reshape(1).to(device) if self._loss is not None else table.new_full((1,), math.nan)
-        width = len(SUMS_COLUMNS)
-        values = torch.cat([table.reshape(-1, width), column.reshape(-1, 1)], dim=1).reshape(-1)
-        host = torch.cat([loss, values]).tolist()  # the one host copy of a healthy step
-        scale = self._recorder.gradient_scale
-        rows = [
-            [*rows_from_sums(host[1 + i * (width + 1) : (i + 1) * (width + 1)], scale), host[(i + 1) * (width + 1)]]
-            for i in range(len(slots))
-        ]
-        if needs_repair(slots, rows):  # NaN/Inf met: recompute those layers' statistics, masked
-            _, repaired = self._recorder.finalize(device, repair=True)
-            # the weights have moved since _before_step: keep its weight statistics, take the repaired rest
-            rows = [
-                [*rows_from_sums(fixed, scale)[:REPAIRED_COLUMNS], *row[REPAIRED_COLUMNS:]]
-                for fixed, row in zip(repaired.tolist(), rows, strict=True)
-            ]
-        return host[0], rows

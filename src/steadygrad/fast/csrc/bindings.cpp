@@ -16,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("units", &steadygrad::Collector::units)
       .def("statistics", &steadygrad::Collector::statistics)
       .def("update_norms", &steadygrad::Collector::update_norms)
-      .def("clear", &steadygrad::Collector::clear);
+      .def("clear", &steadygrad::Collector::clear)
+      .def_static("columns", &steadygrad::Collector::columns);
 }

@@ -36,6 +36,8 @@ class Collector : public std::enable_shared_from_this<Collector> {
   at::Tensor update_norms() const;
   // Forget this step's sums (the parameters and snapshot buffers stay).
   void clear();
+  // The width of a row of statistics() (kColumns): Python checks it against steadygrad/_layout.py's layout.
+  static int64_t columns() { return kColumns; }
 
  private:
   struct Pending {  // an output waiting for its gradient

@@ -10,7 +10,9 @@
 
 namespace steadygrad {
 
-constexpr int64_t kColumns = 17;  // steadygrad.measure.hooks.SUMS_COLUMNS
+// A row of sums: len(SUMS_COLUMNS) of steadygrad/_layout.py, the one declaration of its columns. Python checks this
+// width through Collector.columns() before it uses the taps (tests/measure/test_taps.py).
+constexpr int64_t kColumns = 17;
 constexpr int64_t kChunk = 4096;  // float partial sums cover this many values before joining a double
 
 // Count, mean, M2 (merged by Chan, Golub and LeVeque's update), min, max and sum of squares.
