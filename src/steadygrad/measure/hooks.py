@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,7 @@ from steadygrad._layout import (
     SUMS_UNITS,
     SUMS_WIDTH,
 )
+from steadygrad.losses import first_tensor
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
     activation_kind,
@@ -98,20 +98,6 @@ def rows_from_sums(sums: list[float], gradient_scale: float = 1.0) -> list[float
     row[r.bias_grad_norm] = math.sqrt(bias_grad) if bias_grad == bias_grad else nan
     row[r.weight_var] = sums[s.weight_m2] / (weight_n - 1) if weight_n > 1 else nan
     return row
-
-
-def first_tensor(output) -> torch.Tensor | None:
-    """The first floating-point tensor in a module's output (tensor, tuple, list or dict)."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def kind_name(module: nn.Module) -> str:

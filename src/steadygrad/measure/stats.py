@@ -18,9 +18,9 @@ import math
 import torch
 from torch import nn
 
+from steadygrad import kinds
+
 __all__ = [
-    "RECTIFIERS",
-    "SATURATION",
     "activation_kind",
     "activation_moments",
     "gradient_moments",
@@ -32,9 +32,6 @@ __all__ = [
 
 TANH_SATURATION = 0.99  # |tanh(x)| > 0.99: the derivative 1 - y^2 is below 0.02
 SIGMOID_SATURATION = 0.01  # sigmoid(x) outside [0.01, 0.99]: the derivative y(1 - y) is below 0.0099
-SATURATION = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardtanh: "tanh"}
-RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU)
-WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear, nn.Embedding)
 
 ACTIVATION_FIELDS = ("act_mean", "act_std", "act_min", "act_max", "act_second_moment", "nonfinite_act")
 _NAN = math.nan
@@ -45,10 +42,10 @@ def activation_kind(module: nn.Module) -> tuple[str | None, nn.Module | None]:
     (or ``module`` itself), else (None, None)."""
     found: tuple[str | None, nn.Module | None] = (None, None)
     for m in module.modules():
-        for cls, kind in SATURATION.items():
-            if type(m) is cls:
-                found = (kind, m)
-        if isinstance(m, RECTIFIERS):
+        kind = kinds.activation(m)
+        if kind is not None and kind.family == "saturating":
+            found = (kind.saturation, m)
+        elif kind is not None and kind.family == "rectifier":
             found = ("rectifier", m)
     return found
 
@@ -58,7 +55,7 @@ def primary_layer(module: nn.Module) -> nn.Module | None:
     Linear/Conv/RNN descendant."""
     if any(name.startswith("weight") for name, _ in module.named_parameters(recurse=False)):
         return module
-    return next((m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)), None)
+    return next((m for m in module.modules() if isinstance(m, kinds.weight_layer_types())), None)
 
 
 # -- activations ------------------------------------------------------------------------------------
