@@ -6,6 +6,10 @@
 Every candidate is applied to a deep copy of a freshly built model and measured the same way as the
 unchanged model (the control): a probe for the gradient flow, then the same optimizer steps on the same
 batches from the same seed. The user's model object is never modified.
+
+The findings come from ``steadygrad.diagnose`` (all the rules live there). Each ``Fix`` action a finding
+names has one candidate builder here, registered with ``@candidate(action)``: adding a fix is its name in
+``steadygrad.diagnose.ACTIONS`` plus one registered builder (a test checks that the two agree).
 """
 
 from __future__ import annotations
