@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -86,3 +87,48 @@ def test_findings_serialize_and_read_well():
     assert str(finding).startswith("[warning] Gradients vanish")
     with pytest.raises(TypeError, match="takes a FlowReport"):
         dg.diagnose([])
+
+
+def test_an_unknown_fix_action_is_rejected_where_the_fix_is_made():
+    with pytest.raises(ValueError, match=r"Unknown fix action 'reinitialise'\. Accepted: reinit, add_norm"):
+        dg.Fix("reinitialise")
+    assert all(str(dg.Fix(action)) == action for action in dg.ACTIONS)
+
+
+def test_structural_rules_deep_plain_stack_and_exposed_tanh():
+    deep = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(4, 4), nn.Tanh())])
+    found = dg.architecture_findings(deep)
+    assert kinds(found) == ["deep_without_skips", "saturating_without_norm"]
+    assert found[0].layers == ["0", "38"] and found[0].evidence == {"weight_layers": 20}
+    assert found[1].evidence == {"activations": 20}
+    shallow = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    assert dg.architecture_findings(shallow) == []
+    assert dg.architecture_findings(build(NetSpec(depth=25, width=8, in_features=4, skip="residual"))) == []
+
+
+class _RNN(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.rnn = nn.RNN(3, 16, batch_first=True)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.normal_(0, scale / 16**0.5, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, -1]
+
+
+def test_recurrent_rule_along_time():
+    x = torch.randn(16, 40, 3, generator=torch.Generator().manual_seed(0))
+
+    def loss(out):
+        return out.pow(2).mean()
+
+    exploding = _RNN(3.0)
+    before = copy.deepcopy(exploding.state_dict())
+    found = dg.recurrent_findings(exploding, x, loss)
+    assert kinds(found) == ["exploding_over_time"] and found[0].layers == ["rnn"]
+    assert found[0].evidence["steps"] == 40 and [f.action for f in found[0].fixes] == ["clip", "reinit", "lower_lr"]
+    assert all(torch.equal(v, before[k]) for k, v in exploding.state_dict().items())  # ran on a copy
+    assert kinds(dg.recurrent_findings(_RNN(0.05), x, loss)) == ["vanishing_over_time"]
+    assert dg.recurrent_findings(_RNN(3.0), x[:, :1], loss) == []  # one step: nothing to compare
+    assert dg.recurrent_findings(nn.Linear(3, 3), x, loss) == []  # no recurrent layer

@@ -1,12 +1,14 @@
 """The doctor on a zoo of broken models: the expected finding, and a top fix that measurably trains better."""
 
 import copy
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
 from steadygrad import data
+from steadygrad import diagnose as dg
 from steadygrad import doctor as doctor_fn
 from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.nets import NetSpec, build
@@ -185,3 +187,31 @@ def test_bad_arguments(digits):
         doctor_fn(mlp(depth=2), x, y, optimizer="lbfgs")
     with pytest.raises(ValueError, match="targets has 3 entries"):
         doctor_fn(mlp(depth=2), x, y[:3])
+
+
+doctor_module = importlib.import_module("steadygrad.doctor")  # steadygrad.doctor is the function
+
+
+def test_every_fix_action_has_one_candidate_builder():
+    # Fix() rejects any action outside ACTIONS, so this covers every fix a rule can produce; no action is advice-only
+    assert set(doctor_module._BUILDERS) == set(dg.ACTIONS)
+    with pytest.raises(ValueError, match="unknown fix action 'prune'"):
+        doctor_module.candidate("prune")
+    with pytest.raises(ValueError, match="'clip' is already registered"):
+        doctor_module.candidate("clip")(lambda fix, ctx: [])
+
+
+def test_candidates_follow_the_findings_order_once_each():
+    fixes = [dg.Fix(action) for action in reversed(dg.ACTIONS)] + [dg.Fix("reinit", {"scheme": "orthogonal"})]
+    finding = dg.Finding("k", "info", [], {}, "m", fixes)
+    x = torch.randn(8, 4)
+    residual = build(NetSpec(depth=3, width=8, in_features=4, skip="residual"))
+    candidates, skipped = doctor_module._candidates([finding], residual, x, 0.5, 0)
+    names = [c.name for c in candidates]
+    assert names[:2] == ["drop the bias before each BatchNorm", "swap sigmoid/tanh for relu (and re-initialize)"]
+    assert names[-3:] == ["re-initialize matched to each activation", "LSUV initialization", "Fixup initialization"]
+    assert len(names) == len(set(names)) == 12 and skipped == []
+    assert next(c for c in candidates if c.name.startswith("clip")).clip_norm == 0.5
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    candidates, skipped = doctor_module._candidates([finding], plain, x, 0.5, 0)
+    assert len(candidates) == 10 and len(skipped) == 1 and skipped[0].startswith("residual skips: the model is not")

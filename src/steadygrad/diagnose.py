@@ -3,22 +3,30 @@
 ``diagnose(report_or_history, model=None, inputs=None)`` returns ``Finding``s. Each rule's thresholds
 are the named constants below; rules that need the model's weights (symmetric units, bias before a
 BatchNorm) or the inputs (centring) run when those are given.
+
+Every rule that produces findings lives here. Two read only the model, not the records, and are called
+separately (the doctor calls them; ``diagnose`` itself does not, so a Monitor's diagnosis is unchanged):
+``architecture_findings(model)`` (a deep plain stack, a tanh/sigmoid fed by an unnormalized layer) and
+``recurrent_findings(model, inputs, loss)`` (the gradient's change along time through a recurrent layer).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from steadygrad.fixes import _SATURATING, _WEIGHTED
 from steadygrad.measure.records import FlowReport, LayerRecord
+from steadygrad.nets import DeepNet
 
-__all__ = ["Finding", "Fix", "diagnose"]
+__all__ = ["ACTIONS", "Finding", "Fix", "architecture_findings", "diagnose", "recurrent_findings"]
 
 # -- thresholds ---------------------------------------------------------------------------------------
 VANISHING_RATIO = 1e-3  # first layer's gradient below 1/1000 of the last layer's
@@ -32,8 +40,13 @@ NONCENTERED_RATIO = 0.5  # input features' mean |mean_j| / std_j above this: not
 UPDATE_RATIO_LOW = 1e-5  # median ||dW|| / ||W|| per step below this: the layer barely learns
 UPDATE_RATIO_HIGH = 1e-1  # above this: steps are large relative to the weights (1e-3 is typical)
 SYMMETRY_TOLERANCE = 1e-6  # relative spread of a layer's rows below this: its units are identical
+DEEP_WITHOUT_SKIPS = 20  # a plain stack this deep (weight layers) gets a "deep_without_skips" finding
+EXPLODING_OVER_TIME = 1e3  # first input step's gradient above 1000x the last's
+VANISHING_OVER_TIME = 1e-4  # or below 1/10000 of it
 
 SEVERITIES = ("info", "warning", "critical")
+# What a ``Fix`` may ask for. The doctor registers one candidate builder per action
+# (``steadygrad.doctor._BUILDERS``); a new fix is a name here plus one ``@candidate(name)`` there.
 ACTIONS = (
     "reinit",
     "add_norm",
@@ -54,6 +67,15 @@ class Fix:
     action: str  # one of ACTIONS
     params: dict = field(default_factory=dict)  # e.g. {"scheme": "he_normal"}, {"mode": "norm", "threshold": 1.0}
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        # Checked here, where a fix is made, so a misspelt action fails at the rule that wrote it rather than
+        # being silently dropped later by the doctor, which has no candidate for it.
+        if self.action not in ACTIONS:
+            raise ValueError(
+                f"Unknown fix action {self.action!r}. Accepted: {', '.join(ACTIONS)}. To add a fix, add its name "
+                "to steadygrad.diagnose.ACTIONS and register a candidate builder for it in steadygrad.doctor."
+            )
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -412,6 +434,97 @@ def _noncentred(inputs: torch.Tensor) -> list[Finding]:
     ]
 
 
+def architecture_findings(model: nn.Module) -> list[Finding]:
+    """Findings the records cannot show, read from the model's structure: a plain stack of at least
+    ``DEEP_WITHOUT_SKIPS`` weight layers (each multiplies the gradient once more: He et al. 2016), and
+    sigmoid/tanh modules fed directly by an unnormalized weight layer (nothing keeps their inputs out of
+    the flat tails: Ioffe & Szegedy 2015)."""
+    findings = []
+    weight_layers = [name for name, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    plain = (isinstance(model, DeepNet) and model.spec.skip == "none") or isinstance(model, nn.Sequential)
+    if plain and len(weight_layers) >= DEEP_WITHOUT_SKIPS:
+        findings.append(
+            Finding(
+                "deep_without_skips",
+                "warning",
+                weight_layers[:1] + weight_layers[-1:],
+                {"weight_layers": len(weight_layers)},
+                f"{len(weight_layers)} weight layers in a plain stack with no skip connection: every layer "
+                "multiplies the "
+                "gradient once more on its way down.",
+                [Fix("add_skips", {"kind": "residual"}), Fix("add_norm", {"kind": "batch"})],
+            )
+        )
+    exposed = []
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (_, layer), (after_name, after) in itertools.pairwise(children):
+            if isinstance(layer, _WEIGHTED) and isinstance(after, _SATURATING):
+                exposed.append(f"{parent_name}.{after_name}" if parent_name else after_name)
+    if exposed:
+        findings.append(
+            Finding(
+                "saturating_without_norm",
+                "info",
+                exposed,
+                {"activations": len(exposed)},
+                f"{len(exposed)} sigmoid/tanh activation(s) take an unnormalized layer's output directly: "
+                "nothing keeps "
+                "their inputs out of the flat tails.",
+                [Fix("add_norm", {"kind": "batch"}), Fix("swap_activation", {"to": "relu"})],
+            )
+        )
+    return findings
+
+
+def recurrent_findings(model: nn.Module, inputs: torch.Tensor, loss: Callable[[object], torch.Tensor]) -> list[Finding]:
+    """For a model with a recurrent layer on (N, T, F) inputs: how the gradient reaching input step t changes
+    along time, ||dL/dx_1|| / ||dL/dx_T||: a recurrent net is T layers deep in time (Bengio et al. 1994).
+
+    Args:
+        model: not modified; the backward pass runs on a deep copy.
+        inputs: a batch, (N, T, F); other shapes (or T < 2, or no ``nn.RNNBase``) give no finding.
+        loss: the model's output -> a scalar loss (the doctor passes its training loss on this batch).
+    """
+    if inputs.dim() != 3 or inputs.shape[1] < 2 or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return []
+    copy_ = copy.deepcopy(model)
+    x = inputs.detach().clone().requires_grad_(True)
+    loss(copy_(x)).backward()
+    per_step = x.grad.norm(dim=(0, 2))
+    ratio = float(per_step[0] / per_step[-1]) if float(per_step[-1]) > 0 else math.inf
+    evidence = {"first_to_last_step_ratio": ratio, "steps": inputs.shape[1]}
+    recurrent = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if not math.isfinite(ratio) or ratio > EXPLODING_OVER_TIME:
+        return [
+            Finding(
+                "exploding_over_time",
+                "warning",
+                recurrent,
+                evidence,
+                f"The gradient grows {ratio:.2g}x going back {inputs.shape[1]} time steps: the recurrence explodes.",
+                [
+                    Fix("clip", {"mode": "norm"}),
+                    Fix("reinit", {"scheme": "orthogonal"}),
+                    Fix("lower_lr", {"factor": 0.1}),
+                ],
+            )
+        ]
+    if ratio < VANISHING_OVER_TIME:
+        return [
+            Finding(
+                "vanishing_over_time",
+                "warning",
+                recurrent,
+                evidence,
+                f"The gradient reaching the first of {inputs.shape[1]} time steps is {ratio:.2g} of the last's: "
+                "early inputs barely affect learning.",
+                [Fix("reinit", {"scheme": "orthogonal"})],
+            )
+        ]
+    return []
+
+
 def diagnose(
     report_or_history: FlowReport | Sequence[FlowReport],
     model: nn.Module | None = None,
@@ -423,6 +536,9 @@ def diagnose(
         report_or_history: a ``FlowReport`` or a sequence of them (``Monitor.history.reports``).
         model: enables the rules that read weights (symmetric units, bias before BatchNorm).
         inputs: a batch of inputs; enables the centring rule.
+
+    The structural rules ``architecture_findings`` and ``recurrent_findings`` are not run here; call them
+    with the model (the doctor does).
     """
     history = [report_or_history] if isinstance(report_or_history, FlowReport) else list(report_or_history)
     if not history or not all(isinstance(r, FlowReport) for r in history):

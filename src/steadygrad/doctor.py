@@ -6,6 +6,10 @@
 Every candidate is applied to a deep copy of a freshly built model and measured the same way as the
 unchanged model (the control): a probe for the gradient flow, then the same optimizer steps on the same
 batches from the same seed. The user's model object is never modified.
+
+The findings come from ``steadygrad.diagnose`` (all the rules live there). Each ``Fix`` action a finding
+names has one candidate builder here, registered with ``@candidate(action)``: adding a fix is its name in
+``steadygrad.diagnose.ACTIONS`` plus one registered builder (a test checks that the two agree).
 """
 
 from __future__ import annotations
@@ -23,8 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from steadygrad.clip import clip_grad_norm_, grad_norm
-from steadygrad.diagnose import Finding, Fix, diagnose
-from steadygrad.fixes import _SATURATING, _WEIGHTED, init_matched, insert_norm, standardize_inputs, swap_activation
+from steadygrad.diagnose import (
+    ACTIONS,
+    SEVERITIES,
+    Finding,
+    Fix,
+    architecture_findings,
+    diagnose,
+    recurrent_findings,
+)
+from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.init import fixup_, lsuv_
 from steadygrad.measure import probe
 from steadygrad.measure.hooks import first_tensor
@@ -33,7 +45,6 @@ from steadygrad.nets import DeepNet
 __all__ = ["Candidate", "DoctorReport", "Trial", "doctor"]
 
 IMPROVEMENT = 0.1  # a fix is recommended only if its final loss is at least 10% below the control's
-DEEP_WITHOUT_SKIPS = 20  # a plain stack this deep (weight layers) gets a "deep_without_skips" finding
 
 
 # -- candidates and trials ----------------------------------------------------------------------------
@@ -196,94 +207,172 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
 
 
-# -- findings the records cannot show -----------------------------------------------------------------
+# -- findings ------------------------------------------------------------------------------------------
 
 
-def _architecture_findings(model: nn.Module) -> list[Finding]:
-    findings = []
-    weight_layers = [name for name, m in model.named_modules() if isinstance(m, _WEIGHTED)]
-    plain = (isinstance(model, DeepNet) and model.spec.skip == "none") or isinstance(model, nn.Sequential)
-    if plain and len(weight_layers) >= DEEP_WITHOUT_SKIPS:
-        findings.append(
-            Finding(
-                "deep_without_skips",
-                "warning",
-                weight_layers[:1] + weight_layers[-1:],
-                {"weight_layers": len(weight_layers)},
-                f"{len(weight_layers)} weight layers in a plain stack with no skip connection: every layer "
-                "multiplies the "
-                "gradient once more on its way down.",
-                [Fix("add_skips", {"kind": "residual"}), Fix("add_norm", {"kind": "batch"})],
-            )
-        )
-    exposed = []
-    for parent_name, parent in model.named_modules():
-        children = list(parent.named_children())
-        for (_, layer), (after_name, after) in itertools.pairwise(children):
-            if isinstance(layer, _WEIGHTED) and isinstance(after, _SATURATING):
-                exposed.append(f"{parent_name}.{after_name}" if parent_name else after_name)
-    if exposed:
-        findings.append(
-            Finding(
-                "saturating_without_norm",
-                "info",
-                exposed,
-                {"activations": len(exposed)},
-                f"{len(exposed)} sigmoid/tanh activation(s) take an unnormalized layer's output directly: "
-                "nothing keeps "
-                "their inputs out of the flat tails.",
-                [Fix("add_norm", {"kind": "batch"}), Fix("swap_activation", {"to": "relu"})],
-            )
-        )
+def _findings(
+    model: nn.Module, preflight, inputs: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, task: str
+) -> list[Finding]:
+    """Every rule of ``steadygrad.diagnose`` that applies: the records' rules, the structural ones and, for a
+    recurrent model, the gradient along time; most severe first (stable, so rule order breaks ties)."""
+    findings = diagnose(preflight, model=model, inputs=inputs) + architecture_findings(model)
+    findings += recurrent_findings(model, x0, lambda out: _loss(out, y0, task))
+    findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
     return findings
 
 
-EXPLODING_OVER_TIME = 1e3  # first input step's gradient above 1000x the last's
-VANISHING_OVER_TIME = 1e-4  # or below 1/10000 of it
+# -- from findings to candidates: one builder per Fix action ----------------------------------------------
 
 
-def _recurrent_findings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> list[Finding]:
-    """For a recurrent model on (N, T, F) inputs: how the gradient reaching input step t changes along time,
-    ||dL/dx_1|| / ||dL/dx_T||: a recurrent net is T layers deep in time (Bengio et al. 1994)."""
-    if x.dim() != 3 or x.shape[1] < 2 or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        return []
-    copy_ = copy.deepcopy(model)
-    inputs = x.detach().clone().requires_grad_(True)
-    _loss(copy_(inputs), y, task).backward()
-    per_step = inputs.grad.norm(dim=(0, 2))
-    ratio = float(per_step[0] / per_step[-1]) if float(per_step[-1]) > 0 else math.inf
-    evidence = {"first_to_last_step_ratio": ratio, "steps": x.shape[1]}
-    if not math.isfinite(ratio) or ratio > EXPLODING_OVER_TIME:
-        return [
-            Finding(
-                "exploding_over_time",
-                "warning",
-                [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)],
-                evidence,
-                f"The gradient grows {ratio:.2g}x going back {x.shape[1]} time steps: the recurrence explodes.",
-                [
-                    Fix("clip", {"mode": "norm"}),
-                    Fix("reinit", {"scheme": "orthogonal"}),
-                    Fix("lower_lr", {"factor": 0.1}),
-                ],
-            )
-        ]
-    if ratio < VANISHING_OVER_TIME:
-        return [
-            Finding(
-                "vanishing_over_time",
-                "warning",
-                [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)],
-                evidence,
-                f"The gradient reaching the first of {x.shape[1]} time steps is {ratio:.2g} of the last's: "
-                "early inputs barely affect learning.",
-                [Fix("reinit", {"scheme": "orthogonal"})],
-            )
-        ]
-    return []
+class NotApplicable(Exception):
+    """Raised by a candidate builder when its fix cannot be applied to this model automatically; the message
+    (what to do by hand) goes to the report's ``skipped``."""
 
 
-# -- from findings to candidates ----------------------------------------------------------------------
+@dataclass
+class _Context:
+    """What a candidate builder may read: the freshly built model (to decide, not to modify), the inputs,
+    the clipping threshold measured on the control, and the seed for the builders' generators."""
+
+    model: nn.Module
+    inputs: torch.Tensor
+    clip_threshold: float
+    seed: int
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+_Builder = Callable[[Fix, _Context], list[Candidate]]
+_BUILDERS: dict[str, _Builder] = {}  # Fix action -> the builder of its candidates
+_UNPROMPTED: list[tuple[str, _Builder]] = []  # (action, builder) tried whatever the findings ask; [] where unfit
+
+
+def candidate(action: str, *, unprompted: bool = False) -> Callable[[_Builder], _Builder]:
+    """Register ``builder(fix, context) -> [Candidate, ...]`` for the ``Fix`` action ``action``: adding a fix is
+    this one registration (plus its name in ``steadygrad.diagnose.ACTIONS``). ``unprompted`` builders are not
+    keyed by the action: they run after the prompted ones, on every model, with ``Fix(action)``."""
+    if action not in ACTIONS:
+        raise ValueError(
+            f"Cannot register a candidate for the unknown fix action {action!r}. Accepted: {', '.join(ACTIONS)}; "
+            "add a new action to steadygrad.diagnose.ACTIONS first."
+        )
+
+    def register(builder: _Builder) -> _Builder:
+        if unprompted:
+            _UNPROMPTED.append((action, builder))
+        elif action in _BUILDERS:
+            raise ValueError(f"A candidate builder for {action!r} is already registered: {_BUILDERS[action]}.")
+        else:
+            _BUILDERS[action] = builder
+        return builder
+
+    return register
+
+
+@candidate("reinit")
+def _reinit(fix: Fix, ctx: _Context) -> list[Candidate]:
+    return [
+        Candidate(
+            "re-initialize matched to each activation",
+            fix,
+            lambda m: init_matched(m, ctx.generator()),
+            "steadygrad.fixes.init_matched(model)  # He for ReLU-family, Glorot for tanh/sigmoid, LeCun for SELU",
+        ),
+        Candidate(
+            "LSUV initialization",
+            fix,
+            lambda m: (lsuv_(m, ctx.inputs[:256], generator=ctx.generator()), m)[1],
+            "steadygrad.init.lsuv_(model, x_batch)  # x_batch: a few hundred training inputs",
+        ),
+    ]
+
+
+@candidate("add_norm")
+def _add_norm(fix: Fix, ctx: _Context) -> list[Candidate]:
+    return [
+        Candidate(
+            "insert BatchNorm after each layer",
+            fix,
+            lambda m: insert_norm(m, "batch"),
+            'model = steadygrad.fixes.insert_norm(model, "batch")',
+        ),
+        Candidate(
+            "insert LayerNorm after each layer",
+            fix,
+            lambda m: insert_norm(m, "layer"),
+            'model = steadygrad.fixes.insert_norm(model, "layer")',
+        ),
+    ]
+
+
+@candidate("add_skips")
+def _add_skips(fix: Fix, ctx: _Context) -> list[Candidate]:
+    if not isinstance(ctx.model, DeepNet):
+        raise NotApplicable(
+            "residual skips: the model is not a steadygrad.build network, so they cannot be added "
+            "automatically; add x + f(x) connections in its forward."
+        )
+    # branches scaled by 1/sqrt(depth) keep the sum's variance bounded with depth (Hanin & Rolnick 2018)
+    spec = ctx.model.spec.replace(skip="residual", residual_scale=ctx.model.spec.depth**-0.5)
+    return [
+        Candidate(
+            "residual skips (branches scaled by 1/sqrt(depth))",
+            fix,
+            lambda m: _rebuild(spec, ctx.generator()),
+            f"model = steadygrad.build(spec.replace(skip='residual', residual_scale={spec.residual_scale:.3g}))",
+        )
+    ]
+
+
+@candidate("clip")
+def _clip(fix: Fix, ctx: _Context) -> list[Candidate]:
+    t = ctx.clip_threshold
+    return [
+        Candidate(
+            f"clip gradient norm at {t:.3g}",
+            fix,
+            lambda m: m,
+            f"steadygrad.clip.clip_grad_norm_(model.parameters(), {t:.3g})  # after loss.backward()",
+            clip_norm=t,
+        )
+    ]
+
+
+@candidate("lower_lr")
+def _lower_lr(fix: Fix, ctx: _Context) -> list[Candidate]:
+    return [Candidate("learning rate / 10", fix, lambda m: m, "lr = lr / 10  # in your optimizer", lr_factor=0.1)]
+
+
+@candidate("raise_lr")
+def _raise_lr(fix: Fix, ctx: _Context) -> list[Candidate]:
+    return [Candidate("learning rate x 10", fix, lambda m: m, "lr = lr * 10  # in your optimizer", lr_factor=10.0)]
+
+
+@candidate("standardize_inputs")
+def _standardize_inputs(fix: Fix, ctx: _Context) -> list[Candidate]:
+    return [
+        Candidate(
+            "standardize the inputs",
+            fix,
+            lambda m: standardize_inputs(m, ctx.inputs),
+            "x = (x - x_train.mean(0)) / x_train.std(0)  "
+            "# or: model = steadygrad.fixes.standardize_inputs(model, x_train)",
+        )
+    ]
+
+
+@candidate("swap_activation")
+def _swap_activation(fix: Fix, ctx: _Context) -> list[Candidate]:
+    to = fix.params.get("to", "relu")
+    return [
+        Candidate(
+            f"swap sigmoid/tanh for {to} (and re-initialize)",
+            fix,
+            lambda m: init_matched(swap_activation(m, to), ctx.generator()),
+            f'model = steadygrad.fixes.swap_activation(model, "{to}"); steadygrad.fixes.init_matched(model)',
+        )
+    ]
 
 
 def _remove_bias_before_norm(model: nn.Module, layers: list[str]) -> nn.Module:
@@ -295,107 +384,58 @@ def _remove_bias_before_norm(model: nn.Module, layers: list[str]) -> nn.Module:
     return model
 
 
+@candidate("remove_bias")
+def _remove_bias(fix: Fix, ctx: _Context) -> list[Candidate]:
+    layers = list(fix.params.get("layers", []))
+    return [
+        Candidate(
+            "drop the bias before each BatchNorm",
+            fix,
+            lambda m: _remove_bias_before_norm(m, layers),
+            f"# construct {', '.join(layers)} with bias=False",
+        )
+    ]
+
+
+@candidate("reinit", unprompted=True)
+def _fixup(fix: Fix, ctx: _Context) -> list[Candidate]:
+    """Fixup (Zhang et al. 2019) for a residual net without normalization, whatever the findings say."""
+    model = ctx.model
+    if not (isinstance(model, DeepNet) and model.spec.skip == "residual" and model.spec.norm == "none"):
+        return []
+    return [
+        Candidate(
+            "Fixup initialization",
+            Fix("reinit", {"scheme": "fixup"}),
+            lambda m: fixup_(m, generator=ctx.generator()),
+            "steadygrad.init.fixup_(model)",
+        )
+    ]
+
+
 def _candidates(
     findings: list[Finding], model: nn.Module, inputs: torch.Tensor, clip_threshold: float, generator_seed: int
 ) -> tuple[list[Candidate], list[str]]:
+    """The candidates the findings ask for, in the order of the first finding that asks for each action (the
+    findings come most severe first), then the unprompted ones; a name is tried once."""
     wanted: dict[str, Fix] = {}
     for finding in findings:
         for fix in finding.fixes:
             wanted.setdefault(fix.action, fix)
-    candidates, skipped = [], []
-
-    def add(name, fix, make, patch, **settings):
-        if name not in {c.name for c in candidates}:
-            candidates.append(Candidate(name, fix, make, patch, **settings))
-
-    def generator():
-        return torch.Generator().manual_seed(generator_seed)
-
-    for action, fix in wanted.items():
-        if action == "reinit":
-            add(
-                "re-initialize matched to each activation",
-                fix,
-                lambda m: init_matched(m, generator()),
-                "steadygrad.fixes.init_matched(model)  # He for ReLU-family, Glorot for tanh/sigmoid, LeCun for SELU",
-            )
-            add(
-                "LSUV initialization",
-                fix,
-                lambda m: (lsuv_(m, inputs[:256], generator=generator()), m)[1],
-                "steadygrad.init.lsuv_(model, x_batch)  # x_batch: a few hundred training inputs",
-            )
-        elif action == "add_norm":
-            add(
-                "insert BatchNorm after each layer",
-                fix,
-                lambda m: insert_norm(m, "batch"),
-                'model = steadygrad.fixes.insert_norm(model, "batch")',
-            )
-            add(
-                "insert LayerNorm after each layer",
-                fix,
-                lambda m: insert_norm(m, "layer"),
-                'model = steadygrad.fixes.insert_norm(model, "layer")',
-            )
-        elif action == "add_skips":
-            if isinstance(model, DeepNet):
-                spec = model.spec.replace(skip="residual", residual_scale=model.spec.depth**-0.5)
-                add(
-                    "residual skips (branches scaled by 1/sqrt(depth))",
-                    fix,
-                    lambda m, spec=spec: _rebuild(spec, generator()),
-                    "model = steadygrad.build(spec.replace(skip='residual', "
-                    f"residual_scale={spec.residual_scale:.3g}))",
-                )
-            else:
-                skipped.append(
-                    "residual skips: the model is not a steadygrad.build network, so they cannot be added "
-                    "automatically; add x + f(x) connections in its forward."
-                )
-        elif action == "clip":
-            add(
-                f"clip gradient norm at {clip_threshold:.3g}",
-                fix,
-                lambda m: m,
-                f"steadygrad.clip.clip_grad_norm_(model.parameters(), {clip_threshold:.3g})  # after loss.backward()",
-                clip_norm=clip_threshold,
-            )
-        elif action == "lower_lr":
-            add("learning rate / 10", fix, lambda m: m, "lr = lr / 10  # in your optimizer", lr_factor=0.1)
-        elif action == "raise_lr":
-            add("learning rate x 10", fix, lambda m: m, "lr = lr * 10  # in your optimizer", lr_factor=10.0)
-        elif action == "standardize_inputs":
-            add(
-                "standardize the inputs",
-                fix,
-                lambda m: standardize_inputs(m, inputs),
-                "x = (x - x_train.mean(0)) / x_train.std(0)  "
-                "# or: model = steadygrad.fixes.standardize_inputs(model, x_train)",
-            )
-        elif action == "swap_activation":
-            to = fix.params.get("to", "relu")
-            add(
-                f"swap sigmoid/tanh for {to} (and re-initialize)",
-                fix,
-                lambda m, to=to: init_matched(swap_activation(m, to), generator()),
-                f'model = steadygrad.fixes.swap_activation(model, "{to}"); steadygrad.fixes.init_matched(model)',
-            )
-        elif action == "remove_bias":
-            layers = list(fix.params.get("layers", []))
-            add(
-                "drop the bias before each BatchNorm",
-                fix,
-                lambda m, layers=layers: _remove_bias_before_norm(m, layers),
-                f"# construct {', '.join(layers)} with bias=False",
-            )
-    if isinstance(model, DeepNet) and model.spec.skip == "residual" and model.spec.norm == "none":
-        add(
-            "Fixup initialization",
-            Fix("reinit", {"scheme": "fixup"}),
-            lambda m: fixup_(m, generator=generator()),
-            "steadygrad.init.fixup_(model)",
-        )
+    ctx = _Context(model, inputs, clip_threshold, generator_seed)
+    proposals = [(_BUILDERS[action], fix) for action, fix in wanted.items()]
+    proposals += [(builder, Fix(action)) for action, builder in _UNPROMPTED]
+    candidates: list[Candidate] = []
+    skipped: list[str] = []
+    for builder, fix in proposals:
+        try:
+            built = builder(fix, ctx)
+        except NotApplicable as why:
+            skipped.append(str(why))
+            continue
+        for c in built:
+            if c.name not in {known.name for known in candidates}:
+                candidates.append(c)
     return candidates, skipped
 
 
@@ -492,9 +532,7 @@ def doctor(
     model = fresh()
     x0, y0 = batches[0]
     preflight = probe(model, x0, loss=lambda out: _loss(out, y0, task), theory_prediction=False)
-    findings = diagnose(preflight, model=model, inputs=inputs) + _architecture_findings(model)
-    findings += _recurrent_findings(model, x0, y0, task)
-    findings.sort(key=lambda f: -["info", "warning", "critical"].index(f.severity))
+    findings = _findings(model, preflight, inputs, x0, y0, task)
     control = _run_trial("unchanged model (control)", fresh(), batches, task, steps, lr, optimizer, None, "", math.inf)
     norms = [n for n in control.grad_norms if math.isfinite(n) and n > 0]
     threshold = statistics.median(norms) if norms else 1.0
