@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from steadygrad.fixes import _SATURATING, _WEIGHTED
+from steadygrad import kinds
 from steadygrad.measure.records import FlowReport, LayerRecord
-from steadygrad.nets import DeepNet
+from steadygrad.structure import describe
 
 __all__ = ["ACTIONS", "Finding", "Fix", "architecture_findings", "diagnose", "recurrent_findings"]
 
@@ -363,7 +363,7 @@ def _symmetric(model: nn.Module) -> list[Finding]:
     identical = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or weight is None or weight.shape[0] < 2:
+        if not kinds.is_weight_layer(module, *kinds.AFFINE) or weight is None or weight.shape[0] < 2:
             continue
         rows = weight.detach().reshape(weight.shape[0], -1).double()
         spread = (rows - rows[:1]).abs().max()
@@ -392,7 +392,7 @@ def _bias_before_norm(model: nn.Module) -> list[Finding]:
         children = list(parent.named_children())
         for (name, layer), (_, after) in itertools.pairwise(children):
             is_bn = isinstance(after, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(after).__name__
-            has_bias = isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and layer.bias is not None
+            has_bias = kinds.is_weight_layer(layer, *kinds.AFFINE) and layer.bias is not None
             if is_bn and has_bias:
                 redundant.append(f"{parent_name}.{name}" if parent_name else name)
     if not redundant:
@@ -440,8 +440,9 @@ def architecture_findings(model: nn.Module) -> list[Finding]:
     sigmoid/tanh modules fed directly by an unnormalized weight layer (nothing keeps their inputs out of
     the flat tails: Ioffe & Szegedy 2015)."""
     findings = []
-    weight_layers = [name for name, m in model.named_modules() if isinstance(m, _WEIGHTED)]
-    plain = (isinstance(model, DeepNet) and model.spec.skip == "none") or isinstance(model, nn.Sequential)
+    weight_layers = [name for name, m in model.named_modules() if kinds.is_weight_layer(m, *kinds.AFFINE)]
+    structure = describe(model)
+    plain = (structure is not None and structure.skip == "none") or isinstance(model, nn.Sequential)
     if plain and len(weight_layers) >= DEEP_WITHOUT_SKIPS:
         findings.append(
             Finding(
@@ -459,7 +460,7 @@ def architecture_findings(model: nn.Module) -> list[Finding]:
     for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
         for (_, layer), (after_name, after) in itertools.pairwise(children):
-            if isinstance(layer, _WEIGHTED) and isinstance(after, _SATURATING):
+            if kinds.is_weight_layer(layer, *kinds.AFFINE) and kinds.is_activation(after, "saturating"):
                 exposed.append(f"{parent_name}.{after_name}" if parent_name else after_name)
     if exposed:
         findings.append(

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from steadygrad.clip import clip_grad_norm_, grad_norm
@@ -38,9 +37,11 @@ from steadygrad.diagnose import (
 )
 from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.init import fixup_, lsuv_
+from steadygrad.losses import task_loss
 from steadygrad.measure import probe
-from steadygrad.measure.hooks import first_tensor
-from steadygrad.nets import DeepNet
+from steadygrad.nets import NetSpec, build
+from steadygrad.optimizers import OPTIMIZERS, make_optimizer
+from steadygrad.structure import describe
 
 __all__ = ["Candidate", "DoctorReport", "Trial", "doctor"]
 
@@ -150,33 +151,19 @@ class DoctorReport:
         }
 
 
-def _loss(output, targets: torch.Tensor, task: str) -> torch.Tensor:
-    y = first_tensor(output)
-    if y is None or not y.is_floating_point():
-        raise ValueError("The model's output holds no floating-point tensor to compute a loss on.")
-    if task == "classification":
-        if y.dim() != 2:
-            raise ValueError(
-                f"For classification the model's (first) output must be (N, classes); got {tuple(y.shape)}. "
-                "Pass --task regression to fit its outputs instead."
-            )
-        return F.cross_entropy(y, targets)
-    return F.mse_loss(y, targets.reshape(y.shape) if targets.numel() == y.numel() else targets.expand_as(y))
-
-
 def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patch, deadline) -> Trial:
     trial = Trial(name, patch=patch)
     start = time.perf_counter()
     try:
         x0, y0 = batches[0]
-        flow = probe(model, x0, loss=lambda out: _loss(out, y0, task), theory_prediction=False)
+        flow = probe(model, x0, loss=lambda out: task_loss(out, y0, task), theory_prediction=False)
         trial.grad_ratio = flow.gradient_ratio
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = _optimizer(optimizer, params, lr)
+        opt = make_optimizer(optimizer, params, lr)
         model.train()
         for step, (x, y) in zip(range(steps), itertools.cycle(batches), strict=False):
             opt.zero_grad(set_to_none=True)
-            loss = _loss(model(x), y, task)
+            loss = task_loss(model(x), y, task)
             if not torch.isfinite(loss):
                 trial.nonfinite += 1
                 break
@@ -198,15 +185,6 @@ def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patc
     return trial
 
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
-
-
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
-
-
 # -- findings ------------------------------------------------------------------------------------------
 
 
@@ -216,7 +194,7 @@ def _findings(
     """Every rule of ``steadygrad.diagnose`` that applies: the records' rules, the structural ones and, for a
     recurrent model, the gradient along time; most severe first (stable, so rule order breaks ties)."""
     findings = diagnose(preflight, model=model, inputs=inputs) + architecture_findings(model)
-    findings += recurrent_findings(model, x0, lambda out: _loss(out, y0, task))
+    findings += recurrent_findings(model, x0, lambda out: task_loss(out, y0, task))
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
     return findings
 
@@ -308,13 +286,15 @@ def _add_norm(fix: Fix, ctx: _Context) -> list[Candidate]:
 
 @candidate("add_skips")
 def _add_skips(fix: Fix, ctx: _Context) -> list[Candidate]:
-    if not isinstance(ctx.model, DeepNet):
+    structure = describe(ctx.model)
+    spec = structure.spec if structure is not None else None
+    if not isinstance(spec, NetSpec):
         raise NotApplicable(
             "residual skips: the model is not a steadygrad.build network, so they cannot be added "
             "automatically; add x + f(x) connections in its forward."
         )
     # branches scaled by 1/sqrt(depth) keep the sum's variance bounded with depth (Hanin & Rolnick 2018)
-    spec = ctx.model.spec.replace(skip="residual", residual_scale=ctx.model.spec.depth**-0.5)
+    spec = spec.replace(skip="residual", residual_scale=spec.depth**-0.5)
     return [
         Candidate(
             "residual skips (branches scaled by 1/sqrt(depth))",
@@ -401,7 +381,8 @@ def _remove_bias(fix: Fix, ctx: _Context) -> list[Candidate]:
 def _fixup(fix: Fix, ctx: _Context) -> list[Candidate]:
     """Fixup (Zhang et al. 2019) for a residual net without normalization, whatever the findings say."""
     model = ctx.model
-    if not (isinstance(model, DeepNet) and model.spec.skip == "residual" and model.spec.norm == "none"):
+    structure = describe(model)
+    if structure is None or structure.skip != "residual" or structure.normalized:
         return []
     return [
         Candidate(
@@ -440,8 +421,6 @@ def _candidates(
 
 
 def _rebuild(spec, generator):
-    from steadygrad.nets import build
-
     return build(spec, generator)
 
 
@@ -481,8 +460,8 @@ def doctor(
         classes: number of classes for synthetic classification targets.
         steps: optimizer steps per trial, over the same fixed batches.
         lr, optimizer: the training settings every trial uses: ``momentum`` (SGD with momentum 0.9, the default:
-            the classic setting where bad scales bite), ``sgd`` or ``adam`` (whose per-parameter step sizes hide
-            some problems, clipping's effect among them).
+            the classic setting where bad scales bite), ``sgd``, ``adam`` or ``adamw`` (whose per-parameter step
+            sizes hide some problems, clipping's effect among them); ``steadygrad.optimizers`` builds them.
         budget: seconds for all trials together; candidates left when it runs out are listed as skipped.
         seed: seeds the model factory, the batches and the synthetic targets.
     """
@@ -531,7 +510,7 @@ def doctor(
 
     model = fresh()
     x0, y0 = batches[0]
-    preflight = probe(model, x0, loss=lambda out: _loss(out, y0, task), theory_prediction=False)
+    preflight = probe(model, x0, loss=lambda out: task_loss(out, y0, task), theory_prediction=False)
     findings = _findings(model, preflight, inputs, x0, y0, task)
     control = _run_trial("unchanged model (control)", fresh(), batches, task, steps, lr, optimizer, None, "", math.inf)
     norms = [n for n in control.grad_norms if math.isfinite(n) and n > 0]

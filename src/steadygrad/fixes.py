@@ -12,13 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.init import init_model, next_activation
 from steadygrad.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
 
 __all__ = ["init_matched", "insert_norm", "standardize_inputs", "swap_activation"]
 
-_SATURATING = (nn.Sigmoid, nn.Tanh)
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}  # by the convolution's spatial dimensions
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def _replace(
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
-    layers = [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    layers = [m for m in model.modules() if kinds.is_weight_layer(m, *kinds.AFFINE)]
     return layers[-1] if layers else None
 
 
@@ -77,12 +77,12 @@ def insert_norm(model: nn.Module, kind: str = "batch") -> nn.Module:
         if isinstance(layer, nn.Linear):
             norm = LayerNorm(layer.out_features) if kind == "layer" else BatchNorm1d(layer.out_features)
         else:
-            norm = {nn.Conv1d: BatchNorm1d, nn.Conv2d: BatchNorm2d, nn.Conv3d: BatchNorm3d}[type(layer)](
-                layer.out_channels
-            )
+            norm = _BATCH_NORMS[layer.weight.dim() - 2](layer.out_channels)  # transposed convolutions too
         return nn.Sequential(layer, norm)
 
-    count = _replace(model, lambda m: isinstance(m, _WEIGHTED), wrap, skip={id(last)} if last is not None else None)
+    count = _replace(
+        model, lambda m: kinds.is_weight_layer(m, *kinds.AFFINE), wrap, skip={id(last)} if last is not None else None
+    )
     if count == 0:
         raise ValueError("insert_norm found no Linear or convolution layer (besides the output layer) to follow.")
     return model
@@ -93,11 +93,14 @@ def swap_activation(model: nn.Module, to: str = "relu") -> nn.Module:
     ``"leaky_relu"``); with ``"leaky_relu"`` plain ReLUs become leaky too, so dead units can come back."""
     model = copy.deepcopy(model)
     make = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1)}[to]
-    targets = _SATURATING + ((nn.ReLU,) if to == "leaky_relu" else ())
-    if _replace(model, lambda m: type(m) in targets, lambda m: make()) == 0:
+
+    def target(m: nn.Module) -> bool:
+        return kinds.is_activation(m, "saturating") or (to == "leaky_relu" and type(m) is nn.ReLU)
+
+    if _replace(model, target, lambda m: make()) == 0:
+        names = "saturating (sigmoid, tanh, hardtanh)" + (" or ReLU" if to == "leaky_relu" else "")
         raise ValueError(
-            f"swap_activation found no {' or '.join(t.__name__ for t in targets)} module to replace (activations "
-            "called in forward cannot be swapped)."
+            f"swap_activation found no {names} module to replace (activations called in forward cannot be swapped)."
         )
     return model
 

@@ -33,6 +33,8 @@ __all__ = [
     "ActivationKind",
     "activation",
     "activation_types",
+    "is_activation",
+    "is_weight_layer",
     "norm_family",
     "norm_types",
     "register_activation",
@@ -105,6 +107,18 @@ def _lookup(table: dict, module: nn.Module | type[nn.Module]):
 def weight_family(module: nn.Module | type[nn.Module]) -> str | None:
     """The weight-layer family of a module or class, or None when it is not a registered weight layer."""
     return _lookup(_WEIGHT_LAYERS, module)
+
+
+def is_weight_layer(module: nn.Module | type[nn.Module], *families: str) -> bool:
+    """Whether ``module`` is a registered weight layer of one of ``families`` (of any family when none is given)."""
+    family = weight_family(module)
+    return family is not None and (not families or family in families)
+
+
+def is_activation(module: nn.Module | type[nn.Module], *families: str) -> bool:
+    """Whether ``module`` is a registered activation of one of ``families`` (of any when none is given)."""
+    kind = activation(module) if not isinstance(module, str) else None
+    return kind is not None and (not families or kind.family in families)
 
 
 def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:

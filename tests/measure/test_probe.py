@@ -280,3 +280,45 @@ def test_theory_is_attached_to_a_built_mlp():
     assert "Mean-field theory predicts" in report.summary()
     residual = probe(build(NetSpec(depth=3, width=8, skip="residual")), _x(4, 64))
     assert all(math.isnan(r.predicted_grad_norm) for r in residual.records)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "numba"])
+def test_probe_is_one_monitor_step(backend):
+    """The probe and a Monitor's logged step on the same batch give the same records and label, with the eager
+    statistics and with either backend's compiled taps (the probe is one Monitor step)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from steadygrad import fast
+    from steadygrad.measure import Monitor
+    from steadygrad.nets import NetSpec, build
+
+    if backend != "eager":
+        if not fast.available(backend):
+            pytest.skip(f"steadygrad's {backend} kernels cannot be had here (no C++ compiler, or no numba)")
+        fast.enable(backend)
+    try:
+        net = build(NetSpec(depth=4, width=32, in_features=16, activation="tanh"), torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 16, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+        probed = probe(net, x, y, theory_prediction=False)
+        with Monitor(net, every=1) as monitor:
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            monitor.observe_loss(loss)
+            stepped = monitor.step()
+        net.zero_grad()
+        assert probed.label == stepped.label == net.spec.label()
+        assert probed.loss == pytest.approx(stepped.loss)
+        assert len(probed.records) == len(stepped.records) > 0
+        for a, b in zip(probed.records, stepped.records, strict=True):
+            left, right = dataclasses.asdict(a), dataclasses.asdict(b)
+            assert left.keys() == right.keys()
+            for key in left:
+                if isinstance(left[key], float):
+                    assert left[key] == pytest.approx(right[key], rel=1e-6, abs=1e-12, nan_ok=True), (a.name, key)
+                else:
+                    assert left[key] == right[key], (a.name, key)
+    finally:
+        fast.disable()

@@ -113,7 +113,7 @@ def doctor_command(
     task: Annotated[str | None, typer.Option(help="classification or regression [default: inferred].")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per trial.")] = 60,
     lr: Annotated[float, typer.Option(help="Learning rate of every trial.")] = 1e-2,
-    optimizer: Annotated[str, typer.Option(help="momentum (SGD, 0.9), sgd or adam.")] = "momentum",
+    optimizer: Annotated[str, typer.Option(help="momentum (SGD, 0.9), sgd, adam or adamw.")] = "momentum",
     budget: Annotated[
         float, typer.Option(help="Seconds for all trials; what does not fit is reported as skipped.")
     ] = 60.0,

@@ -22,8 +22,6 @@ from steadygrad.structure import describe
 
 __all__ = ["fixup_"]
 
-_WEIGHTED = kinds.weight_layer_types(*kinds.AFFINE)
-
 
 @torch.no_grad()
 def fixup_(
@@ -56,7 +54,7 @@ def fixup_(
         head = structure.head if structure is not None else getattr(model, "head", None)
     count = len(branches)
     for branch in branches:
-        layers = [m for m in branch.modules() if isinstance(m, _WEIGHTED)]
+        layers = [m for m in branch.modules() if kinds.is_weight_layer(m, *kinds.AFFINE)]
         if not layers:
             raise ValueError(f"A residual branch has no Linear or convolution layer: {type(branch).__name__}.")
         m = len(layers)
@@ -68,7 +66,7 @@ def fixup_(
             if layer.bias is not None:
                 layer.bias.zero_()
     if head is not None:
-        for layer in [m for m in head.modules() if isinstance(m, _WEIGHTED)][-1:]:
+        for layer in [m for m in head.modules() if kinds.is_weight_layer(m, *kinds.AFFINE)][-1:]:
             layer.weight.zero_()
             if layer.bias is not None:
                 layer.bias.zero_()

@@ -18,8 +18,6 @@ from steadygrad.init.schemes import orthogonal_
 
 __all__ = ["lsuv_"]
 
-_WEIGHTED = kinds.weight_layer_types(*kinds.AFFINE)
-
 
 @torch.no_grad()
 def lsuv_(
@@ -35,7 +33,7 @@ def lsuv_(
         The output std of each layer after its last rescaling (1 within ``tolerance`` unless
         ``max_iterations`` ran out, or the output is constant).
     """
-    layers = [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    layers = [m for m in model.modules() if kinds.is_weight_layer(m, *kinds.AFFINE)]
     if not layers:
         raise ValueError("lsuv_ found no Linear or convolution layer in the model.")
     if inputs.shape[0] < 2:

@@ -16,7 +16,7 @@ from steadygrad.init.registry import Initializer, get
 __all__ = ["LayerInit", "init_model", "mean_field_", "next_activation"]
 
 # What init_model initializes: the affine layers and recurrent ones (embeddings keep their own schemes)
-_WEIGHT_LAYERS = kinds.weight_layer_types("dense", "conv", "recurrent")
+_INITIALIZED = ("dense", "conv", "recurrent")
 _GATES = {nn.LSTM: 4, nn.GRU: 3}
 
 
@@ -58,14 +58,14 @@ def next_activation(model: nn.Module) -> dict[str, tuple[str, float | None]]:
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children()) or isinstance(m, nn.RNNBase)]
     found: dict[str, tuple[str, float | None]] = {}
     for index, (name, module) in enumerate(leaves):
-        if not isinstance(module, _WEIGHT_LAYERS):
+        if not kinds.is_weight_layer(module, *_INITIALIZED):
             continue
         if isinstance(module, nn.RNNBase):
             found[name] = (getattr(module, "nonlinearity", "tanh"), None)  # LSTM/GRU candidates use tanh
             continue
         found[name] = ("linear", None)
         for _, after in leaves[index + 1 :]:
-            if isinstance(after, _WEIGHT_LAYERS):
+            if kinds.is_weight_layer(after, *_INITIALIZED):
                 break
             gain = _gain_of(after)
             if gain is not None:
@@ -130,7 +130,7 @@ def init_model(
 
     records: list[LayerInit] = []
     for name, module in model.named_modules():
-        if not isinstance(module, _WEIGHT_LAYERS):
+        if not kinds.is_weight_layer(module, *_INITIALIZED):
             continue
         act, act_param = detected.get(name, (None, None))
         gates = _GATES.get(type(module), 1)

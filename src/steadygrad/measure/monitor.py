@@ -17,9 +17,10 @@ from steadygrad.measure.hooks import (
     needs_repair,
     rows_from_sums,
 )
-from steadygrad.measure.probe import LayerSelector, select_layers
+from steadygrad.measure.layers import LayerSelector, select_layers
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
+from steadygrad.structure import describe
 
 __all__ = ["Monitor"]
 
@@ -67,10 +68,13 @@ class _EagerTaps(_Taps):
     """Float64 torch reductions on the layers' device, merged across ranks under data parallelism; one host copy
     of a healthy step (a second when a layer met NaN/Inf and is recomputed with masking)."""
 
+    def __init__(self, global_batch: bool = True) -> None:
+        self.global_batch = global_batch
+
     def before_update(self, recorder: Recorder, snapshot: bool) -> _PendingStep:
         from steadygrad.distributed import is_distributed
 
-        if is_distributed():  # statistics of the global batch, not of this rank's share
+        if self.global_batch and is_distributed():  # statistics of the global batch, not of this rank's share
             recorder.all_reduce()
         slots, table = recorder.finalize(repair=False)  # checked on the host copy, see rows
         before = [w.detach().clone() if w is not None and snapshot else None for w in recorder.first_weights()]
@@ -127,7 +131,14 @@ class _CompiledTaps(_Taps):
         return (loss.item() if loss is not None else math.nan), rows
 
 
-_EAGER, _COMPILED = _EagerTaps(), _CompiledTaps()
+_EAGER, _LOCAL_EAGER, _COMPILED = _EagerTaps(), _EagerTaps(global_batch=False), _CompiledTaps()
+
+
+def _is_selection(layers) -> bool:
+    """Whether ``layers`` is a list of (name, module) pairs already selected, not a selector."""
+    return isinstance(layers, list) and all(
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], nn.Module) for item in layers
+    )
 
 
 _RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
@@ -159,6 +170,8 @@ class Monitor:
         optimizer: its steps delimit the monitor's steps (via step hooks). Without one, call
             ``monitor.step()`` after the backward pass(es) and before ``optimizer.step()``.
         scaler: a ``torch.amp.GradScaler``: its scale is divided out, so the records show true gradients.
+        global_batch: under data parallelism, merge every rank's statistics into those of the global batch
+            (the default); False records this rank's share alone, as ``probe`` does.
 
     Example:
         >>> with Monitor(model, every=10, optimizer=opt) as monitor:
@@ -176,18 +189,24 @@ class Monitor:
         sinks: Sequence[Sink] = (),
         optimizer: torch.optim.Optimizer | None = None,
         scaler=None,
+        *,
+        global_batch: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
         self.model = model
         self.schedule = _schedule(every)
-        self.layers = select_layers(model, layers)
+        # already-selected (name, module) pairs pass through: the probe selects first, to say what matched
+        self.layers = list(layers) if _is_selection(layers) else select_layers(model, layers)
         if not self.layers:
             raise ValueError(f"No layer of the model matches layers={layers!r}.")
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
         self.optimizer = optimizer
         self.scaler = scaler
+        self.global_batch = global_batch
+        structure = describe(model)
+        self.label = structure.label if structure is not None else type(model).__name__
         self.step_count = 0  # optimizer steps seen so far
         self._recorder = Recorder(self.layers)
         self._handles: list = []
@@ -233,8 +252,9 @@ class Monitor:
         if logged and self._attached:
             # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
             # stay exact in float64 and run on the device elsewhere), chosen anew for each logged step
-            compiled = fast.enabled() and not is_distributed() and self._float32_cpu()
-            self._taps = _COMPILED if compiled else _EAGER
+            merge = self.global_batch and is_distributed()
+            compiled = fast.enabled() and not merge and self._float32_cpu()
+            self._taps = _COMPILED if compiled else (_EAGER if merge or not is_distributed() else _LOCAL_EAGER)
             self._recorder.arm(deferred=self._taps.deferred)
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
@@ -288,7 +308,7 @@ class Monitor:
                 records=make_records(pending.slots, rows),
                 loss=loss,
                 step=self.step_count,
-                label=type(self.model).__name__,
+                label=self.label,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
             )
             for sink in self.sinks:

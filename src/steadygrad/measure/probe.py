@@ -6,52 +6,20 @@ statistics), train/eval mode, hooks and the global random state.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from steadygrad import kinds, theory
+from steadygrad import theory
 from steadygrad.losses import resolve_loss, tensors
-from steadygrad.measure.hooks import Recorder, make_records, rows_from_sums
+from steadygrad.measure.layers import LayerSelector, default_layer_types, select_layers
+from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.records import FlowReport
 from steadygrad.structure import describe
 
-__all__ = ["default_layer_types", "probe", "select_layers"]
-
-
-def default_layer_types() -> tuple[type[nn.Module], ...]:
-    """What the probe records when it is not told: the dense, conv and recurrent layers and every norm, from
-    ``steadygrad.kinds`` at call time (a kind registered later is recorded too)."""
-    return kinds.weight_layer_types("dense", "conv", "recurrent") + kinds.norm_types()
-
-
-LayerSelector = type | tuple[type, ...] | str | Sequence[str] | None
-
-
-def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs a probe records.
-
-    - ``None``: a built network's blocks and head; otherwise every leaf Linear, ConvNd, RNN/LSTM/GRU and
-      normalization module.
-    - a class or tuple of classes: every module of those types.
-    - a glob pattern or list of them, matched against module names (``"block*"``, ``"*.linear"``).
-    """
-    # a model with no submodules is its own only layer, named after its class
-    named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
-    if layers is None:
-        structure = describe(model)
-        if structure is not None and structure.blocks:
-            return list(structure.blocks)
-        return [(n, m) for n, m in named if isinstance(m, default_layer_types())]
-    if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
-        return [(n, m) for n, m in named if isinstance(m, layers)]
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError("layers= takes a module class, a tuple of classes, or name patterns (strings).")
-    return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+__all__ = ["LayerSelector", "default_layer_types", "probe", "select_layers"]
 
 
 def _prepare_inputs(inputs):
@@ -116,12 +84,15 @@ def probe(
     parameters = list(model.parameters())
     saved_grads = [p.grad for p in parameters]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    recorder = Recorder(selected)
+    # One Monitor step with no optimizer: the same recorder, records, labels and arithmetic (eager, or the
+    # compiled taps under steadygrad.fast.enable()) as a training run's logged steps. The update ratio is NaN:
+    # nothing is updated. Under data parallelism the probe measures this rank's batch, not the global one.
+    monitor = Monitor(model, every=1, layers=selected, global_batch=False)
     devices = sorted({p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None})
     try:
         for p in parameters:
             p.grad = None
-        recorder.attach()
+        monitor.attach()
         with torch.random.fork_rng(devices=devices):
             prepared = _prepare_inputs(inputs)
             output = _call(model, prepared)
@@ -129,24 +100,21 @@ def probe(
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
             loss_value.backward()
-        slots, sums = recorder.finalize()
-        records = make_records(slots, [rows_from_sums(row) for row in sums.tolist()])  # one host copy
+        monitor.observe_loss(loss_value)
+        report = monitor.step()
+        if report is None:  # no selected layer ran: an empty report that says which were never called
+            report = FlowReport(records=[], loss=float(loss_value.detach()), label=monitor.label)
+            report.unused = [name for name, _ in selected]
+        report.step = None  # a probe is not an optimizer step
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
-        input_grad_norm = (
+        report.input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
-        )
-        report = FlowReport(
-            records=records,
-            loss=float(loss_value.detach()),
-            input_grad_norm=input_grad_norm,
-            label=structure.label if (structure := describe(model)) is not None else type(model).__name__,
-            unused=[name for name, _ in selected if name not in recorder.called],
         )
         if theory_prediction and layers is None:
             _attach_theory(model, report, inputs)
         return report
     finally:
-        recorder.detach()
+        monitor.detach()
         for p, grad in zip(parameters, saved_grads, strict=True):
             p.grad = grad
         with torch.no_grad():
