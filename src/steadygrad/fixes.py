@@ -98,7 +98,7 @@ def swap_activation(model: nn.Module, to: str = "relu") -> nn.Module:
         return kinds.is_activation(m, "saturating") or (to == "leaky_relu" and type(m) is nn.ReLU)
 
     if _replace(model, target, lambda m: make()) == 0:
-        names = "saturating (sigmoid, tanh, hardtanh)" + (" or ReLU" if to == "leaky_relu" else "")
+        names = "Sigmoid or Tanh (or other saturating)" + (" or ReLU" if to == "leaky_relu" else "")
         raise ValueError(
             f"swap_activation found no {names} module to replace (activations called in forward cannot be swapped)."
         )
