@@ -353,6 +353,16 @@ def test_train_bad_options_exit_2(tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
+def test_train_unwritable_logdir_exits_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    args = ["--data", "blobs", "--depth", "2", "--width", "8", "--epochs", "1", "--no-progress"]
+    result = runner.invoke(app, ["train", *args, "--logdir", str(blocker / "run")])
+    assert result.exit_code == 2, result.output
+    assert "Choose a writable --logdir" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 def test_train_bad_data_files_exit_2(tmp_path):
     import numpy as np
 

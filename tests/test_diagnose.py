@@ -134,3 +134,12 @@ def test_recurrent_rule_along_time():
     assert kinds(dg.recurrent_findings(_RNN(0.05), x, loss)) == ["vanishing_over_time"]
     assert dg.recurrent_findings(_RNN(3.0), x[:, :1], loss) == []  # one step: nothing to compare
     assert dg.recurrent_findings(nn.Linear(3, 3), x, loss) == []  # no recurrent layer
+
+
+def test_relu6_after_a_layer_is_not_a_saturating_unit():
+    """MobileNet-style blocks feed ReLU6 (which torch derives from Hardtanh) straight from a convolution: a
+    rectifier, so the saturating-without-norm rule stays quiet, while tanh in the same place is reported."""
+    healthy = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 1), nn.ReLU6(), nn.Flatten())
+    assert not [f for f in dg.architecture_findings(healthy) if f.kind == "saturating_without_norm"]
+    exposed = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert [f.kind for f in dg.architecture_findings(exposed)] == ["saturating_without_norm"]

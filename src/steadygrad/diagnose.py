@@ -442,7 +442,8 @@ def architecture_findings(model: nn.Module) -> list[Finding]:
     findings = []
     weight_layers = [name for name, m in model.named_modules() if kinds.is_weight_layer(m, *kinds.AFFINE)]
     structure = describe(model)
-    plain = (structure is not None and structure.skip == "none") or isinstance(model, nn.Sequential)
+    # a model that describes itself is believed; otherwise only an nn.Sequential is known to have no skips
+    plain = structure.skip == "none" if structure is not None else isinstance(model, nn.Sequential)
     if plain and len(weight_layers) >= DEEP_WITHOUT_SKIPS:
         findings.append(
             Finding(

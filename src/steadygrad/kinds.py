@@ -117,7 +117,7 @@ def is_weight_layer(module: nn.Module | type[nn.Module], *families: str) -> bool
 
 def is_activation(module: nn.Module | type[nn.Module], *families: str) -> bool:
     """Whether ``module`` is a registered activation of one of ``families`` (of any when none is given)."""
-    kind = activation(module) if not isinstance(module, str) else None
+    kind = activation(module)
     return kind is not None and (not families or kind.family in families)
 
 

@@ -65,8 +65,12 @@ def theory_lines(spec: NetSpec, report: FlowReport, net) -> list[str]:
             lines.append(str(error))
     blocks = [r for r in report.records if math.isfinite(r.predicted_grad_norm)]
     if len(blocks) >= 2:
-        predicted = blocks[0].predicted_grad_norm / blocks[-1].predicted_grad_norm
-        measured = blocks[0].grad_norm / blocks[-1].grad_norm
+
+        def ratio(first: float, last: float) -> float:
+            return first / last if last else math.inf  # a last block with no gradient at all
+
+        predicted = ratio(blocks[0].predicted_grad_norm, blocks[-1].predicted_grad_norm)
+        measured = ratio(blocks[0].grad_norm, blocks[-1].grad_norm)
         lines.append(f"Gradient ratio first/last block: predicted {predicted:.3g}, measured {measured:.3g}.")
     return lines
 

@@ -106,7 +106,10 @@ def train_command(
         f"Training [bold]{escape(spec.label())}[/] on {escape(dataset.name)} "
         f"({len(dataset.x_train)} train / {len(dataset.x_test)} test, {dataset.task})."
     )
-    result = Trainer(model, dataset, config).fit(resume=resume)  # a CheckpointError is a ValueError: exit 2
+    try:
+        result = Trainer(model, dataset, config).fit(resume=resume)  # a CheckpointError is a ValueError: exit 2
+    except OSError as error:  # the run's files: an unwritable or full --logdir is the user's to fix
+        raise UsageError(f"Could not write the run's files to {logdir}: {error}. Choose a writable --logdir.") from None
     distributed.teardown()  # under torchrun: every rank got here (they take every branch together)
     if result.epochs:
         table = Table(title="Held-out metrics per epoch", title_justify="left")

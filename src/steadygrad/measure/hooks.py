@@ -23,7 +23,6 @@ from steadygrad._layout import (
     RECORD,
     RECORD_COLUMNS,
     RECORD_WIDTH,
-    REPAIRED,
     SUMS,
     SUMS_ACTIVATION,
     SUMS_COLUMNS,
@@ -534,9 +533,6 @@ def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
     (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
     return slots, recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
-
-
-REPAIRED_COLUMNS = REPAIRED.stop  # the record columns before it are repaired (_layout.REPAIRED); the weight ones not
 
 
 def needs_repair(slots: list[_Slot], rows: list[list[float]]) -> bool:

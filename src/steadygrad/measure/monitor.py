@@ -134,13 +134,6 @@ class _CompiledTaps(_Taps):
 _EAGER, _LOCAL_EAGER, _COMPILED = _EagerTaps(), _EagerTaps(global_batch=False), _CompiledTaps()
 
 
-def _is_selection(layers) -> bool:
-    """Whether ``layers`` is a list of (name, module) pairs already selected, not a selector."""
-    return isinstance(layers, list) and all(
-        isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], nn.Module) for item in layers
-    )
-
-
 _RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
 
 
@@ -196,10 +189,10 @@ class Monitor:
             raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
         self.model = model
         self.schedule = _schedule(every)
-        # already-selected (name, module) pairs pass through: the probe selects first, to say what matched
-        self.layers = list(layers) if _is_selection(layers) else select_layers(model, layers)
+        self.layers = select_layers(model, layers)
         if not self.layers:
-            raise ValueError(f"No layer of the model matches layers={layers!r}.")
+            names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
+            raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
         self.optimizer = optimizer

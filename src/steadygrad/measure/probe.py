@@ -76,10 +76,6 @@ def probe(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.")
-    selected = select_layers(model, layers)
-    if not selected:
-        names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
-        raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
 
     parameters = list(model.parameters())
     saved_grads = [p.grad for p in parameters]
@@ -87,7 +83,7 @@ def probe(
     # One Monitor step with no optimizer: the same recorder, records, labels and arithmetic (eager, or the
     # compiled taps under steadygrad.fast.enable()) as a training run's logged steps. The update ratio is NaN:
     # nothing is updated. Under data parallelism the probe measures this rank's batch, not the global one.
-    monitor = Monitor(model, every=1, layers=selected, global_batch=False)
+    monitor = Monitor(model, every=1, layers=layers, global_batch=False)  # selects, or says what did not match
     devices = sorted({p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None})
     try:
         for p in parameters:
@@ -104,7 +100,7 @@ def probe(
         report = monitor.step()
         if report is None:  # no selected layer ran: an empty report that says which were never called
             report = FlowReport(records=[], loss=float(loss_value.detach()), label=monitor.label)
-            report.unused = [name for name, _ in selected]
+            report.unused = [name for name, _ in monitor.layers]
         report.step = None  # a probe is not an optimizer step
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         report.input_grad_norm = (

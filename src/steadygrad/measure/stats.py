@@ -55,7 +55,7 @@ def primary_layer(module: nn.Module) -> nn.Module | None:
     Linear/Conv/RNN descendant."""
     if any(name.startswith("weight") for name, _ in module.named_parameters(recurse=False)):
         return module
-    return next((m for m in module.modules() if isinstance(m, kinds.weight_layer_types())), None)
+    return next((m for m in module.modules() if kinds.is_weight_layer(m)), None)
 
 
 # -- activations ------------------------------------------------------------------------------------
