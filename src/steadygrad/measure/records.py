@@ -74,6 +74,9 @@ class FlowReport:
     unused: list[str] = field(default_factory=list)  # selected layers the forward never called
     theory: str = ""  # what the mean-field prediction assumed, when one is attached
     step: int | None = None  # the optimizer step, for a Monitor's reports
+    loss_name: str = ""  # which loss the step took, in words (steadygrad.losses says how it is chosen)
+    skipped: dict[str, str] = field(default_factory=dict)  # module class -> why no module of it was recorded
+    notes: list[str] = field(default_factory=list)  # what the reader must know to read the records right
 
     # -- numbers -------------------------------------------------------------------------------------
     def _with_gradient(self) -> list[LayerRecord]:
@@ -196,6 +199,9 @@ class FlowReport:
             "summary": self.summary(),
             "theory": self.theory,
             "unused": list(self.unused),
+            "loss_name": self.loss_name,
+            "skipped": dict(self.skipped),
+            "notes": list(self.notes),
             "layers": [r.to_dict() for r in self.records],
         }
 
@@ -219,6 +225,9 @@ class FlowReport:
             unused=list(data.get("unused", [])),
             theory=data.get("theory", ""),
             step=data.get("step"),
+            loss_name=data.get("loss_name", ""),
+            skipped=dict(data.get("skipped", {})),
+            notes=list(data.get("notes", [])),
         )
 
     # -- pictures ------------------------------------------------------------------------------------
