@@ -81,4 +81,4 @@ def test_unknown_family_is_rejected():
     with pytest.raises(ValueError, match="accepted are dense, conv"):
         kinds.register_weight_layer(nn.Linear, "fully_connected")
     with pytest.raises(ValueError, match="Unknown normalization family"):
-        kinds.norm_types("rms")
+        kinds.norm_types("rmsnorm")

@@ -9,7 +9,10 @@ and not a saturating unit because its own entry comes first):
 - **activations**: family (``saturating``, ``rectifier``, ``smooth``, ``linear``), the nonlinearity name
   whose gain ``steadygrad.init.calculate_gain`` knows (None: no standard gain), and for saturating units
   which saturation test applies;
-- **normalizations**, by family: ``batch``, ``instance``, ``layer``, ``group``.
+- **normalizations**, by family: ``batch``, ``instance``, ``layer``, ``group``, ``rms``.
+
+Other libraries' layers are registered by ``register_known_libraries()`` when that library is already imported
+(steadygrad never imports it): Hugging Face's ``Conv1D`` (GPT-2's projections) and its activation classes.
 
 Names, classes and instances are resolved at the edges (``activation("tanh")``, ``activation(nn.Tanh)``,
 ``activation(module)``), as timm's ``create_act`` does; inside the library objects are passed. Adding a
@@ -38,6 +41,7 @@ __all__ = [
     "norm_family",
     "norm_types",
     "register_activation",
+    "register_known_libraries",
     "register_norm",
     "register_weight_layer",
     "weight_family",
@@ -46,7 +50,7 @@ __all__ = [
 
 WEIGHT_FAMILIES = ("dense", "conv", "recurrent", "bilinear", "embedding")
 ACTIVATION_FAMILIES = ("saturating", "rectifier", "smooth", "linear")
-NORM_FAMILIES = ("batch", "instance", "layer", "group")
+NORM_FAMILIES = ("batch", "instance", "layer", "group", "rms")
 
 # The families whose layers compute y = W x (+ b) with fans: what variance-scaling schemes, Fixup, LSUV and
 # the rules on weights (symmetric units, bias before a norm) apply to.
@@ -182,6 +186,12 @@ for _kind in (
     ActivationKind("celu", nn.CELU, "rectifier"),
     ActivationKind("gelu", nn.GELU, "smooth", "gelu"),
     ActivationKind("silu", nn.SiLU, "smooth", "silu"),
+    ActivationKind("mish", nn.Mish, "smooth"),
+    ActivationKind("hardswish", nn.Hardswish, "smooth"),
+    ActivationKind("softplus", nn.Softplus, "smooth"),
+    ActivationKind("tanhshrink", nn.Tanhshrink, "smooth"),
+    ActivationKind("hardsigmoid", nn.Hardsigmoid, "saturating", saturation="sigmoid"),
+    ActivationKind("softsign", nn.Softsign, "saturating", saturation="tanh"),
     ActivationKind("identity", nn.Identity, "linear", "linear"),
 ):
     register_activation(_kind)
@@ -191,5 +201,48 @@ for _cls, _family in (
     (nn.modules.instancenorm._InstanceNorm, "instance"),
     (nn.LayerNorm, "layer"),
     (nn.GroupNorm, "group"),
+    (nn.RMSNorm, "rms"),
 ):
     register_norm(_cls, _family)
+
+
+def _activation_family(name: str) -> str | None:
+    """The family of a Hugging Face activation by its ``ACT2CLS`` name (``gelu_new``, ``relu2``, ``swish``, ...)."""
+    if name == "linear":
+        return "linear"
+    if "relu" in name:
+        return "rectifier"
+    if any(part in name for part in ("gelu", "silu", "swish", "mish", "laplace", "softplus", "xielu")):
+        return "smooth"
+    return None
+
+
+_registered_libraries: set[str] = set()
+
+
+def register_known_libraries() -> None:
+    """Register the layers of libraries the process has already imported (steadygrad imports none of them).
+
+    Hugging Face ``transformers``: ``pytorch_utils.Conv1D`` is a dense layer (its weight is stored (in, out),
+    transposed from ``nn.Linear``'s), and the activation classes of ``transformers.activations.ACT2CLS`` get the
+    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their entry.
+    Called by the instruments before they select layers, so a model built after ``import transformers`` is seen
+    whole. Idempotent and cheap after the first call.
+    """
+    import sys
+
+    hf = sys.modules.get("transformers")
+    if hf is None or "transformers" in _registered_libraries:
+        return
+    _registered_libraries.add("transformers")
+    try:
+        from transformers import activations, pytorch_utils
+    except ImportError:  # a broken or partial install: its layers stay unknown, as before
+        return
+    register_weight_layer(pytorch_utils.Conv1D, "dense")
+    for name, entry in activations.ACT2CLS.items():
+        cls = entry[0] if isinstance(entry, tuple) else entry
+        family = _activation_family(name)
+        if family is None or not isinstance(cls, type) or activation(cls) is not None:
+            continue
+        register_activation(ActivationKind(f"hf_{name}", cls, family))

@@ -213,7 +213,10 @@ def test_dict_tuple_outputs_shared_unused_and_frozen_modules():
 def test_convolutional_and_recurrent_models():
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     report = probe(cnn, _x(4, 3, 8, 8), targets=torch.tensor([0, 1, 2, 3]))
-    assert [r.kind for r in report.records] == ["Conv2d", "BatchNorm2d", "Linear"]
+    # the activation module is recorded in its own right (its dead units), Flatten is not and says why
+    assert [r.kind for r in report.records] == ["Conv2d", "BatchNorm2d", "ReLU", "Linear"]
+    assert [r.label for r in report.records][2] == "2 (ReLU)"
+    assert math.isfinite(report.records[2].dead) and "Flatten" in report.skipped
     lstm = build(NetSpec(kind="rnn", cell="lstm", depth=3, width=8, in_features=4, activation="tanh", seq_len=5))
     report = probe(lstm, _x(6, 5, 4))
     assert len(report.records) == 4 and all(math.isfinite(r.grad_norm) for r in report.records)

@@ -1,4 +1,20 @@
-"""Which modules the instruments record: the same selection for the probe and the Monitor."""
+"""Which modules the instruments record: the same selection for the probe and the Monitor.
+
+By default (``layers=None``) a network that describes itself (``steadygrad.structure``) is recorded by its
+blocks. Any other model is recorded by what its modules are, not by a list of classes, so that a library's own
+layers are seen without being named here:
+
+- every module that owns a weight parameter of two or more dimensions (``nn.Linear``, convolutions, recurrent
+  layers, Hugging Face's ``Conv1D``, a custom projection) and every ``nn.Embedding``;
+- every normalization: the registered ones (torch's, steadygrad's, ``nn.RMSNorm``) and, by structure, a leaf
+  module whose class name says ``Norm`` and whose parameters are all one-dimensional (T5's ``T5LayerNorm``,
+  Llama's ``LlamaRMSNorm``);
+- every activation module (``steadygrad.kinds``' table, Hugging Face's classes once ``transformers`` is
+  imported, and a parameterless leaf whose class name ends in ``Activation``), so that saturation and dead
+  units are measured wherever the activation is a module of its own.
+
+``skipped_modules`` says which module classes were left out and why, for the report.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +26,80 @@ from torch import nn
 from steadygrad import kinds
 from steadygrad.structure import describe
 
-__all__ = ["LayerSelector", "default_layer_types", "select_layers"]
+__all__ = ["LayerSelector", "default_layer_types", "is_recorded_by_default", "select_layers", "skipped_modules"]
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
-    """What the probe records when it is not told: the dense, conv and recurrent layers and every norm, from
-    ``steadygrad.kinds`` at call time (a kind registered later is recorded too)."""
-    return kinds.weight_layer_types("dense", "conv", "recurrent") + kinds.norm_types()
+    """The registered classes the default selection always records: weight layers, norms and activations
+    (besides what it recognises by structure, see ``is_recorded_by_default``), from ``steadygrad.kinds`` at call
+    time, so a kind registered later is recorded too."""
+    kinds.register_known_libraries()
+    activations = tuple(t for t in kinds.activation_types() if not kinds.is_activation(t, "linear"))
+    return kinds.weight_layer_types() + kinds.norm_types() + activations
+
+
+def _own_parameters(module: nn.Module) -> list:
+    return list(module.parameters(recurse=False))
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    """A normalization no table knows, by its structure: a leaf whose class name says Norm and whose own
+    parameters (a gain, perhaps a bias) are all one-dimensional."""
+    own = _own_parameters(module)
+    leaf = next(module.children(), None) is None
+    return leaf and "norm" in type(module).__name__.lower() and all(p.dim() <= 1 for p in own)
+
+
+def _looks_like_activation(module: nn.Module) -> bool:
+    """An activation no table knows: a parameterless leaf whose class name ends in Activation (the
+    convention of Hugging Face's and many codebases' activation classes)."""
+    leaf = next(module.children(), None) is None
+    return leaf and not _own_parameters(module) and type(module).__name__.endswith("Activation")
+
+
+def is_recorded_by_default(module: nn.Module) -> bool:
+    """Whether the default selection records ``module`` (see the module docstring)."""
+    if kinds.is_activation(module, "linear"):
+        return False
+    if isinstance(module, default_layer_types()):
+        return True
+    if any(p.dim() >= 2 for p in _own_parameters(module)):
+        return True
+    return _looks_like_norm(module) or _looks_like_activation(module)
+
+
+def _why_not(module: nn.Module) -> str:
+    if next(module.children(), None) is not None:
+        return "a container: the layers inside it are recorded"
+    if kinds.is_activation(module, "linear"):
+        return "an identity: it passes its input on unchanged"
+    if _own_parameters(module):
+        return "owns only one-dimensional parameters (a scale or a bias) and is not a normalization"
+    return "no weight, and neither a normalization nor an activation steadygrad knows"
+
+
+def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, str]:
+    """For each module class of ``model`` of which no module was recorded: why (containers included, so the
+    reader sees that a block's parts were recorded instead)."""
+    chosen = {id(module) for _, module in selected}
+    inside = {id(m) for _, module in selected for m in module.modules()}
+    classes: dict[str, str] = {}
+    recorded_classes = {type(module).__name__ for _, module in selected}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not name or id(module) in chosen or id(module) in inside or cls in recorded_classes:
+            continue
+        classes.setdefault(cls, _why_not(module))
+    return classes
 
 
 LayerSelector = type | tuple[type, ...] | str | Sequence[str] | None
 
 
 def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs a probe records.
+    """The (name, module) pairs a probe records, in ``named_modules`` order.
 
-    - ``None``: a built network's blocks and head; otherwise every leaf Linear, ConvNd, RNN/LSTM/GRU and
-      normalization module.
+    - ``None``: a built network's blocks and head; otherwise what the module docstring lists.
     - a class or tuple of classes: every module of those types.
     - a glob pattern or list of them, matched against module names (``"block*"``, ``"*.linear"``).
     """
@@ -36,7 +109,7 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
         structure = describe(model)
         if structure is not None and structure.blocks:
             return list(structure.blocks)
-        return [(n, m) for n, m in named if isinstance(m, default_layer_types())]
+        return [(n, m) for n, m in named if is_recorded_by_default(m)]
     if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
         return [(n, m) for n, m in named if isinstance(m, layers)]
     patterns = [layers] if isinstance(layers, str) else list(layers)

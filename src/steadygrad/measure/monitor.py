@@ -17,7 +17,7 @@ from steadygrad.measure.hooks import (
     needs_repair,
     rows_from_sums,
 )
-from steadygrad.measure.layers import LayerSelector, select_layers
+from steadygrad.measure.layers import LayerSelector, select_layers, skipped_modules
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
 from steadygrad.structure import describe
@@ -193,6 +193,8 @@ class Monitor:
         if not self.layers:
             names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
+        # which module classes were left out, and why: a default selection that misses a layer must say so
+        self.skipped = skipped_modules(model, self.layers) if layers is None else {}
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
         self.optimizer = optimizer
@@ -303,6 +305,7 @@ class Monitor:
                 step=self.step_count,
                 label=self.label,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
+                skipped=dict(self.skipped),
             )
             for sink in self.sinks:
                 sink.write(report, self.layers)

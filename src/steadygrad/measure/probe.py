@@ -99,7 +99,9 @@ def probe(
         monitor.observe_loss(loss_value)
         report = monitor.step()
         if report is None:  # no selected layer ran: an empty report that says which were never called
-            report = FlowReport(records=[], loss=float(loss_value.detach()), label=monitor.label)
+            report = FlowReport(
+                records=[], loss=float(loss_value.detach()), label=monitor.label, skipped=dict(monitor.skipped)
+            )
             report.unused = [name for name, _ in monitor.layers]
         report.step = None  # a probe is not an optimizer step
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]

@@ -40,7 +40,12 @@ class LayerRecord:
 
     @property
     def label(self) -> str:
-        return self.name if self.call == 1 else f"{self.name} (call {self.call})"
+        """The name a person reads: an ``nn.Sequential`` index gets its kind (``3 (Tanh)``, not ``3``), a module
+        called several times its call (``cell (call 2)``)."""
+        name = self.name
+        if name.rsplit(".", 1)[-1].isdigit() and self.kind:
+            name = f"{name} ({self.kind})"
+        return name if self.call == 1 else f"{name} (call {self.call})"
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
