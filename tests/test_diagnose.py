@@ -151,7 +151,8 @@ class _HandWrittenRecurrence(nn.Module):
 
     def __init__(self, radius: float, width: int = 16, inputs: int = 4) -> None:
         super().__init__()
-        self.inp, self.rec, self.out = nn.Linear(inputs, width), nn.Linear(width, width, bias=False), nn.Linear(width, 2)
+        self.inp, self.out = nn.Linear(inputs, width), nn.Linear(width, 2)
+        self.rec = nn.Linear(width, width, bias=False)
         q, _ = torch.linalg.qr(torch.randn(width, width))
         with torch.no_grad():
             self.rec.weight.copy_(radius * q)
