@@ -334,7 +334,7 @@ def test_a_report_prints_as_words_and_shows_its_table():
     report = probe(model, _x(16, 8))
     text = str(report)
     assert text.startswith("Sequential (3 layer records; loss ") and report.summary() in text
-    assert "Dropout (no weight" in text  # what was not recorded, and why
+    assert "Dropout (dropout: no weight" in text  # what was not recorded, and why
     assert repr(report) == f"FlowReport('Sequential', 3 records, loss={report.loss:.4g})"
     console = Console(record=True, width=200)
     report.show(console)
