@@ -185,3 +185,26 @@ def test_fold_batchnorm_still_returns_the_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     folded = norm.fold_batchnorm(model)
     assert isinstance(folded, nn.Sequential) and isinstance(folded[1], nn.Identity)
+
+
+class SequenceLinear(nn.Module):
+    """A Linear on (N, L, F) before a BatchNorm1d(L) with L equal to its output units: not a foldable pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.dynamic = True
+
+    def forward(self, x):
+        if self.dynamic and bool(x.sum() > 1e9):
+            x = -x
+        return self.bn(self.fc(x))
+
+
+def test_recorded_calls_refuse_a_linear_whose_output_is_not_2d():
+    model = with_statistics(SequenceLinear(), 8, 4, 3)
+    result = norm.fold_batchnorm_report(model, example_inputs=torch.randn(2, 4, 3, dtype=torch.float64))
+    assert result.method == "hooks" and result.folded == []
+    assert result.not_folded == [("bn", "fc's output has 3 dims: BatchNorm1d normalizes dim 1, not its features")]
+    assert_same_outputs(model, result.model, 2, 4, 3)

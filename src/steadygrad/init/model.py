@@ -238,16 +238,16 @@ def init_model(
 
     plan = _Plan(fn, fn_recurrent, detected, bias, embedding, generator)
     records = InitRecords()
-    owners: dict[int, str] = {}  # id(parameter) -> "layer.param" of the first module owning it
+    owners: dict[int, tuple[str, bool]] = {}  # id(parameter) -> ("layer.param" of its first owner, initialized)
     for name, module in model.named_modules():
         rule = _rule_of(module)
         for param_name, param in _own(module):
-            full = f"{name}.{param_name}" if name else param_name
-            owner = owners.setdefault(id(param), full)
-            if owner != full:
-                outcome = f"tied to {owner}, initialized there once"
+            if id(param) in owners:
+                owner, done = owners[id(param)]
+                outcome = f"tied to {owner}, " + ("initialized there once" if done else "left as it is there too")
             else:
                 outcome = _init_param(plan, name, module, rule, param_name, param)
+                owners[id(param)] = (f"{name}.{param_name}" if name else param_name, not isinstance(outcome, str))
             if isinstance(outcome, str):
                 records.skipped.append(InitSkip(name, type(module).__name__, param_name, outcome))
             else:

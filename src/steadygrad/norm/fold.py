@@ -211,6 +211,8 @@ def _pairs_hooks(model: nn.Module, example_inputs: tuple) -> tuple[list[tuple[st
         else:
             reason = _refusal(previous.name, previous.module, call.module)
             others = [u for u in uses.watched.get(id(x), []) if u != call.name]
+            if reason is None and isinstance(previous.module, nn.Linear) and x.dim() != 2:
+                reason = f"{previous.name}'s output has {x.dim()} dims: BatchNorm1d normalizes dim 1, not its features"
             if reason is None and count[previous.name] > 1:
                 reason = f"{previous.name} is called {count[previous.name]} times: folding would change every call"
             if reason is None and others:
@@ -291,6 +293,10 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> nn.Module:
     addition or any other op, one whose layer output feeds something else too, modules called more than
     once, BatchNorms without running statistics. ``fold_batchnorm_report`` says which and why. The user's
     model is not modified.
+
+    Symbolic tracing sees no shapes: a Linear is taken to feed its BatchNorm1d an (N, features) input (the
+    check that its output units equal the BatchNorm's features catches most other cases; a Linear applied to
+    (N, L, F) with L equal to its output units would be folded wrongly). The recorded calls check the shape.
 
     Outputs equal the unfolded model's in eval mode, up to rounding, and inference does one op less.
 
