@@ -254,9 +254,8 @@ _registered_libraries: set[str] = set()
 def register_known_libraries() -> None:
     """Register the layers of libraries the process has already imported (steadygrad imports none of them).
 
-    Hugging Face ``transformers``: ``pytorch_utils.Conv1D`` is a dense layer (its weight is stored (in, out),
-    transposed from ``nn.Linear``'s), and the activation classes of ``transformers.activations.ACT2CLS`` get the
-    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their entry.
+    Hugging Face ``transformers``: the activation classes of ``transformers.activations.ACT2CLS`` get the
+    family their name says (its ``Conv1D`` is adopted by ``_KNOWN_ELSEWHERE``, transposed) (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their entry.
     Called by the instruments before they select layers, so a model built after ``import transformers`` is seen
     whole. Idempotent and cheap after the first call.
     """
@@ -267,10 +266,9 @@ def register_known_libraries() -> None:
         return
     _registered_libraries.add("transformers")
     try:
-        from transformers import activations, pytorch_utils
+        from transformers import activations
     except ImportError:  # a broken or partial install: its layers stay unknown, as before
         return
-    register_weight_layer(pytorch_utils.Conv1D, "dense")
     for name, entry in activations.ACT2CLS.items():
         cls = entry[0] if isinstance(entry, tuple) else entry
         family = _activation_family(name)
