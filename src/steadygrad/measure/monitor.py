@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steadygrad._autograd import in_backward
 from steadygrad._layout import REPAIRED, SUMS_WIDTH
 from steadygrad.measure.hooks import (
     Recorder,
@@ -279,7 +280,8 @@ class Monitor:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        self._recorder.new_pass()
+        if not in_backward():  # a checkpointed model's recompute is no new pass
+            self._recorder.new_pass()
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
