@@ -57,12 +57,16 @@ def net_and_data():
 def test_probe_of_a_compiled_mlp_equals_the_eager_probe(backend):
     net, x, _ = net_and_data()
     expected = probe(net, x)
-    got = probe(torch.compile(net, backend=backend), x)
+    compiled = torch.compile(net, backend=backend)
+    got = probe(compiled, x)
     assert len(got.records) == len(expected.records) >= 4
     assert not any(r.name.startswith("_orig_mod") for r in got.records)
     assert_same(expected, got)
     assert [r.predicted_second_moment for r in got.records] == [r.predicted_second_moment for r in expected.records]
     assert backend.compiles == backend.runs == 0  # measured eagerly: nothing was compiled
+    compiled(x)  # compiled now, with no hook of ours; the probe still sees every layer
+    assert_same(expected, probe(compiled, x))
+    assert (backend.compiles, backend.runs) == (1, 1)
 
 
 def _train(model: nn.Module, x, y, after_step=lambda: None):
@@ -111,3 +115,29 @@ def test_a_model_compiled_in_place_is_refused_with_the_way_out():
     net.compile()  # compiles lazily, at the first call: none happens here
     with pytest.raises(ValueError, match=r"torch\.compile\(model\)"):
         Monitor(net)
+
+
+class Fails(nn.Module):
+    """A Linear whose forward raises while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.linear(x)
+
+
+def test_a_forward_that_raises_under_the_probe_leaves_the_model_compiled(backend):
+    model = Fails()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(8, 4)
+    model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        probe(compiled, x)
+    model.fail = False
+    compiled(x)
+    assert backend.runs == 1  # the eager stance did not outlive the failed step
