@@ -97,6 +97,43 @@ def test_probe_of_checkpointed_blocks_equals_the_plain_probe(reentrant):
     assert_same(expected, probe(checkpointed, x))
 
 
+class SharedNet(nn.Module):
+    """A Linear shared by the first and the last of three segments: reentrant checkpointing recomputes the last
+    segment first, so its recompute must find its own call, not the earliest waiting one."""
+
+    def __init__(self, width: int = 8, reentrant: bool | None = None) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.shared = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+        self.head = nn.Linear(width, 3)
+
+    def segment(self, i: int, x):
+        x = x + torch.tanh(self.blocks[i](x))
+        return x + torch.tanh(self.shared(x)) if i != 1 else x
+
+    def forward(self, x):
+        for i in range(3):
+            if self.reentrant is None:
+                x = self.segment(i, x)
+            else:
+                x = checkpoint(self.segment, i, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_module_shared_by_two_checkpointed_segments_keeps_each_calls_gradient(reentrant):
+    torch.manual_seed(5)
+    plain = SharedNet()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.reentrant = reentrant
+    x = torch.randn(16, 8)
+    expected = probe(plain, x)
+    calls = [r for r in expected.records if r.name == "shared"]
+    assert len(calls) == 2 and calls[0].grad_norm != pytest.approx(calls[1].grad_norm, rel=1e-3)
+    assert_same(expected, probe(checkpointed, x))
+
+
 def _train(net: nn.Module, batches):
     """Two optimizer steps of two micro-batches each under a Monitor; its history's reports."""
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

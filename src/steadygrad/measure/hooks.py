@@ -147,6 +147,29 @@ def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> Non
             slot.unit_active = active if slot.unit_active is None else slot.unit_active | active
 
 
+_FINGERPRINT = 16  # leading values of an output kept to tell a shared module's calls apart in the recompute
+
+
+def _fingerprint(y: torch.Tensor) -> torch.Tensor:
+    """A few leading values of a no_grad output (a copy): its recompute reproduces them."""
+    return y.detach().reshape(-1)[:_FINGERPRINT].clone()
+
+
+def _take_match(waiting: deque, y: torch.Tensor) -> _Slot:
+    """Remove and return the waiting call that a recompute's output ``y`` reproduces: the only one, else the first
+    whose fingerprint ``y`` matches, else the earliest (a comparison reaches the host, so it is made only when
+    several calls wait)."""
+    index = 0
+    if len(waiting) > 1:
+        mark = _fingerprint(y)
+        index = next(
+            (i for i, (_, seen) in enumerate(waiting) if seen.shape == mark.shape and torch.equal(seen, mark)), 0
+        )
+    slot, _ = waiting[index]
+    del waiting[index]
+    return slot
+
+
 def _add_gradient(slot: _Slot, grad: torch.Tensor) -> None:
     moments = fast_gradient_moments(grad)
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
@@ -203,9 +226,11 @@ class Recorder:
     own (``in_backward``): in reentrant mode the first forward ran under no_grad, so the recompute's output is the one
     the gradient flows through, and it takes the gradient tap for the earliest call of the module still waiting for
     one (``_awaiting``); in non-reentrant mode the first forward's outputs are in the graph and the recompute's are
-    not, so nothing waits and the recompute is ignored. Limitation: a module called in two checkpointed segments is
-    matched in recompute order, and segments recompute last first, so their gradients may be swapped between its
-    call records (calls within one segment match in order).
+    not, so nothing waits and the recompute is ignored. Where several calls of one module wait (a module shared by
+    two checkpointed segments, which recompute last first), the recompute goes to the call whose output it
+    reproduces (a few leading values, bitwise: checkpointing replays the forward, RNG state included); failing
+    that, the earliest call waiting. A recompute that does not reproduce its forward bitwise (a non-deterministic
+    kernel) may so have its gradient recorded under the other call of the shared module.
     """
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
@@ -237,7 +262,7 @@ class Recorder:
         self._pending_units: dict[int, tuple] = {}
         # per module name, its calls whose output had no gradient to tap (reentrant checkpointing's no_grad
         # forward), oldest first: a recompute in the backward pass taps its gradient for them
-        self._awaiting: dict[str, deque[_Slot]] = {}
+        self._awaiting: dict[str, deque[tuple[_Slot, torch.Tensor]]] = {}  # (call, its output's fingerprint)
         self.called: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -372,7 +397,7 @@ class Recorder:
             if y is None:
                 return
             if not y.requires_grad:
-                self._awaiting.setdefault(name, deque()).append(slot)
+                self._awaiting.setdefault(name, deque()).append((slot, _fingerprint(y)))
             if self._deferred:
                 self._collect(slot, y, module, own_kind)
                 return
@@ -396,7 +421,7 @@ class Recorder:
         y = first_tensor(output)
         if not waiting or y is None or not y.requires_grad:
             return
-        slot = waiting.popleft()
+        slot = _take_match(waiting, y)
         if self._deferred:  # the compiled taps summed the output already: the gradient joins in deferred_table
 
             def grad_hook(grad, slot=slot):
