@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steadygrad._autograd import in_backward
 from steadygrad._layout import REPAIRED, SUMS_WIDTH
+from steadygrad.measure import compiled as compile_support
 from steadygrad.measure.hooks import (
     Recorder,
     deferred_table,
@@ -155,6 +157,11 @@ class Monitor:
     NaN/Inf and its statistics are recomputed with masking); on other steps the
     hooks return at once. NaN and Inf are counted per layer, never dropped silently, never a crash.
 
+    Gradient checkpointing (torch's, either mode, or transformers' ``gradient_checkpointing_enable``) changes no
+    record: its recompute is not a call (``Recorder``). A ``torch.compile(model)`` wrapper is measured under the
+    original module's names and run eagerly on logged steps only (``steadygrad.measure.compiled``); the Monitor
+    may be attached after its first compiled call. Give it the wrapper you train, not the module inside.
+
     Args:
         model: the module to watch.
         every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
@@ -189,9 +196,12 @@ class Monitor:
             raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
         self.model = model
         self.schedule = _schedule(every)
-        self.layers = select_layers(model, layers)
+        # a torch.compile'd model runs eagerly on logged steps and is measured under its own module's names
+        self._eager = compile_support.EagerStance(model) if compile_support.is_compiled(model) else None
+        measured = compile_support.unwrap(model)
+        self.layers = compile_support.strip_wrapper_names(select_layers(measured, layers))
         if not self.layers:
-            names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
+            names = ", ".join(name for name, _ in measured.named_modules() if name) or "(no submodules)"
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         # which module classes were left out, and why: a default selection that misses a layer must say so
         self.skipped = skipped_modules(model, self.layers) if layers is None else {}
@@ -200,8 +210,8 @@ class Monitor:
         self.optimizer = optimizer
         self.scaler = scaler
         self.global_batch = global_batch
-        structure = describe(model)
-        self.label = structure.label if structure is not None else type(model).__name__
+        structure = describe(measured)
+        self.label = structure.label if structure is not None else type(measured).__name__
         self.step_count = 0  # optimizer steps seen so far
         self._recorder = Recorder(self.layers)
         self._handles: list = []
@@ -253,6 +263,8 @@ class Monitor:
             self._recorder.arm(deferred=self._taps.deferred)
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
+            if self._eager is not None:
+                self._eager.attach()
         else:
             if logged:  # not attached yet: the step counts as logged once attach arms it
                 self._recorder.arm(deferred=False)
@@ -262,6 +274,8 @@ class Monitor:
             if self._pass_hook is not None:
                 self._pass_hook.remove()
                 self._pass_hook = None
+            if self._eager is not None:
+                self._eager.park()
 
     # -- the training loop's side ---------------------------------------------------------------------
     @property
@@ -281,7 +295,8 @@ class Monitor:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        self._recorder.new_pass()
+        if not in_backward():  # a checkpointed model's recompute is no new pass
+            self._recorder.new_pass()
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
