@@ -201,6 +201,7 @@ class Monitor:
         structure = describe(model)
         self.label = structure.label if structure is not None else type(model).__name__
         self.step_count = 0  # optimizer steps seen so far
+        self.loss_name = ""  # which loss the steps take, in words, as observe_loss was last told
         self._recorder = Recorder(self.layers)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
@@ -267,8 +268,11 @@ class Monitor:
         """Whether the optimizer step now being accumulated will be logged."""
         return self._recorder.active
 
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        """Attach this step's loss to its report (kept on the device until the step is logged)."""
+    def observe_loss(self, loss: torch.Tensor, name: str | None = None) -> None:
+        """Attach this step's loss to its report (kept on the device until the step is logged), and, when
+        given, the loss's name in words (``steadygrad.losses.resolve_loss_named``) to this and later reports."""
+        if name is not None:
+            self.loss_name = name
         if self._recorder.active:
             self._loss = loss.detach()
 
@@ -303,6 +307,7 @@ class Monitor:
                 step=self.step_count,
                 label=self.label,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
+                loss_name=self.loss_name,
             )
             for sink in self.sinks:
                 sink.write(report, self.layers)
