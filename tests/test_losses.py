@@ -159,3 +159,11 @@ def test_every_rule_names_its_loss(gen):
     assert [next(k for k in LOSS_KINDS if n.startswith(k)) for n in names] == list(LOSS_KINDS)
     assert names[0] == "loss= test_every_rule_names_its_loss.<locals>.<lambda>"
     assert names[-1] == "random projection of the outputs (seed 0)"
+
+
+def test_square_sequence_logits_read_as_n_t_c_and_narrow_integer_targets_count(gen):
+    logits = torch.randn(2, 4, 4, generator=gen)  # C == T: (N, T, C) and (N, C, T) both fit; the former is taken
+    targets = torch.randint(0, 4, (2, 4), generator=gen)
+    expected = F.cross_entropy(logits.reshape(8, 4), targets.reshape(8))
+    torch.testing.assert_close(task_loss(logits, targets), expected)
+    torch.testing.assert_close(task_loss(logits, targets.to(torch.int32)), expected)

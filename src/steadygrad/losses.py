@@ -125,6 +125,7 @@ def _mismatch(y: torch.Tensor, targets: torch.Tensor, expected: str) -> ValueErr
 def _cross_entropy(y: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Cross-entropy for (N, C), (N, T, C) or (N, C, d1, ...) logits; targets of -100 are left out."""
     suffix = f"ignore_index={IGNORE_INDEX}"
+    targets = targets.long()  # int32 or uint8 labels (from numpy, say) mean the same classes; torch wants int64
     if y.dim() == 2 and targets.shape == y.shape[:1]:
         return F.cross_entropy(y, targets, ignore_index=IGNORE_INDEX), f"cross-entropy (N, C), {suffix}"
     if y.dim() == 3 and targets.shape == y.shape[:2]:
