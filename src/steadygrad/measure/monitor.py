@@ -204,7 +204,7 @@ class Monitor:
             names = ", ".join(name for name, _ in measured.named_modules() if name) or "(no submodules)"
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         # which module classes were left out, and why: a default selection that misses a layer must say so
-        self.skipped = skipped_modules(model, self.layers) if layers is None else {}
+        self.skipped = skipped_modules(measured, self.layers) if layers is None else {}
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
         self.optimizer = optimizer
@@ -213,6 +213,7 @@ class Monitor:
         structure = describe(measured)
         self.label = structure.label if structure is not None else type(measured).__name__
         self.step_count = 0  # optimizer steps seen so far
+        self.loss_name = ""  # which loss the steps take, in words, as observe_loss was last told
         self._recorder = Recorder(self.layers)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
@@ -283,8 +284,11 @@ class Monitor:
         """Whether the optimizer step now being accumulated will be logged."""
         return self._recorder.active
 
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        """Attach this step's loss to its report (kept on the device until the step is logged)."""
+    def observe_loss(self, loss: torch.Tensor, name: str | None = None) -> None:
+        """Attach this step's loss to its report (kept on the device until the step is logged), and, when
+        given, the loss's name in words (``steadygrad.losses.resolve_loss_named``) to this and later reports."""
+        if name is not None:
+            self.loss_name = name
         if self._recorder.active:
             self._loss = loss.detach()
 
@@ -321,6 +325,7 @@ class Monitor:
                 label=self.label,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
                 skipped=dict(self.skipped),
+                loss_name=self.loss_name,
             )
             for sink in self.sinks:
                 sink.write(report, self.layers)
