@@ -255,7 +255,8 @@ def register_known_libraries() -> None:
     """Register the layers of libraries the process has already imported (steadygrad imports none of them).
 
     Hugging Face ``transformers``: the activation classes of ``transformers.activations.ACT2CLS`` get the
-    family their name says (its ``Conv1D`` is adopted by ``_KNOWN_ELSEWHERE``, transposed) (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their entry.
+    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their
+    entry. (Its ``Conv1D`` is adopted by ``_KNOWN_ELSEWHERE``, transposed.)
     Called by the instruments before they select layers, so a model built after ``import transformers`` is seen
     whole. Idempotent and cheap after the first call.
     """
