@@ -144,3 +144,86 @@ def test_relu6_after_a_layer_is_not_a_saturating_unit():
     assert not [f for f in dg.architecture_findings(healthy) if f.kind == "saturating_without_norm"]
     exposed = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     assert [f.kind for f in dg.architecture_findings(exposed)] == ["saturating_without_norm"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("transformer.h.3.attn.c_attn", "transformer.h.*.attn.c_attn"),
+        ("layer2.1.conv1", "layer*.*.conv1"),  # a block's conv1 and conv2 are different roles
+        ("layer2.0.mlp.2", "layer*.*.mlp.2"),  # an nn.Sequential inside a block: mlp.0 and mlp.2 differ too
+        ("block07", "block*"),  # no enclosing index: the depth is in the layer's own name
+        ("3", "*"),
+        ("head", "head"),
+    ],
+)
+def test_name_templates_replace_depth_indices(name, expected):
+    assert dg.template(name) == expected
+
+
+def named_report(rows):
+    """rows: (name, kind, grad_norm, act_std)."""
+    records = [LayerRecord(name=n, kind=k, index=i, grad_norm=g, act_std=s) for i, (n, k, g, s) in enumerate(rows)]
+    return FlowReport(records=records)
+
+
+def test_depth_rules_compare_the_same_layer_across_depth():
+    """Attention queries get a tiny gradient at init (a near-uniform softmax) at every depth: a flat series, not
+    vanishing; an embedding's std of 0.02 against a norm's 1 is not poor propagation."""
+    rows = [("emb", "Embedding", 1.0, 0.02)]
+    for depth in range(3):
+        rows += [(f"h.{depth}.ln", "LayerNorm", 1.0, 1.0), (f"h.{depth}.q", "Linear", 1e-5, 0.1)]
+        rows += [(f"h.{depth}.out", "Linear", 1.0, 0.01)]
+    rows.append(("head", "Linear", 1.0, 0.1))
+    assert dg.diagnose(named_report(rows)) == []
+    rows[2] = ("h.0.q", "Linear", 1e-9, 0.1)  # the first query's gradient is 1e-4 of the last one's
+    (found,) = dg.diagnose(named_report(rows))
+    assert found.kind == "vanishing_gradients" and found.layers == ["h.0.q"]
+    assert found.evidence["series"] == {"h.*.q (Linear)": pytest.approx(1e-4)}
+
+
+def test_exactly_zero_gradients_say_why():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    rows = [("0", "Linear", 0.0, 1.0), ("1", "ReLU", 0.0, 0.5), ("2", "Linear", 1.0, 0.0)]
+    (found,) = dg.diagnose(named_report(rows), model=model)
+    assert found.kind == "zero_gradients" and found.severity == "info" and found.layers == ["0 (Linear)", "1 (ReLU)"]
+    assert found.evidence == {"cause": "zero_init", "blocked_by": {"2 (Linear)": 2}}
+    dead = named_report([*rows[:1], ("1", "ReLU", 1.0, 0.0), ("2", "Linear", 1.0, 0.1)])
+    dead.records[1].dead = 1.0
+    found = [f for f in dg.diagnose(dead) if f.kind == "zero_gradients"]
+    assert found[0].severity == "warning" and found[0].evidence["cause"] == "dead"
+    unexplained = dg.diagnose(named_report([("a", "Linear", 0.0, 1.0), ("b", "Linear", 1.0, 1.0)]))
+    assert [(f.kind, f.severity, f.evidence["cause"]) for f in unexplained] == [
+        ("zero_gradients", "warning", "unknown")
+    ]
+
+
+def test_a_zero_head_is_not_a_symmetry_but_two_zero_layers_are():
+    """Row i of a zero-initialized head gets output i's gradient, which differs per output; a zero hidden layer
+    before a zero head gets no gradient difference (or any gradient) at all."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[4].weight)
+    assert dg.diagnose(report(), model=model) == []
+    nn.init.zeros_(model[2].weight)
+    found = dg.diagnose(report(), model=model)
+    assert kinds(found) == ["symmetric_units"] and found[0].layers == ["2"]
+
+
+def test_integer_inputs_and_small_batches_get_no_centring_finding():
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    assert dg.diagnose(report(), inputs=ids) == []
+    assert dg.diagnose(report(), inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}) == []
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # |mean|/std ~ 0.4 by chance
+    assert dg.diagnose(report(), inputs={"pixel_values": images}) == []
+    assert kinds(dg.diagnose(report(), inputs={"pixel_values": images + 3})) == ["noncentred_inputs"]
+
+
+def test_layer_gain_is_the_variance_scaling_factor():
+    layer = nn.Linear(256, 128)
+    nn.init.normal_(layer.weight, std=(2 / 256) ** 0.5, generator=torch.Generator().manual_seed(0))  # He
+    assert dg.layer_gain(layer) == pytest.approx(2**0.5, rel=0.02)
+    conv = nn.Conv2d(8, 16, 3)
+    nn.init.normal_(conv.weight, std=(1 / 72) ** 0.5, generator=torch.Generator().manual_seed(0))  # LeCun
+    assert dg.layer_gain(conv) == pytest.approx(1.0, rel=0.05)
+    assert dg.layer_gain(nn.LayerNorm(8)) is None
