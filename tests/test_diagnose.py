@@ -66,6 +66,9 @@ def test_update_ratio_out_of_range():
     low = [report(step=s, update_ratio=(1e-7, 1e-3, 1e-3)) for s in (1, 2, 3)]
     assert kinds(dg.diagnose(high)) == ["update_ratio_high"]
     assert kinds(dg.diagnose(low)) == ["update_ratio_low"]
+    # weights that were exactly zero before an update (ratio inf) grow from zero: their ratio is ~1/t, not the rate
+    from_zero = [report(step=s, update_ratio=(r, 1e-3, 1e-3)) for s, r in ((1, math.inf), (2, 1.0), (3, 0.5))]
+    assert kinds(dg.diagnose(from_zero)) == []
 
 
 def test_model_rules_symmetry_and_bias_before_batchnorm():

@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 
-from steadygrad.measure import probe
+from steadygrad.losses import projection_loss
+from steadygrad.measure import Monitor, probe
 from tests import zoo
 
 dg = importlib.import_module("steadygrad.diagnose")  # the module: steadygrad.diagnose is the function
@@ -35,6 +36,30 @@ def test_broken_models_get_their_finding(case):
     found = {f.kind for f in findings}
     assert case.expect <= found, [str(f) for f in findings]
     assert not case.forbid & found, [str(f) for f in findings]
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+@pytest.mark.parametrize("case", zoo.HEALTHY, ids=lambda c: c.name)
+def test_healthy_models_stay_quiet_over_a_few_adam_steps(case):
+    """The rules that need a Monitor's history (update ratios, growth over steps) on the optimizer and learning
+    rate these models train with; a zero-initialized layer's first updates are all it has, not a high rate."""
+    if case.needs:
+        pytest.importorskip(case.needs)
+    model, inputs = case.build()
+    torch.manual_seed(zoo.SEED)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Monitor(model, optimizer=optimizer) as monitor:
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = projection_loss(call(model, inputs))
+            loss.backward()
+            monitor.observe_loss(loss)
+            optimizer.step()
+    findings = dg.diagnose(monitor.history.reports, model=model, inputs=inputs)
+    assert [str(f) for f in findings if f.severity in SERIOUS] == []
 
 
 def by_kind(findings, kind):

@@ -108,14 +108,23 @@ def dead(history: Sequence[FlowReport]) -> list[Finding]:
 
 
 def update_ratio(history: Sequence[FlowReport]) -> list[Finding]:
+    """The median update-to-weight ratio per layer against the range where training makes steady progress.
+
+    A layer whose ratio was infinite at some step had all-zero weights before that update (a zero-initialized
+    head, a residual block's zero norm gain): its weights are then the sum of its own updates, so its ratio is
+    about 1/t after t steps whatever the learning rate, and it is left out of the "too large" rule.
+    """
     by_layer: dict[str, list[float]] = {}
+    from_zero: set[str] = set()
     for report in history:
         for r in report.records:
             if math.isfinite(r.update_ratio):
                 by_layer.setdefault(r.label, []).append(r.update_ratio)
+            elif r.update_ratio == math.inf:
+                from_zero.add(r.label)
     medians = {name: statistics.median(values) for name, values in by_layer.items()}
     low = {n: v for n, v in medians.items() if v < UPDATE_RATIO_LOW}
-    high = {n: v for n, v in medians.items() if v > UPDATE_RATIO_HIGH}
+    high = {n: v for n, v in medians.items() if v > UPDATE_RATIO_HIGH and n not in from_zero}
     findings = []
     if high:
         findings.append(
