@@ -62,9 +62,12 @@ def test_saturation_dead_and_signal():
 
 
 def test_update_ratio_out_of_range():
-    high = [report(step=s, update_ratio=(0.5, 1e-3, 1e-3)) for s in (1, 2, 3)]
+    high = [report(step=s, update_ratio=(0.5, 0.3, 1e-3)) for s in (1, 2, 3)]
     low = [report(step=s, update_ratio=(1e-7, 1e-3, 1e-3)) for s in (1, 2, 3)]
-    assert kinds(dg.diagnose(high)) == ["update_ratio_high"]
+    assert kinds(dg.diagnose(high)) == ["update_ratio_high"] and dg.diagnose(high)[0].severity == "warning"
+    # one layer's steps large against the others': its weights are small (a small-init head), not the rate high
+    one = dg.diagnose([report(step=s, update_ratio=(0.5, 1e-3, 1e-3)) for s in (1, 2, 3)])
+    assert kinds(one) == ["update_ratio_high"] and one[0].severity == "info" and one[0].layers == ["layer0"]
     assert kinds(dg.diagnose(low)) == ["update_ratio_low"]
     # weights that were exactly zero before an update (ratio inf) grow from zero: their ratio is ~1/t, not the rate
     from_zero = [report(step=s, update_ratio=(r, 1e-3, 1e-3)) for s, r in ((1, math.inf), (2, 1.0), (3, 0.5))]

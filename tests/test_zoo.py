@@ -42,24 +42,35 @@ def call(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-@pytest.mark.parametrize("case", zoo.HEALTHY, ids=lambda c: c.name)
-def test_healthy_models_stay_quiet_over_a_few_adam_steps(case):
-    """The rules that need a Monitor's history (update ratios, growth over steps) on the optimizer and learning
-    rate these models train with; a zero-initialized layer's first updates are all it has, not a high rate."""
+def monitored(case: zoo.Case, lr: float, steps: int = 4):
+    """The diagnosis of ``steps`` Adam steps under a Monitor (the rules that need a history: update ratios,
+    growth over steps)."""
     if case.needs:
         pytest.importorskip(case.needs)
     model, inputs = case.build()
     torch.manual_seed(zoo.SEED)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     with Monitor(model, optimizer=optimizer) as monitor:
-        for _ in range(4):
+        for _ in range(steps):
             optimizer.zero_grad()
             loss = projection_loss(call(model, inputs))
             loss.backward()
             monitor.observe_loss(loss)
             optimizer.step()
-    findings = dg.diagnose(monitor.history.reports, model=model, inputs=inputs)
+    return dg.diagnose(monitor.history.reports, model=model, inputs=inputs)
+
+
+@pytest.mark.parametrize("case", zoo.HEALTHY, ids=lambda c: c.name)
+def test_healthy_models_stay_quiet_over_a_few_adam_steps(case):
+    """On the learning rate these models train with, a zero-initialized layer's first updates and a small head's
+    growth out of its init are not a learning rate too high."""
+    findings = monitored(case, lr=1e-3)
     assert [str(f) for f in findings if f.severity in SERIOUS] == []
+
+
+def test_a_learning_rate_too_high_is_a_warning():
+    findings = monitored(next(c for c in zoo.HEALTHY if c.name == "resnet18"), lr=0.3)
+    assert [f.severity for f in by_kind(findings, "update_ratio_high")] == ["warning"]
 
 
 def by_kind(findings, kind):

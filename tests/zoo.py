@@ -226,6 +226,17 @@ def mlp_zero_head():
     return model, torch.randn(32, 16, generator=_gen(1))
 
 
+def mlp_small_head():
+    """A tanh MLP with PPO's policy-head init: orthogonal layers of gain sqrt(2), the output layer of gain 0.01
+    so that the first policy is near uniform."""
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 6))
+    for layer, gain in ((model[0], math.sqrt(2)), (model[2], math.sqrt(2)), (model[4], 0.01)):
+        nn.init.orthogonal_(layer.weight, gain)
+        nn.init.zeros_(layer.bias)
+    return model, torch.randn(32, 16, generator=_gen(1))
+
+
 def _stack(depth: int, width: int, activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), activation())])
 
@@ -297,6 +308,7 @@ HEALTHY = [
     _case("convnext", convnext),
     _case("transformer_encoder", transformer_encoder),
     _case("mlp_zero_head", mlp_zero_head),
+    _case("mlp_small_head", mlp_small_head),
 ]
 
 BROKEN = [

@@ -6,6 +6,7 @@ weight layer's own gain. A gradient that is exactly zero is not a ratio; it gets
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -79,19 +80,21 @@ def layer_gain(module: nn.Module) -> float | None:
 
 
 def _gains(report: FlowReport, modules: dict[str, nn.Module]) -> dict[str, float]:
-    """The gain of each recorded weight layer whose output is not renormalized right after it.
+    """The gain of each recorded weight layer whose output is not renormalized right after it, but the output's.
 
     A norm right after a layer makes the layer scale-invariant: its forward output is rescaled to unit variance,
     and its backward divides by the same standard deviation, undoing the weight's scale on the gradient too
-    (Ioffe & Szegedy 2015; van Laarhoven 2017). A conv before a BatchNorm may be any size. All-zero weights are
-    a deliberate zero init, reported by ``zero_gradients``.
+    (Ioffe & Szegedy 2015; van Laarhoven 2017). A conv before a BatchNorm may be any size. The layer that
+    computes the model's output is left out: a small output layer is a deliberate choice to start from
+    near-uniform outputs (PPO's policy head, orthogonal with gain 0.01), and it scales every gradient below it
+    alike, which is no change along depth. All-zero weights are a zero init, reported by ``zero_gradients``.
     """
     records = sorted(report.records, key=lambda r: r.index)
     gains = {}
-    for record, after in zip(records, [*records[1:], None], strict=True):
+    for record, after in itertools.pairwise([*records, None]):
         module = modules.get(record.name)
-        gain = layer_gain(module) if module is not None and record.call == 1 else None
-        if gain is None or gain == 0 or (after is not None and _is_norm(after, modules)):
+        gain = layer_gain(module) if module is not None and record.call == 1 and after is not None else None
+        if gain is None or gain == 0 or _is_norm(after, modules):
             continue
         gains[record.label] = gain
     return gains
