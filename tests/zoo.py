@@ -271,6 +271,17 @@ def relu_huge():
     return model, torch.randn(64, 64, generator=_gen(1))
 
 
+def tanh_small():
+    """Eight (Linear 64, Tanh) with weights of std 0.01 (each layer scales the signal by about 0.08)."""
+    torch.manual_seed(SEED)
+    model = _stack(8, 64, nn.Tanh)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.01, generator=_gen(2))
+    return model, torch.randn(64, 64, generator=_gen(1))
+
+
 def deep_sigmoid():
     """Twenty (Linear 64, Sigmoid) with PyTorch's default init: sigmoid's derivative is at most 1/4."""
     torch.manual_seed(SEED)
@@ -315,12 +326,15 @@ BROKEN = [
     _case("tanh_saturated", tanh_saturated, expect={"saturated_activations"}),
     _case("dead_first_relu", dead_first_relu, expect={"dead_units"}, forbid={"poor_signal_propagation"}),
     _case("deep_sigmoid", deep_sigmoid, expect={"vanishing_gradients"}),
+    _case("tanh_small", tanh_small, expect={"vanishing_gradients"}),
     _case("gpt2_tiny", scaled_weights(gpt2, 1e-3), expect={"vanishing_gradients"}, needs="transformers"),
     _case("bert_tiny", scaled_weights(bert, 1e-3), expect={"vanishing_gradients"}, needs="transformers"),
     _case("bert_std1e-4", normal_weights(bert, 1e-4), expect={"vanishing_gradients"}, needs="transformers"),
     # LayerNorm bounds a huge-init transformer's forward and its stream's gradient grows only ~2x per block, but
     # every weight layer multiplies the gradient by ~11 (sqrt(fan_in * E[W^2]) = 0.02 * 100 * sqrt(32))
     _case("gpt2_huge", scaled_weights(gpt2, 100), expect={"exploding_gradients"}, needs="transformers"),
+    # T5 has no 1/sqrt(d) in its attention: at x100 the softmax saturates to one-hot and Q/K get exactly zero
+    _case("t5_huge", scaled_weights(t5, 100), expect={"exploding_gradients", "zero_gradients"}, needs="transformers"),
     _case("vit_huge", scaled_weights(vit, 1e3), expect={"exploding_gradients"}, needs="transformers"),
     _case("relu_huge", relu_huge, expect={"exploding_gradients"}),
 ]

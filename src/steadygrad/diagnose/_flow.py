@@ -260,7 +260,8 @@ _ZERO_MESSAGES = {
     "unknown": (
         "warning",
         "{n} layer(s) get exactly zero gradient ({blockers}: the first layer after them that gets any): they will "
-        "not learn. Check for a detached path, a zero multiplier or a mask.",
+        "not learn. Look for a softmax saturated to one-hot (attention logits far too large: its derivative "
+        "rounds to exactly zero), a detached path, a zero multiplier or a mask.",
     ),
 }
 
