@@ -291,6 +291,33 @@ def deep_sigmoid():
 # -- the cases -------------------------------------------------------------------------------------------------
 
 
+class HandWrittenRecurrence(nn.Module):
+    """h_t = W h_{t-1} + U x_t in a Python loop, W = radius x an orthogonal matrix: the gradient reaching step 1
+    from the last is radius^(T-1) of it (closed form for a linear recurrence)."""
+
+    def __init__(self, radius: float, width: int = 16, inputs: int = 4) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(inputs, width), nn.Linear(width, 2)
+        self.rec = nn.Linear(width, width, bias=False)
+        q, _ = torch.linalg.qr(torch.randn(width, width))
+        with torch.no_grad():
+            self.rec.weight.copy_(radius * q)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.rec.in_features)
+        for t in range(x.shape[1]):
+            h = self.rec(h) + self.inp(x[:, t])
+        return self.out(h)
+
+
+def recurrence(radius: float, steps: int = 20) -> Callable:
+    def build():
+        torch.manual_seed(SEED)
+        return HandWrittenRecurrence(radius), torch.randn(8, steps, 4, generator=_gen(2))
+
+    return build
+
+
 @dataclass(frozen=True)
 class Case:
     """A model and what its diagnosis must say: nothing at warning or above (``healthy``), or these kinds."""
@@ -320,6 +347,7 @@ HEALTHY = [
     _case("transformer_encoder", transformer_encoder),
     _case("mlp_zero_head", mlp_zero_head),
     _case("mlp_small_head", mlp_small_head),
+    _case("recurrence_orthogonal", recurrence(1.0)),
 ]
 
 BROKEN = [
@@ -337,6 +365,8 @@ BROKEN = [
     _case("t5_huge", scaled_weights(t5, 100), expect={"exploding_gradients"}, needs="transformers"),
     _case("vit_huge", scaled_weights(vit, 1e3), expect={"exploding_gradients"}, needs="transformers"),
     _case("relu_huge", relu_huge, expect={"exploding_gradients"}),
+    _case("recurrence_exploding", recurrence(1.6), expect={"exploding_over_time"}),
+    _case("recurrence_vanishing", recurrence(0.5), expect={"vanishing_over_time"}),
 ]
 
 CASES = HEALTHY + BROKEN
