@@ -340,3 +340,25 @@ def test_a_report_prints_as_words_and_shows_its_table():
     report.show(console)
     shown = console.export_text()
     assert "1 (Tanh)" in shown and "3 (Linear)" in shown and report.summary().splitlines()[0] in shown
+
+
+def test_the_summary_reads_depth_along_like_layers_when_the_model_is_not_a_chain():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3))
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            for block in self.blocks:
+                h = h + block(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    report = probe(Residual(), torch.randint(0, 10, (4, 5)))
+    first, last = (r for r in report.records if r.name in ("blocks.0.0", "blocks.2.0"))
+    ratio = first.grad_norm / last.grad_norm
+    sentence = report.summary().splitlines()[0]
+    assert "over 3 depths" in sentence and "blocks.*.0 (LayerNorm)" in sentence and f"{ratio:.2g}" in sentence

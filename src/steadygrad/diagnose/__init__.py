@@ -5,11 +5,11 @@ named constants of ``_core`` (re-exported here); rules that need the model's wei
 before a BatchNorm, a weight layer's gain, a zero-initialized layer) or the inputs (centring) run when those are
 given.
 
-Every rule compares like with like: the depth rules read series of the same layer across depth (``_series``),
-never one module against whatever module comes next, so an embedding, a norm, a residual branch or an attention
-projection is not mistaken for a vanishing or exploding signal; a module called several times in one forward (a
-recurrence written by hand) is read along its calls (``_reuse``). Exactly-zero gradients are reported with their
-cause instead of being dropped.
+Every rule compares like with like: the depth rules read series of the same layer across depth
+(``steadygrad.measure.series``), never one module against whatever module comes next, so an embedding, a norm,
+a residual branch or an attention projection is not mistaken for a vanishing or exploding signal; a module called
+several times in one forward (a recurrence written by hand) is read along its calls (``_reuse``). Exactly-zero
+gradients are reported with their cause instead of being dropped.
 
 Every rule that produces findings lives in this package. Two read only the model, not the records, and are
 called separately (the doctor calls them; ``diagnose`` itself does not, so a Monitor's diagnosis is unchanged):
@@ -55,9 +55,9 @@ from steadygrad.diagnose._model import (
     symmetric,
 )
 from steadygrad.diagnose._reuse import REUSED_CALLS, reused
-from steadygrad.diagnose._series import Series, series, template
 from steadygrad.diagnose._units import dead, nonfinite, saturated, update_ratio
 from steadygrad.measure.records import FlowReport
+from steadygrad.measure.series import Series, series, template
 
 __all__ = [
     "ACTIONS",

@@ -1,7 +1,8 @@
 """The rules on how the gradient and the signal travel: vanishing, exploding, exactly-zero gradients, propagation.
 
-Every comparison is between like things (``_series``): the same layer at the first and the last depth, or a
-weight layer's own gain. A gradient that is exactly zero is not a ratio; it gets its own finding with its cause.
+Every comparison is between like things (``steadygrad.measure.series``): the same layer at the first and the last
+depth, or a weight layer's own gain. A gradient that is exactly zero is not a ratio; it gets its own finding with
+its cause.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from steadygrad.diagnose._core import (
     reinit_fix,
     saturating,
 )
-from steadygrad.diagnose._series import Series, series
 from steadygrad.measure.records import FlowReport, LayerRecord
+from steadygrad.measure.series import Series, series
 
 # -- what the model says about a record's module -----------------------------------------------------------
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from steadygrad.measure.series import series
+
 __all__ = ["FlowReport", "LayerRecord"]
 
 
@@ -102,24 +104,32 @@ class FlowReport:
         return self.gradient_ratio ** (1.0 / (len(layers) - 1))
 
     # -- text ----------------------------------------------------------------------------------------
+    def _gradient_sentence(self) -> str:
+        """How the gradient changed across depth. A plain chain (a built net's blocks, an MLP) is read from its
+        last layer back to its first. Any other model is read along its longest series of like layers
+        (``steadygrad.measure.series``: ``transformer.h.*.mlp.c_fc``), since its first and last modules (an
+        embedding and a head) are not comparable."""
+        layers = self._with_gradient()
+        longest = max(series(layers), key=lambda s: len(s.records), default=None)
+        if longest is None or len(longest.records) >= len(layers) - 1:
+            ratio, n, unit = self.gradient_ratio, len(layers), "layer"
+            where = "at layer 1 it is {ratio:.2g} {size} its last-layer size"
+        else:
+            first, last = longest.records[0], longest.records[-1]
+            ratio, n, unit = first.grad_norm / last.grad_norm, len(longest.records), "depth"
+            where = f"at the first {longest.label} it is {{ratio:.2g}} {{size}} its size at the last"
+        factor = ratio ** (1.0 / (n - 1))
+        size = "of" if ratio < 1 else "times"
+        if 0.5 <= ratio <= 2:
+            head = f"Gradient is steady: about {factor:.2f}x per {unit} over {n} {unit}s; "
+        else:
+            head = f"Gradient {'shrinks' if ratio < 1 else 'grows'} about {factor:.2f}x per {unit} over {n} {unit}s; "
+        return head + where.format(ratio=ratio, size=size) + "."
+
     def summary(self) -> str:
         """What happened, in plain words."""
-        lines = []
         layers = self._with_gradient()
-        if len(layers) >= 2:
-            factor, ratio, n = self.gradient_factor_per_layer, self.gradient_ratio, len(layers)
-            if 0.5 <= ratio <= 2:
-                lines.append(
-                    f"Gradient is steady: about {factor:.2f}x per layer over {n} layers, "
-                    f"{ratio:.2g} of its last-layer size at layer 1."
-                )
-            else:
-                verb = "shrinks" if ratio < 1 else "grows"
-                size = "of" if ratio < 1 else "times"
-                lines.append(
-                    f"Gradient {verb} about {factor:.2f}x per layer over {n} layers; at layer 1 it is "
-                    f"{ratio:.2g} {size} its last-layer size."
-                )
+        lines = [self._gradient_sentence()] if len(layers) >= 2 else []
         finite_std = [r for r in self.records if math.isfinite(r.act_std)]
         if len(finite_std) >= 2:
             lines.append(

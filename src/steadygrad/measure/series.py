@@ -6,14 +6,17 @@ branch's own scale, and an attention query's gradient is small at init because t
 The same role at two depths differs only by what the layers between them did to the signal, which is what
 vanishing, exploding and poor propagation across depth mean. So the depth rules read series: records grouped by
 their name with the depth indices replaced by ``*``, their kind and which call of the module they are.
+
+The functions take any records with ``name``, ``kind``, ``call`` and ``index`` (``LayerRecord``s), so that the
+report's own summary and the rules in ``steadygrad.diagnose`` read depth the same way.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-from steadygrad.measure.records import FlowReport, LayerRecord
+from typing import Any
 
 _DIGITS = re.compile(r"\d+")
 
@@ -42,7 +45,7 @@ class Series:
     template: str
     kind: str
     call: int
-    records: list[LayerRecord]
+    records: list[Any]  # LayerRecords
 
     @property
     def label(self) -> str:
@@ -50,11 +53,12 @@ class Series:
         return f"{self.template} ({self.kind}){call}"
 
 
-def series(report: FlowReport, *, min_depth: int = 2) -> list[Series]:
+def series(report_or_records, *, min_depth: int = 2) -> list[Series]:
     """The series of ``report`` with at least ``min_depth`` records. The call number is part of the key: a
     module called twice per block (torchvision's one ``relu``) plays two roles, before and after the residual
     add, and each is compared with itself at other depths."""
-    groups: dict[tuple[str, str, int], list[LayerRecord]] = {}
-    for record in sorted(report.records, key=lambda r: r.index):
+    records: Iterable = getattr(report_or_records, "records", report_or_records)
+    groups: dict[tuple[str, str, int], list] = {}
+    for record in sorted(records, key=lambda r: r.index):
         groups.setdefault((template(record.name), record.kind, record.call), []).append(record)
     return [Series(t, k, c, rs) for (t, k, c), rs in groups.items() if len(rs) >= min_depth]
