@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from steadygrad._autograd import on_gradient
+from steadygrad._keras import is_stand_in
 from steadygrad._layout import (
     RECORD,
     RECORD_COLUMNS,
@@ -32,6 +33,7 @@ from steadygrad._layout import (
     SUMS_UNITS,
     SUMS_WIDTH,
 )
+from steadygrad.kinds import parameter_role
 from steadygrad.losses import first_tensor
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
@@ -40,6 +42,7 @@ from steadygrad.measure.stats import (
     fast_activation_moments,
     fast_gradient_moments,
     gradient_moments,
+    layer_parameters,
     merge_activations,
     primary_layer,
     unit_moments,
@@ -212,10 +215,10 @@ class Recorder:
         self._collector = None  # deferred mode: the compiled taps (steadygrad.fast), made on first use
         for _, module in selected:
             layer = primary_layer(module)
-            named = [] if layer is None else list(layer.named_parameters(recurse=False))
+            named = [] if layer is None else layer_parameters(layer)
             self.parameters[id(module)] = named
-            weights = [p for n, p in named if n.startswith("weight")]
-            biases = [p for n, p in named if n.startswith("bias")]
+            weights = [p for n, p in named if parameter_role(n) == "weight"]
+            biases = [p for n, p in named if parameter_role(n) == "bias"]
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
@@ -333,7 +336,7 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------------------
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
-            if not self._active:
+            if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): no data
                 return
             y = first_tensor(output)
             if y is not None:
@@ -343,7 +346,7 @@ class Recorder:
 
     def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
         def hook(mod, args, output):
-            if not self._active:
+            if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): not a call
                 return
             call = self._calls_this_pass.get(name, 0) + 1
             self._calls_this_pass[name] = call
