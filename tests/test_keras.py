@@ -211,3 +211,19 @@ def test_monitor_stepped_by_hand_under_keras_fit():
     reports = monitor.history.reports
     assert len(reports) == 2
     assert all(math.isfinite(r.weight_grad_norm) and r.call == 1 for rep in reports for r in rep.records)
+
+
+def test_doctor_runs_on_a_keras_model_and_says_which_fixes_to_make_in_keras():
+    model = seed_model(depth=6, width=16)
+    kernels = [layer.kernel.numpy().copy() for layer in model.layers]
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    report = sg.doctor(model, x, classes=4, steps=5, budget=30)
+    assert "vanishing_gradients" in {f.kind for f in report.findings}
+    assert report.control.ok and report.control.steps == 5
+    assert report.control.losses[0] != report.control.losses[-1]  # the copy trained
+    assert all(
+        trial.fix in ("learning rate x 10", "learning rate / 10") or "clip" in trial.fix for trial in report.candidates
+    )
+    assert any("in Keras:" in why for why in report.skipped)
+    for layer, kernel in zip(model.layers, kernels, strict=True):
+        np.testing.assert_array_equal(layer.kernel.numpy(), kernel)  # the user's model is untouched
