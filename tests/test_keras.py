@@ -227,3 +227,19 @@ def test_doctor_runs_on_a_keras_model_and_says_which_fixes_to_make_in_keras():
     assert any("in Keras:" in why for why in report.skipped)
     for layer, kernel in zip(model.layers, kernels, strict=True):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)  # the user's model is untouched
+
+
+def test_tensorboard_histograms_of_a_keras_kernel(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = seed_model(depth=1)
+    x, y = batch()
+    with sg.Monitor(model, sinks=[sg.measure.TensorBoardSink(tmp_path)]) as monitor:
+        F.cross_entropy(model(x), y).backward()
+        monitor.step()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    histogram = events.Histograms("d0/weight_grad")[0].histogram_value
+    assert histogram.num == 32 * 32
+    assert histogram.sum == pytest.approx(float(model.layers[0].kernel.value.grad.sum()), abs=1e-5)
