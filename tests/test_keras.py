@@ -243,3 +243,34 @@ def test_tensorboard_histograms_of_a_keras_kernel(tmp_path):
     histogram = events.Histograms("d0/weight_grad")[0].histogram_value
     assert histogram.num == 32 * 32
     assert histogram.sum == pytest.approx(float(model.layers[0].kernel.value.grad.sum()), abs=1e-5)
+
+
+def test_a_pattern_that_matches_nothing_lists_the_keras_names():
+    model = seed_model(depth=2)
+    with pytest.raises(ValueError, match=r"Its modules: d0, d1, head\."):
+        sg.Monitor(model, layers="conv*")
+
+
+def _one_monitored_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sg.Monitor(model, optimizer=opt) as monitor:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return monitor.history.reports[-1].records
+
+
+def test_compiled_taps_agree_with_the_eager_statistics_on_a_keras_model():
+    pytest.importorskip("numba")
+    x, y = batch()
+    eager = _one_monitored_step(seed_model(depth=2), x, y)
+    try:
+        assert sg.fast.enable("numba")
+        compiled = _one_monitored_step(seed_model(depth=2), x, y)
+    finally:
+        sg.fast.disable()
+    fields = ("act_std", "saturated", "grad_norm", "weight_grad_norm", "bias_grad_norm", "weight_var", "update_ratio")
+    for a, b in zip(compiled, eager, strict=True):
+        for name in fields:
+            assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-5, nan_ok=True), (a.name, name)
+    assert math.isfinite(eager[0].update_ratio) and math.isfinite(eager[0].saturated)

@@ -191,7 +191,7 @@ class Monitor:
         self.schedule = _schedule(every)
         self.layers = select_layers(model, layers)
         if not self.layers:
-            names = ", ".join(name for name, _ in model.named_modules() if name) or "(no submodules)"
+            names = ", ".join(name for name, _ in select_layers(model, "*"))  # what a pattern can match (Keras' too)
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         # which module classes were left out, and why: a default selection that misses a layer must say so
         self.skipped = skipped_modules(model, self.layers) if layers is None else {}
