@@ -15,6 +15,8 @@ have been imported for the object to exist).
 
 from __future__ import annotations
 
+import contextlib
+import random
 import sys
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "named_layers",
     "own_parameters",
     "primary_sublayer",
+    "seeded",
     "skipped_layers",
 ]
 
@@ -218,3 +221,30 @@ FIX_ADVICE = {
     "to x_train",
     "remove_bias": "in Keras: use_bias=False on the layers before each BatchNormalization",
 }
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build Keras layers reproducibly inside: Keras' initializers draw their seeds from Python's ``random`` (through
+    Keras' global SeedGenerator), not from torch's generator, so ``torch.manual_seed`` alone gives a model factory
+    new weights at each call. ``keras.utils.set_random_seed`` fixes them; Python's and numpy's random states and
+    Keras' global seed state are put back on leaving (torch's is the caller's to fork). Nothing happens before
+    keras is imported."""
+    keras = _keras()
+    if keras is None:
+        yield
+        return
+    import numpy as np
+    from keras.src.backend.common import global_state  # no public getter for the seed state set_random_seed sets
+
+    names = ("global_seed_generator", "global_random_seed")
+    saved = [global_state.get_global_attribute(name) for name in names]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for name, value in zip(names, saved, strict=True):
+            global_state.set_global_attribute(name, value)

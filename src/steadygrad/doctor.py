@@ -493,7 +493,7 @@ def doctor(
     elif callable(model_factory):
 
         def fresh() -> nn.Module:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _keras.seeded(seed):  # Keras' initializers: Python's random
                 torch.manual_seed(seed)
                 model = model_factory()
             if not isinstance(model, nn.Module):
