@@ -296,3 +296,20 @@ def test_a_keras_model_factory_gives_the_doctor_the_same_weights_for_every_trial
     assert random.getstate() == state  # the global random state is left as found
     first_losses = {trial.losses[0] for report in runs for trial in [report.control, *report.candidates]}
     assert len(runs[0].candidates) == 1 and len(first_losses) == 1  # every trial starts from the same weights
+
+
+def test_a_keras_model_on_another_backend_is_refused_with_the_backend_to_set(monkeypatch):
+    import types
+
+    from steadygrad import _keras
+
+    class OtherBackendLayer:  # what a keras.layers.Layer is under JAX or TensorFlow: not an nn.Module
+        pass
+
+    stand_in = types.SimpleNamespace(layers=types.SimpleNamespace(Layer=OtherBackendLayer))
+    monkeypatch.setattr(_keras, "_keras", lambda: stand_in)
+    with pytest.raises(TypeError, match="set KERAS_BACKEND=torch"):
+        sg.probe(OtherBackendLayer(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="set KERAS_BACKEND=torch"):
+        sg.Monitor(OtherBackendLayer())
+    assert _keras.backend_hint(object()) == ""

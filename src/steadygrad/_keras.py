@@ -27,6 +27,7 @@ from steadygrad import kinds
 __all__ = [
     "FIX_ADVICE",
     "applied_activation",
+    "backend_hint",
     "default_layers",
     "is_keras_layer",
     "is_stand_in",
@@ -58,6 +59,13 @@ def is_keras_layer(obj) -> bool:
     """Whether ``obj`` is a Keras layer (a model included), without importing keras."""
     keras = _keras()
     return keras is not None and isinstance(obj, keras.layers.Layer)
+
+
+def backend_hint(obj) -> str:
+    """What to add to "needs an nn.Module" when ``obj`` is a Keras layer on another backend: "" otherwise."""
+    if isinstance(obj, nn.Module) or not is_keras_layer(obj):
+        return ""
+    return " A Keras model is a torch module only on the torch backend: set KERAS_BACKEND=torch before importing keras."
 
 
 def is_stand_in(output) -> bool:

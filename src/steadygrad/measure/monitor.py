@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steadygrad import _keras
 from steadygrad._layout import REPAIRED, SUMS_WIDTH
 from steadygrad.measure.hooks import (
     Recorder,
@@ -186,7 +187,7 @@ class Monitor:
         global_batch: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
+            raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
         self.model = model
         self.schedule = _schedule(every)
         self.layers = select_layers(model, layers)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from steadygrad import theory
+from steadygrad import _keras, theory
 from steadygrad.losses import resolve_loss, tensors
 from steadygrad.measure.layers import LayerSelector, default_layer_types, select_layers
 from steadygrad.measure.monitor import Monitor
@@ -75,7 +75,7 @@ def probe(
         Gradient shrinks about 0.95x per layer over 21 layers; ...
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.")
+        raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
 
     parameters = list(model.parameters())
     saved_grads = [p.grad for p in parameters]
