@@ -123,6 +123,7 @@ def test_activation_layers_and_nested_models():
     assert "Dropout" in report.skipped and "Sequential" in report.skipped
     # name patterns match the path-like names
     assert [r.name for r in sg.probe(model, x, y, layers="block/*").records] == ["block/inner", "block/squash"]
+    assert [r.name for r in sg.probe(model, x, y, layers=keras.layers.Dense).records] == ["block/inner", "out"]
 
 
 def test_recurrent_layer_is_recorded_whole_with_its_cells_kernel():
