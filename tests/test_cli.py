@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import steadygrad
 from steadygrad.cli import app
+from steadygrad.nets import NetSpec, build
 
 runner = CliRunner(env={"COLUMNS": "200"})  # rich would wrap tables and help at 80
 
@@ -214,6 +216,24 @@ def test_probe_compares_comma_separated_specs(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_probe_mode_decides_batchnorms_statistics(tmp_path, mode):
+    args = ["--depth", "2", "--width", "8", "--norm", "batch", "--batch", "16", "--json", str(tmp_path / "m.json")]
+    result = runner.invoke(app, ["probe", *args, "--mode", mode])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "m.json").read_text())
+    head = payload["reports"][0]["layers"][-1]
+    # the reference: the same net and batch as the command builds them, run in that mode by torch itself
+    generator = torch.Generator().manual_seed(0)
+    net = build(NetSpec(depth=2, width=8, norm="batch"), generator)
+    x = torch.randn(16, 64, generator=generator)
+    with torch.no_grad():
+        expected = float(net.train(mode == "train")(x).double().square().mean())
+    assert payload["mode"] == mode and head["name"] == "head"
+    assert head["act_second_moment"] == pytest.approx(expected, rel=1e-5)
+    assert payload["reports"][0]["loss_name"].startswith("cross-entropy (N, C)")
+
+
 def test_probe_product_of_lists():
     result = runner.invoke(app, ["probe", "--depth", "3,5", "--act", "relu,tanh", "--width", "16"])
     assert result.exit_code == 0, result.output
@@ -241,8 +261,9 @@ def test_probe_other_kinds():
         (["--layers", "nothing*"], "No layer of the model matches"),
         (["--batch", "1"], "--batch"),
         (["--depth", ","], "--depth got no value"),
+        (["--mode", "inference"], "--mode must be train or eval; got 'inference'"),
     ],
-    ids=["act", "depth_text", "depth_zero", "bias", "groups", "init", "layers", "batch", "empty"],
+    ids=["act", "depth_text", "depth_zero", "bias", "groups", "init", "layers", "batch", "empty", "mode"],
 )
 def test_probe_bad_options_exit_2_with_a_message(args, message):
     result = runner.invoke(app, ["probe", *args])

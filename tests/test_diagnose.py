@@ -143,3 +143,41 @@ def test_relu6_after_a_layer_is_not_a_saturating_unit():
     assert not [f for f in dg.architecture_findings(healthy) if f.kind == "saturating_without_norm"]
     exposed = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     assert [f.kind for f in dg.architecture_findings(exposed)] == ["saturating_without_norm"]
+
+
+class _HandWrittenRecurrence(nn.Module):
+    """h_t = W h_{t-1} + U x_t in a Python loop, W = radius x an orthogonal matrix: the gradient reaching step 1
+    from the last is radius^(T-1) of it (closed form for a linear recurrence)."""
+
+    def __init__(self, radius: float, width: int = 16, inputs: int = 4) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(inputs, width), nn.Linear(width, 2)
+        self.rec = nn.Linear(width, width, bias=False)
+        q, _ = torch.linalg.qr(torch.randn(width, width))
+        with torch.no_grad():
+            self.rec.weight.copy_(radius * q)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.rec.in_features)
+        for t in range(x.shape[1]):
+            h = self.rec(h) + self.inp(x[:, t])
+        return self.out(h)
+
+
+@pytest.mark.parametrize("radius, expected", [(1.6, "exploding_over_time"), (0.5, "vanishing_over_time"), (1.0, None)])
+def test_a_recurrence_written_by_hand_is_deep_in_time(radius, expected):
+    from steadygrad.measure import probe
+
+    torch.manual_seed(0)
+    model, steps = _HandWrittenRecurrence(radius), 20
+    report = probe(model, torch.randn(8, steps, 4))
+    findings = {f.kind: f for f in dg.diagnose(report)}
+    over_time = {k for k in findings if k.endswith("_over_time")}
+    assert over_time == ({expected} if expected else set())
+    if expected:
+        finding = findings[expected]
+        assert set(finding.layers) == {"inp", "rec"}  # one finding for the recurrence, both its projections
+        # the per-call records give radius^(T-1) exactly (orthogonal W: every direction scales alike)
+        measured = finding.evidence["first_to_last_call_ratio"]["rec"]
+        assert measured == pytest.approx(radius ** (steps - 1), rel=1e-3)
+        assert finding.evidence["calls"]["rec"] == steps

@@ -152,7 +152,7 @@ def test_models_it_has_never_seen(factory, shape, classes):
     report = doctor_fn(factory, x, classes=classes, budget=BUDGET)
     assert report.control.ok, report.control.error
     assert all(not t.error for t in report.candidates), [t.error for t in report.candidates]
-    report.to_dict()
+    assert report.to_dict()["loss_name"] == "cross-entropy (N, C), ignore_index=-100"  # the trials' loss, said
 
 
 def test_budget_skips_what_does_not_fit(digits):

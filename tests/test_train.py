@@ -49,6 +49,7 @@ def test_training_learns_and_evaluates_each_epoch(digits):
     result = Trainer(net(norm="batch"), digits, quiet(epochs=3, lr=3e-3)).fit()
     assert result.status == "completed" and [e["epoch"] for e in result.epochs] == [1, 2, 3]
     assert result.final["test_accuracy"] > 0.8
+    assert {r.loss_name for r in result.history} == {"cross-entropy (N, C), ignore_index=-100"}  # every report says
 
 
 @pytest.mark.parametrize("clip", ["norm:0.5", "value:0.01", "agc:0.01", "layer_norm:0.1"])

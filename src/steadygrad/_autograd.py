@@ -1,14 +1,15 @@
 """Autograd helpers shared by every layer, the compiled kernels (``steadygrad.fast``) included.
 
 ``no_double_backward`` is the refusal every hand-derived normalization backward makes (eager and compiled);
-``on_gradient`` is the cheap gradient tap of the Monitor's recorders and of numba's taps.
+``on_gradient`` is the cheap gradient tap of the Monitor's recorders and of numba's taps; ``in_backward`` tells
+their forward hooks that a forward call is gradient checkpointing's recompute, not a call of its own.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["no_double_backward", "on_gradient"]
+__all__ = ["in_backward", "no_double_backward", "on_gradient"]
 
 
 def no_double_backward() -> None:
@@ -40,3 +41,13 @@ def on_gradient(y: torch.Tensor, receive) -> None:
             receive(grads[index])
 
     node.register_prehook(prehook)
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread.
+
+    A module's forward that runs then is gradient checkpointing's recompute (``torch.utils.checkpoint``, either
+    mode, and what ``gradient_checkpointing_enable`` sets up in transformers): the engine has a graph task only
+    while it executes one. torch's own ``ModuleTracker`` and FSDP ask the same question the same way.
+    """
+    return torch._C._current_graph_task_id() != -1

@@ -38,7 +38,7 @@ from steadygrad.diagnose import (
 )
 from steadygrad.fixes import init_matched, insert_norm, standardize_inputs, swap_activation
 from steadygrad.init import fixup_, lsuv_
-from steadygrad.losses import task_loss
+from steadygrad.losses import resolve_loss
 from steadygrad.measure import probe
 from steadygrad.nets import NetSpec, build
 from steadygrad.optimizers import OPTIMIZERS, make_optimizer
@@ -110,6 +110,7 @@ class DoctorReport:
     candidates: list[Trial]  # best first
     skipped: list[str] = field(default_factory=list)  # candidates not run (budget) or not applicable, with why
     seconds: float = 0.0
+    loss_name: str = ""  # the loss every trial measured and trained, in words (steadygrad.losses)
 
     @property
     def recommended(self) -> Trial | None:
@@ -149,6 +150,7 @@ class DoctorReport:
             "patch": self.patch(),
             "skipped": self.skipped,
             "seconds": self.seconds,
+            "loss_name": self.loss_name,
         }
 
 
@@ -157,14 +159,14 @@ def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patc
     start = time.perf_counter()
     try:
         x0, y0 = batches[0]
-        flow = probe(model, x0, loss=lambda out: task_loss(out, y0, task), theory_prediction=False)
+        flow = probe(model, x0, y0, task=task, theory_prediction=False)
         trial.grad_ratio = flow.gradient_ratio
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(optimizer, params, lr)
         model.train()
         for step, (x, y) in zip(range(steps), itertools.cycle(batches), strict=False):
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model(x), y, task)
+            loss = resolve_loss(model(x), y, task=task)  # the probe's loss, so the trial trains what it measured
             if not torch.isfinite(loss):
                 trial.nonfinite += 1
                 break
@@ -195,7 +197,7 @@ def _findings(
     """Every rule of ``steadygrad.diagnose`` that applies: the records' rules, the structural ones and, for a
     recurrent model, the gradient along time; most severe first (stable, so rule order breaks ties)."""
     findings = diagnose(preflight, model=model, inputs=inputs) + architecture_findings(model)
-    findings += recurrent_findings(model, x0, lambda out: task_loss(out, y0, task))
+    findings += recurrent_findings(model, x0, lambda out: resolve_loss(out, y0, task=task))
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
     return findings
 
@@ -527,7 +529,7 @@ def doctor(
 
     model = fresh()
     x0, y0 = batches[0]
-    preflight = probe(model, x0, loss=lambda out: task_loss(out, y0, task), theory_prediction=False)
+    preflight = probe(model, x0, y0, task=task, theory_prediction=False)
     findings = _findings(model, preflight, inputs, x0, y0, task)
     control = _run_trial("unchanged model (control)", fresh(), batches, task, steps, lr, optimizer, None, "", math.inf)
     norms = [n for n in control.grad_norms if math.isfinite(n) and n > 0]
@@ -563,4 +565,4 @@ def doctor(
             )
         )
     trials.sort(key=lambda t: (not t.ok, t.final_loss if t.ok else math.inf))
-    return DoctorReport(findings, control, trials, skipped, time.perf_counter() - start)
+    return DoctorReport(findings, control, trials, skipped, time.perf_counter() - start, preflight.loss_name)

@@ -18,11 +18,15 @@ Names, classes and instances are resolved at the edges (``activation("tanh")``, 
 ``activation(module)``), as timm's ``create_act`` does; inside the library objects are passed. Adding a
 kind from another library is one line::
 
-    steadygrad.kinds.register_weight_layer(transformers.pytorch_utils.Conv1D, "dense")
+    steadygrad.kinds.register_weight_layer(transformers.pytorch_utils.Conv1D, "dense", transposed=True)
+
+HF transformers' ``Conv1D`` (GPT-2's projections) is known without importing transformers: it is adopted,
+transposed, as soon as ``transformers.pytorch_utils`` is in ``sys.modules`` (``_KNOWN_ELSEWHERE``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +51,7 @@ __all__ = [
     "register_weight_layer",
     "weight_family",
     "weight_layer_types",
+    "weight_transposed",
 ]
 
 WEIGHT_FAMILIES = ("dense", "conv", "recurrent", "bilinear", "embedding")
@@ -75,6 +80,11 @@ class ActivationKind:
 
 
 _WEIGHT_LAYERS: dict[type[nn.Module], str] = {}
+_TRANSPOSED: dict[type[nn.Module], bool] = {}  # weight stored (in, out): the transpose of nn.Linear's (out, in)
+# Weight layers of libraries steadygrad does not import: (module, class name, family, transposed), adopted on
+# the first query after that module is loaded (a model built from it must have loaded it). HF's Conv1D computes
+# y = x W + b with W of shape (in_features, out_features), so its fan_in is weight.shape[0].
+_KNOWN_ELSEWHERE = [("transformers.pytorch_utils", "Conv1D", "dense", True)]
 _ACTIVATIONS: dict[type[nn.Module], ActivationKind] = {}
 _ACTIVATIONS_BY_NAME: dict[str, ActivationKind] = {}
 _NORMS: dict[type[nn.Module], str] = {}
@@ -103,10 +113,21 @@ def parameter_role(name: str) -> str | None:
     return None
 
 
-def register_weight_layer(module: type[nn.Module], family: str) -> None:
-    """Make ``module`` (and its subclasses) a weight-bearing layer of ``family``."""
+def register_weight_layer(module: type[nn.Module], family: str, *, transposed: bool = False) -> None:
+    """Make ``module`` (and its subclasses) a weight-bearing layer of ``family``; ``transposed``: its weight
+    is stored (in_features, out_features, ...), the transpose of nn.Linear's (out_features, in_features)."""
     _check(family, WEIGHT_FAMILIES, "weight-layer family")
     _WEIGHT_LAYERS[module] = family
+    _TRANSPOSED[module] = transposed
+
+
+def _adopt_loaded() -> None:
+    for entry in list(_KNOWN_ELSEWHERE):
+        cls = getattr(sys.modules.get(entry[0]), entry[1], None)
+        if cls is not None:
+            _KNOWN_ELSEWHERE.remove(entry)
+            if cls not in _WEIGHT_LAYERS:  # a user's own registration wins
+                register_weight_layer(cls, entry[2], transposed=entry[3])
 
 
 def register_activation(kind: ActivationKind) -> None:
@@ -129,7 +150,15 @@ def _lookup(table: dict, module: nn.Module | type[nn.Module]):
 
 def weight_family(module: nn.Module | type[nn.Module]) -> str | None:
     """The weight-layer family of a module or class, or None when it is not a registered weight layer."""
+    _adopt_loaded()
     return _lookup(_WEIGHT_LAYERS, module)
+
+
+def weight_transposed(module: nn.Module | type[nn.Module]) -> bool:
+    """Whether a weight layer stores its weight (in, out, ...) rather than (out, in, ...): HF's Conv1D does,
+    so its fan_in is ``weight.shape[0]``. False for anything that is not a registered weight layer."""
+    _adopt_loaded()
+    return bool(_lookup(_TRANSPOSED, module))
 
 
 def is_weight_layer(module: nn.Module | type[nn.Module], *families: str) -> bool:
@@ -150,6 +179,7 @@ def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:
     ``weight_family`` where the distinction matters."""
     for family in families:
         _check(family, WEIGHT_FAMILIES, "weight-layer family")
+    _adopt_loaded()
     wanted = families or WEIGHT_FAMILIES
     return tuple(cls for cls, family in _WEIGHT_LAYERS.items() if family in wanted)
 
@@ -188,6 +218,7 @@ for _cls, _family in (
     (nn.RNNBase, "recurrent"),
     (nn.Bilinear, "bilinear"),
     (nn.Embedding, "embedding"),
+    (nn.EmbeddingBag, "embedding"),  # not a subclass of nn.Embedding
 ):
     register_weight_layer(_cls, _family)
 
@@ -242,9 +273,9 @@ _registered_libraries: set[str] = set()
 def register_known_libraries() -> None:
     """Register the layers of libraries the process has already imported (steadygrad imports none of them).
 
-    Hugging Face ``transformers``: ``pytorch_utils.Conv1D`` is a dense layer (its weight is stored (in, out),
-    transposed from ``nn.Linear``'s), and the activation classes of ``transformers.activations.ACT2CLS`` get the
-    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their entry.
+    Hugging Face ``transformers``: the activation classes of ``transformers.activations.ACT2CLS`` get the
+    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their
+    entry. (Its ``Conv1D`` is adopted by ``_KNOWN_ELSEWHERE``, transposed.)
     Called by the instruments before they select layers, so a model built after ``import transformers`` is seen
     whole. Idempotent and cheap after the first call.
     """
@@ -255,10 +286,9 @@ def register_known_libraries() -> None:
         return
     _registered_libraries.add("transformers")
     try:
-        from transformers import activations, pytorch_utils
+        from transformers import activations
     except ImportError:  # a broken or partial install: its layers stay unknown, as before
         return
-    register_weight_layer(pytorch_utils.Conv1D, "dense")
     for name, entry in activations.ACT2CLS.items():
         cls = entry[0] if isinstance(entry, tuple) else entry
         family = _activation_family(name)

@@ -21,7 +21,7 @@ from steadygrad.clip import grad_norm as total_grad_norm
 from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
-from steadygrad.losses import task_loss
+from steadygrad.losses import resolve_loss_named
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
 from steadygrad.norm.convert import convert_sync_batchnorm
 from steadygrad.optimizers import OPTIMIZERS, make_optimizer
@@ -190,6 +190,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(model)
         self.optimizer = self._make_optimizer()
         self.monitor: Monitor | None = None  # the run's Monitor, while fit runs and after
+        self.loss_name = ""  # which loss the steps take, in words, once one has run
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(
@@ -207,7 +208,9 @@ class Trainer:
         return self.data.inputs_for(self.kind, x)
 
     def _loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return task_loss(output, y, self.data.task)
+        """The probe's loss resolution (steadygrad.losses) for the data's task; its name kept for the reports."""
+        loss, self.loss_name = resolve_loss_named(output, y, task=self.data.task)
+        return loss
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
         # the order of an epoch depends on (seed, epoch) alone: a resumed run replays it exactly
@@ -311,7 +314,7 @@ class Trainer:
     def first_nonfinite_layer(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """Where non-finite values first appear on this batch: a layer's output (forward order), a layer's
         gradient (backward order), or else the loss itself."""
-        report = probe(self.model, x, y, loss=lambda out, t: self._loss(out, t), theory_prediction=False)
+        report = probe(self.model, x, y, task=self.data.task, theory_prediction=False)
         for record in report.records:  # the forward pass runs first to last
             if record.nonfinite_act:
                 return f"the output of {record.label}"
@@ -327,6 +330,7 @@ class Trainer:
         """The content of ``summary.json``: the result, the config, the data and (for built nets) the spec."""
         summary = {
             **result.to_dict(),
+            "loss_name": self.loss_name,
             "config": self.config.to_dict(),
             "data": {
                 "name": self.data.name,
@@ -364,7 +368,7 @@ class Trainer:
         if torch.isfinite(loss_value):
             loss.backward()
             if self.monitor is not None:
-                self.monitor.observe_loss(loss)
+                self.monitor.observe_loss(loss, self.loss_name)
             if c.clip is not None:
                 grad_norm = float(clip_grads_(self.model, c.clip.mode, c.clip.threshold))
             else:

@@ -325,3 +325,18 @@ def test_probe_is_one_monitor_step(backend):
                     assert left[key] == right[key], (a.name, key)
     finally:
         fast.disable()
+
+
+def test_a_report_prints_as_words_and_shows_its_table():
+    from rich.console import Console
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2))
+    report = probe(model, _x(16, 8))
+    text = str(report)
+    assert text.startswith("Sequential (3 layer records; loss ") and report.summary() in text
+    assert "Dropout (dropout: no weight" in text  # what was not recorded, and why
+    assert repr(report) == f"FlowReport('Sequential', 3 records, loss={report.loss:.4g})"
+    console = Console(record=True, width=200)
+    report.show(console)
+    shown = console.export_text()
+    assert "1 (Tanh)" in shown and "3 (Linear)" in shown and report.summary().splitlines()[0] in shown

@@ -212,6 +212,8 @@ def doctor_command(
             style="green" if trial is report.recommended else "red" if trial.error else None,
         )
     console.print(table)
+    if report.loss_name:
+        console.print(f"[dim]loss: {escape(report.loss_name)}[/]")
     for note in report.skipped:
         console.print(f"[dim]skipped: {escape(note)}[/]")
     console.print(escape(report.summary().splitlines()[-1]))

@@ -132,6 +132,13 @@ def probe_command(
     show_theory: Annotated[
         bool, typer.Option("--theory", help="Print the mean-field prediction beside the measurement.")
     ] = False,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="'train' (batch statistics; dropout would be off) or 'eval' (BatchNorm's running statistics, "
+            "which are 0 and 1 at initialization)."
+        ),
+    ] = "train",
     details: Annotated[bool, typer.Option(help="Print every network's per-layer table when comparing.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Write the reports as JSON.")] = None,
     plot_path: Annotated[
@@ -152,6 +159,8 @@ def probe_command(
 
       steadygrad probe --act relu --init he_uniform,glorot_uniform --depth 30 --plot flow.png
     """
+    if mode not in ("train", "eval"):  # the probe's third mode, None (as the model is), is train for a fresh net
+        raise UsageError(f"--mode must be train or eval; got {mode!r}.")
     specs = expand_specs(network)
     patterns = [p.strip() for p in layers.split(",")] if layers else None
     reports, nets = [], []
@@ -162,7 +171,7 @@ def probe_command(
             net = build(spec, generator)
             x = torch.randn(batch, *spec.input_shape, generator=generator)
             y = torch.randint(0, spec.out_features, (batch,), generator=generator)
-            reports.append(probe(net, x, y, layers=patterns, seed=seed, theory_prediction=show_theory))
+            reports.append(probe(net, x, y, layers=patterns, mode=mode, seed=seed, theory_prediction=show_theory))
             nets.append(net)
             progress.advance(task)
     single = len(specs) == 1
@@ -184,6 +193,7 @@ def probe_command(
             {
                 "batch": batch,
                 "seed": seed,
+                "mode": mode,
                 "reports": [
                     {"spec": spec.to_dict(), **report.to_dict()} for spec, report in zip(specs, reports, strict=True)
                 ],

@@ -8,7 +8,7 @@ sg.init.init_model(model, "he_normal")          # every Linear/Conv/RNN, matched
 from steadygrad.init.fans import NONLINEARITIES, Fans, calculate_gain, fans
 from steadygrad.init.fixup import fixup_
 from steadygrad.init.lsuv import lsuv_
-from steadygrad.init.model import LayerInit, init_model, mean_field_, next_activation
+from steadygrad.init.model import InitRecords, InitSkip, LayerInit, init_model, mean_field_, next_activation
 from steadygrad.init.pretrain import pretrain_autoencoders
 from steadygrad.init.registry import InitScheme, available, get, register, scheme_info
 from steadygrad.init.schemes import (
@@ -27,7 +27,9 @@ from steadygrad.init.schemes import (
 __all__ = [
     "NONLINEARITIES",
     "Fans",
+    "InitRecords",
     "InitScheme",
+    "InitSkip",
     "LayerInit",
     "available",
     "calculate_gain",

@@ -6,7 +6,7 @@ import torch
 
 from steadygrad.lab.base import Claim, ClaimResult, Context, Table, fmt, verdict
 from steadygrad.nets import NetSpec, build
-from steadygrad.norm import fold_batchnorm
+from steadygrad.norm import fold_batchnorm_report
 
 CLAIM = Claim(
     11,
@@ -26,7 +26,8 @@ def run(ctx: Context) -> ClaimResult:
     net = build(spec, ctx.generator(11))
     ctx.train(net, epochs=ctx.size(2, 1), lr=2e-3)
     net.eval()
-    folded = fold_batchnorm(net)
+    result = fold_batchnorm_report(net)
+    folded = result.model
     x = ctx.digits.inputs_for("cnn", ctx.digits.x_test)
     with torch.no_grad():
         start = time.perf_counter()
@@ -52,6 +53,7 @@ def run(ctx: Context) -> ClaimResult:
                     ["max |difference| / max |output|", fmt(gap)],
                     ["same prediction", f"{100 * same:.1f}%"],
                     ["BatchNorm layers left", str(left)],
+                    *[[f"not folded: {bn}", reason] for bn, reason in result.not_folded],
                     ["inference time, original / folded", f"{1e3 * t_ref:.2f} ms / {1e3 * t_fold:.2f} ms"],
                 ],
             )

@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from steadygrad._autograd import on_gradient
+from steadygrad._autograd import in_backward, on_gradient
 from steadygrad._keras import is_stand_in
 from steadygrad._layout import (
     RECORD,
@@ -149,6 +150,29 @@ def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> Non
             slot.unit_active = active if slot.unit_active is None else slot.unit_active | active
 
 
+_FINGERPRINT = 16  # leading values of an output kept to tell a shared module's calls apart in the recompute
+
+
+def _fingerprint(y: torch.Tensor) -> torch.Tensor:
+    """A few leading values of a no_grad output (a copy): its recompute reproduces them."""
+    return y.detach().reshape(-1)[:_FINGERPRINT].clone()
+
+
+def _take_match(waiting: deque, y: torch.Tensor) -> _Slot:
+    """Remove and return the waiting call that a recompute's output ``y`` reproduces: the only one, else the first
+    whose fingerprint ``y`` matches, else the earliest (a comparison reaches the host, so it is made only when
+    several calls wait)."""
+    index = 0
+    if len(waiting) > 1:
+        mark = _fingerprint(y)
+        index = next(
+            (i for i, (_, seen) in enumerate(waiting) if seen.shape == mark.shape and torch.equal(seen, mark)), 0
+        )
+    slot, _ = waiting[index]
+    del waiting[index]
+    return slot
+
+
 def _add_gradient(slot: _Slot, grad: torch.Tensor) -> None:
     moments = fast_gradient_moments(grad)
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
@@ -200,6 +224,16 @@ class Recorder:
     ``deferred_table`` adds the parameters at the step's end. With the C++ taps that is one C++ call per layer
     in the forward pass and no Python at all in the backward pass; numba's taps have a Python gradient hook
     around two numba calls. Either way it replaces a dozen small reductions per tensor.
+
+    Gradient checkpointing runs a segment's forward again in the backward pass. That recompute is not a call of its
+    own (``in_backward``): in reentrant mode the first forward ran under no_grad, so the recompute's output is the one
+    the gradient flows through, and it takes the gradient tap for the earliest call of the module still waiting for
+    one (``_awaiting``); in non-reentrant mode the first forward's outputs are in the graph and the recompute's are
+    not, so nothing waits and the recompute is ignored. Where several calls of one module wait (a module shared by
+    two checkpointed segments, which recompute last first), the recompute goes to the call whose output it
+    reproduces (a few leading values, bitwise: checkpointing replays the forward, RNG state included); failing
+    that, the earliest call waiting. A recompute that does not reproduce its forward bitwise (a non-deterministic
+    kernel) may so have its gradient recorded under the other call of the shared module.
     """
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
@@ -229,6 +263,9 @@ class Recorder:
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._calls_this_pass: dict[str, int] = {}
         self._pending_units: dict[int, tuple] = {}
+        # per module name, its calls whose output had no gradient to tap (reentrant checkpointing's no_grad
+        # forward), oldest first: a recompute in the backward pass taps its gradient for them
+        self._awaiting: dict[str, deque[tuple[_Slot, torch.Tensor]]] = {}  # (call, its output's fingerprint)
         self.called: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -328,6 +365,7 @@ class Recorder:
             self._collector.clear()
         self._calls_this_pass.clear()
         self._pending_units.clear()
+        self._awaiting.clear()
 
     @property
     def empty(self) -> bool:
@@ -336,7 +374,8 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------------------
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
-            if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): no data
+            # a recompute (its first call gave the unit statistics), or Keras' shape inference (meta tensors)
+            if not self._active or in_backward() or is_stand_in(output):
                 return
             y = first_tensor(output)
             if y is not None:
@@ -348,6 +387,9 @@ class Recorder:
         def hook(mod, args, output):
             if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): not a call
                 return
+            if in_backward():
+                self._recomputed(name, output)
+                return
             call = self._calls_this_pass.get(name, 0) + 1
             self._calls_this_pass[name] = call
             self.called.add(name)
@@ -358,6 +400,8 @@ class Recorder:
             y = first_tensor(output)
             if y is None:
                 return
+            if not y.requires_grad:
+                self._awaiting.setdefault(name, deque()).append((slot, _fingerprint(y)))
             if self._deferred:
                 self._collect(slot, y, module, own_kind)
                 return
@@ -373,6 +417,28 @@ class Recorder:
                 on_gradient(y, grad_hook)
 
         return hook
+
+    def _recomputed(self, name: str, output) -> None:
+        """A forward call in the backward pass (checkpointing's recompute): no new call and no activation
+        statistics (the first forward gave them), only the gradient of a call that is waiting for one."""
+        waiting = self._awaiting.get(name)
+        y = first_tensor(output)
+        if not waiting or y is None or not y.requires_grad:
+            return
+        slot = _take_match(waiting, y)
+        if self._deferred:  # the compiled taps summed the output already: the gradient joins in deferred_table
+
+            def grad_hook(grad, slot=slot):
+                moments = gradient_moments(grad)
+                slot.gradients = moments if slot.gradients is None else slot.gradients + moments
+
+        else:
+
+            def grad_hook(grad, slot=slot):
+                slot.grads.append(grad.detach())
+                _add_gradient(slot, grad)
+
+        on_gradient(y, grad_hook)
 
     def first_weights(self) -> list[nn.Parameter | None]:
         """Each selected layer's first weight of more than one value (None where it has none): the weight whose
@@ -535,7 +601,20 @@ def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
     in one parallel pass, which also copies each first weight into its snapshot buffer
     (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
-    return slots, recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
+    table = recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
+    return slots, _add_recomputed_gradients(slots, table)
+
+
+def _add_recomputed_gradients(slots: list[_Slot], table: torch.Tensor) -> torch.Tensor:
+    """The gradients the recorder tapped itself on checkpointing's recomputes (the taps saw the first forward's
+    output, which had none) added to the taps' gradient sums, NaN there meaning none yet."""
+    for row, slot in enumerate(slots):
+        if slot.gradients is not None:
+            squares, nonfinite = slot.gradients.to(table).unbind()
+            total = table[row, SUMS.grad_squares]
+            table[row, SUMS.grad_squares] = torch.where(total.isnan(), 0.0, total) + squares
+            table[row, SUMS.grad_nonfinite] += nonfinite
+    return table
 
 
 def needs_repair(slots: list[_Slot], rows: list[list[float]]) -> bool:

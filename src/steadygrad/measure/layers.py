@@ -70,17 +70,19 @@ def is_recorded_by_default(module: nn.Module) -> bool:
 
 def _why_not(module: nn.Module) -> str:
     if next(module.children(), None) is not None:
-        return "a container: the layers inside it are recorded"
+        return "a container of modules none of which is recorded"
     if kinds.is_activation(module, "linear"):
         return "an identity: it passes its input on unchanged"
+    if "dropout" in type(module).__name__.lower():
+        return "dropout: no weight; it zeroes inputs at random (the probe's default mode switches it off)"
     if _own_parameters(module):
         return "owns only one-dimensional parameters (a scale or a bias) and is not a normalization"
     return "no weight, and neither a normalization nor an activation steadygrad knows"
 
 
 def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, str]:
-    """For each module class of ``model`` of which no module was recorded: why (containers included, so the
-    reader sees that a block's parts were recorded instead)."""
+    """For each module class of ``model`` of which no module was recorded: why. A container is listed only when
+    nothing inside it is recorded either (a block whose layers are recorded is not missing anything)."""
     if _keras.is_keras_layer(model):  # Keras' layers are not torch children: ask its own layer tree
         return _keras.skipped_layers(model, selected)
     chosen = {id(module) for _, module in selected}
@@ -91,6 +93,8 @@ def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]])
         cls = type(module).__name__
         if not name or id(module) in chosen or id(module) in inside or cls in recorded_classes:
             continue
+        if any(id(m) in chosen for m in module.modules()):
+            continue  # a container of recorded layers
         classes.setdefault(cls, _why_not(module))
     return classes
 

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from steadygrad import _keras
+from steadygrad._autograd import in_backward
 from steadygrad._layout import REPAIRED, SUMS_WIDTH
+from steadygrad.measure import compiled as compile_support
 from steadygrad.measure.hooks import (
     Recorder,
     deferred_table,
@@ -156,6 +158,11 @@ class Monitor:
     NaN/Inf and its statistics are recomputed with masking); on other steps the
     hooks return at once. NaN and Inf are counted per layer, never dropped silently, never a crash.
 
+    Gradient checkpointing (torch's, either mode, or transformers' ``gradient_checkpointing_enable``) changes no
+    record: its recompute is not a call (``Recorder``). A ``torch.compile(model)`` wrapper is measured under the
+    original module's names and run eagerly on logged steps only (``steadygrad.measure.compiled``); the Monitor
+    may be attached after its first compiled call. Give it the wrapper you train, not the module inside.
+
     Args:
         model: the module to watch.
         every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
@@ -190,20 +197,24 @@ class Monitor:
             raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
         self.model = model
         self.schedule = _schedule(every)
-        self.layers = select_layers(model, layers)
+        # a torch.compile'd model runs eagerly on logged steps and is measured under its own module's names
+        self._eager = compile_support.EagerStance(model) if compile_support.is_compiled(model) else None
+        measured = compile_support.unwrap(model)
+        self.layers = compile_support.strip_wrapper_names(select_layers(measured, layers))
         if not self.layers:
-            names = ", ".join(name for name, _ in select_layers(model, "*"))  # what a pattern can match (Keras' too)
+            names = ", ".join(name for name, _ in select_layers(measured, "*"))  # what a pattern can match (Keras' too)
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         # which module classes were left out, and why: a default selection that misses a layer must say so
-        self.skipped = skipped_modules(model, self.layers) if layers is None else {}
+        self.skipped = skipped_modules(measured, self.layers) if layers is None else {}
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
         self.optimizer = optimizer
         self.scaler = scaler
         self.global_batch = global_batch
-        structure = describe(model)
-        self.label = structure.label if structure is not None else type(model).__name__
+        structure = describe(measured)
+        self.label = structure.label if structure is not None else type(measured).__name__
         self.step_count = 0  # optimizer steps seen so far
+        self.loss_name = ""  # which loss the steps take, in words, as observe_loss was last told
         self._recorder = Recorder(self.layers)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
@@ -254,6 +265,8 @@ class Monitor:
             self._recorder.arm(deferred=self._taps.deferred)
             if self._pass_hook is None:
                 self._pass_hook = self.model.register_forward_pre_hook(self._on_forward)
+            if self._eager is not None:
+                self._eager.attach()
         else:
             if logged:  # not attached yet: the step counts as logged once attach arms it
                 self._recorder.arm(deferred=False)
@@ -263,6 +276,8 @@ class Monitor:
             if self._pass_hook is not None:
                 self._pass_hook.remove()
                 self._pass_hook = None
+            if self._eager is not None:
+                self._eager.park()
 
     # -- the training loop's side ---------------------------------------------------------------------
     @property
@@ -270,8 +285,11 @@ class Monitor:
         """Whether the optimizer step now being accumulated will be logged."""
         return self._recorder.active
 
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        """Attach this step's loss to its report (kept on the device until the step is logged)."""
+    def observe_loss(self, loss: torch.Tensor, name: str | None = None) -> None:
+        """Attach this step's loss to its report (kept on the device until the step is logged), and, when
+        given, the loss's name in words (``steadygrad.losses.resolve_loss_named``) to this and later reports."""
+        if name is not None:
+            self.loss_name = name
         if self._recorder.active:
             self._loss = loss.detach()
 
@@ -282,7 +300,8 @@ class Monitor:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        self._recorder.new_pass()
+        if not in_backward():  # a checkpointed model's recompute is no new pass
+            self._recorder.new_pass()
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
@@ -307,6 +326,7 @@ class Monitor:
                 label=self.label,
                 unused=[n for n, _ in self.layers if n not in self._recorder.called],
                 skipped=dict(self.skipped),
+                loss_name=self.loss_name,
             )
             for sink in self.sinks:
                 sink.write(report, self.layers)

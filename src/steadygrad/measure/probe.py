@@ -1,7 +1,17 @@
 """``probe``: one forward and backward pass on a batch, recording how signal and gradient travel.
 
 The model is left exactly as found: parameters, their ``.grad``, buffers (BatchNorm's running
-statistics), train/eval mode, hooks and the global random state.
+statistics), every module's train/eval flag, dropout rates, hooks and the global random state.
+
+It measures in a declared mode (``MODES``): ``"train"`` (the default) is training mode with every dropout
+module off, so that two probes of one model agree and the gradients are those of the deterministic network;
+``"eval"`` is ``model.eval()``; None measures the model in whatever mode each module is. The random state is
+seeded from ``seed`` inside a forked RNG either way, so functional dropout (``F.dropout(x, training=True)``)
+draws the same mask every time.
+
+Inputs may be a tensor (``model(x)``), a tuple or list (``model(*inputs)``) or any mapping, Hugging Face's
+``BatchEncoding`` included (``model(**inputs)``). Integer tensors (token ids, masks) get no gradient, and
+the report says so in its notes when no input is floating-point.
 """
 
 from __future__ import annotations
@@ -13,13 +23,16 @@ import torch
 from torch import nn
 
 from steadygrad import _keras, theory
-from steadygrad.losses import resolve_loss, tensors
+from steadygrad.losses import resolve_loss_named, tensors
 from steadygrad.measure.layers import LayerSelector, default_layer_types, select_layers
 from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.records import FlowReport
 from steadygrad.structure import describe
 
-__all__ = ["LayerSelector", "default_layer_types", "probe", "select_layers"]
+__all__ = ["MODES", "LayerSelector", "default_layer_types", "probe", "select_layers"]
+
+MODES = ("train", "eval", None)
+INTEGER_INPUTS_NOTE = "inputs are integer (token ids): no input gradient, no input statistics"
 
 
 def _prepare_inputs(inputs):
@@ -35,11 +48,49 @@ def _prepare_inputs(inputs):
 
 
 def _call(model: nn.Module, inputs):
+    """Mappings as keywords, tuples and lists as positional arguments, anything else as the one argument."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, tuple):
+    if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    """torch's dropouts, and any other library's by its class name (``StableDropout``, ``DropoutContext``...)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) or "Dropout" in type(module).__name__
+
+
+def _enter_mode(model: nn.Module, mode: str | None) -> tuple[Callable[[], None], int]:
+    """Put ``model`` in ``mode``; returns the function that restores every module as found, and how many
+    dropout modules were switched off.
+
+    In ``"train"`` a dropout module is put in eval mode and its rate ``p`` set to 0 as well: Hugging Face's
+    attention passes ``self.dropout.p`` to ``scaled_dot_product_attention`` whenever the attention module
+    itself is training, whatever the dropout module's own flag says.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}.")
+    flags = [(m, m.training) for m in model.modules()]  # per module: a root's flag says nothing of its children
+    rates: list[tuple[nn.Module, float]] = []
+    if mode == "eval":
+        model.eval()
+    elif mode == "train":
+        model.train()
+        for m in model.modules():
+            if _is_dropout(m):
+                m.eval()
+                if isinstance(getattr(m, "p", None), float):
+                    rates.append((m, m.p))
+                    m.p = 0.0
+
+    def restore() -> None:
+        for m, training in flags:
+            m.training = training  # not m.train(): that would overwrite the children's flags again
+        for m, p in rates:
+            m.p = p
+
+    return restore, sum(1 for m, _ in flags if _is_dropout(m)) if mode == "train" else 0
 
 
 def probe(
@@ -49,6 +100,8 @@ def probe(
     loss: Callable | None = None,
     layers: LayerSelector = None,
     *,
+    task: str | None = None,
+    mode: str | None = "train",
     seed: int = 0,
     theory_prediction: bool = True,
 ) -> FlowReport:
@@ -56,13 +109,18 @@ def probe(
 
     Args:
         model: any ``nn.Module``; it is left exactly as found.
-        inputs: a tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)``).
+        inputs: a tensor, a tuple or list of them (``model(*inputs)``) or a mapping (``model(**inputs)``).
         targets: integer class labels (cross-entropy) or float targets (mean squared error).
         loss: ``loss(output, targets)`` (or ``loss(output)`` without targets), replacing the default.
-            Without targets or loss, the loss is a fixed random projection of the output, so that the
-            gradient entering the last layer has the same scale for every model.
+            Without it, the model's own ``output.loss`` when it computed one (Hugging Face, given
+            ``labels``), else the targets' loss, else a fixed random projection of the output, so that the
+            gradient entering the last layer has the same scale for every model (``steadygrad.losses``).
+            ``report.loss_name`` says which was taken.
         layers: which modules to record (``select_layers``).
-        seed: seeds the random projection; the global random state is left untouched either way.
+        task: ``"classification"`` or ``"regression"`` for the targets, or None to infer it from their dtype.
+        mode: ``"train"`` (training mode, dropout off), ``"eval"``, or None (each module as it is).
+        seed: seeds the random projection and the random state of the pass; the global random state is left
+            untouched either way.
         theory_prediction: for a built MLP with no norm and no skips, attach the mean-field prediction.
 
     Returns:
@@ -85,18 +143,20 @@ def probe(
     # nothing is updated. Under data parallelism the probe measures this rank's batch, not the global one.
     monitor = Monitor(model, every=1, layers=layers, global_batch=False)  # selects, or says what did not match
     devices = sorted({p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None})
+    restore_mode, dropouts = _enter_mode(model, mode)  # the last change before the try that undoes them all
     try:
         for p in parameters:
             p.grad = None
         monitor.attach()
         with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)  # functional dropout and any other draw: the same in every probe
             prepared = _prepare_inputs(inputs)
             output = _call(model, prepared)
-            loss_value = resolve_loss(output, targets, loss, seed=seed)
+            loss_value, loss_name = resolve_loss_named(output, targets, loss, task, seed)
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
             loss_value.backward()
-        monitor.observe_loss(loss_value)
+        monitor.observe_loss(loss_value, loss_name)
         report = monitor.step()
         if report is None:  # no selected layer ran: an empty report that says which were never called
             report = FlowReport(
@@ -104,6 +164,8 @@ def probe(
             )
             report.unused = [name for name, _ in monitor.layers]
         report.step = None  # a probe is not an optimizer step
+        report.loss_name = loss_name
+        report.notes += _notes(prepared, dropouts)
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         report.input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
@@ -113,11 +175,23 @@ def probe(
         return report
     finally:
         monitor.detach()
+        restore_mode()
         for p, grad in zip(parameters, saved_grads, strict=True):
             p.grad = grad
         with torch.no_grad():
             for buffer, saved in saved_buffers:
                 buffer.copy_(saved)
+
+
+def _notes(prepared, dropouts: int) -> list[str]:
+    """What the reader of the records must know about how this pass was taken."""
+    notes = []
+    inputs = tensors(prepared)
+    if inputs and not any(t.is_floating_point() for t in inputs):
+        notes.append(INTEGER_INPUTS_NOTE)
+    if dropouts:
+        notes.append(f"measured in train mode with {dropouts} dropout module{'s' * (dropouts > 1)} switched off")
+    return notes
 
 
 def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:

@@ -123,8 +123,8 @@ class FlowReport:
         finite_std = [r for r in self.records if math.isfinite(r.act_std)]
         if len(finite_std) >= 2:
             lines.append(
-                f"Activation std goes from {finite_std[0].act_std:.3g} ({finite_std[0].label}) to "
-                f"{finite_std[-1].act_std:.3g} ({finite_std[-1].label})."
+                f"Activation std goes from {finite_std[0].act_std:.3g} at {finite_std[0].label} to "
+                f"{finite_std[-1].act_std:.3g} at {finite_std[-1].label}."
             )
         for what, attr in (("saturated", "saturated"), ("dead", "dead")):
             bad = [r for r in self.records if math.isfinite(getattr(r, attr)) and getattr(r, attr) > 0.5]
@@ -150,8 +150,35 @@ class FlowReport:
             lines.append(f"Never called in the forward pass: {', '.join(self.unused)}.")
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        """What ``print(report)`` shows: the label, the loss it took, the summary and the notes."""
+        head = self.label or "FlowReport"
+        if self.step is not None:
+            head += f", step {self.step}"
+        loss = f"loss {self.loss:.4g}" if math.isfinite(self.loss) else "no loss"
+        head += f" ({len(self.records)} layer records; {loss}{f': {self.loss_name}' if self.loss_name else ''})"
+        lines = [head, self.summary() or "No layer received a gradient."]
+        lines += [f"Note: {note}" for note in self.notes]
+        if self.skipped:
+            lines.append("Not recorded: " + "; ".join(f"{cls} ({why})" for cls, why in self.skipped.items()) + ".")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        loss = f"{self.loss:.4g}" if math.isfinite(self.loss) else "nan"
+        step = f", step={self.step}" if self.step is not None else ""
+        return f"FlowReport({self.label or '-'!r}{step}, {len(self.records)} records, loss={loss})"
+
+    def show(self, console=None) -> None:
+        """Print the table and the summary in a terminal (``rich``); in a notebook the report shows itself."""
+        from rich.console import Console
+
+        console = console or Console()
+        console.print(self.table())
+        console.print(str(self))
+
     def table(self):
-        """A ``rich.table.Table`` with one row per record."""
+        """A ``rich.table.Table`` with one row per record (``show()`` prints it; in a script a bare ``table()``
+        is an object, to print with ``rich.print`` or a ``Console``)."""
         from rich.table import Table
 
         theory = any(math.isfinite(r.predicted_grad_norm) for r in self.records)

@@ -9,7 +9,7 @@ backward, drop-in for torch.nn; model conversion both ways; BatchNorm folding fo
 
 from steadygrad.norm import functional
 from steadygrad.norm.convert import convert_norms, convert_sync_batchnorm
-from steadygrad.norm.fold import fold_batchnorm
+from steadygrad.norm.fold import FoldResult, fold_batchnorm, fold_batchnorm_report
 from steadygrad.norm.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -25,6 +25,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FoldResult",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -33,5 +34,6 @@ __all__ = [
     "convert_norms",
     "convert_sync_batchnorm",
     "fold_batchnorm",
+    "fold_batchnorm_report",
     "functional",
 ]
