@@ -314,3 +314,32 @@ def test_a_keras_model_on_another_backend_is_refused_with_the_backend_to_set(mon
     with pytest.raises(TypeError, match="set KERAS_BACKEND=torch"):
         sg.Monitor(OtherBackendLayer())
     assert _keras.backend_hint(object()) == ""
+
+
+def test_probe_modes_reach_keras_layers_and_leave_their_state_as_found():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, name="dense"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dropout(0.5, name="drop"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    x, y = batch(64, 8, 3)
+    bn = model.get_layer("bn")
+    moving = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    hidden = x.numpy() @ model.get_layer("dense").kernel.numpy()  # the BN layer's input (the bias starts at 0)
+    train = sg.probe(model, x, y)  # mode="train": Keras' training=True, batch statistics, dropout off
+    evaluation = sg.probe(model, x, y, mode="eval")  # training=False: the moving statistics (0 and 1 at first)
+    bn_train = next(r for r in train.records if r.name == "bn")
+    bn_eval = next(r for r in evaluation.records if r.name == "bn")
+    assert bn_train.act_std == pytest.approx(1.0, rel=0.02)  # normalized by the batch's own statistics
+    assert bn_eval.act_std == pytest.approx(hidden.std(ddof=1) / math.sqrt(1 + 1e-3), rel=0.02)
+    assert abs(bn_eval.act_std - 1.0) > 0.1  # the two modes differ: the test can fail
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moving[0])  # training=True's update undone
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), moving[1])
+    assert model.get_layer("drop").rate == 0.5
+    again = sg.probe(model, x, y)
+    assert [r.grad_norm for r in again.records] == [r.grad_norm for r in train.records]  # dropout off: deterministic

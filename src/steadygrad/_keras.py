@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,7 +29,9 @@ __all__ = [
     "FIX_ADVICE",
     "applied_activation",
     "backend_hint",
+    "call_kwargs",
     "default_layers",
+    "enter_mode",
     "is_keras_layer",
     "is_stand_in",
     "named_layers",
@@ -256,3 +259,34 @@ def seeded(seed: int):
         np.random.set_state(numpy_state)
         for name, value in zip(names, saved, strict=True):
             global_state.set_global_attribute(name, value)
+
+
+def call_kwargs(model, mode: str | None) -> dict:
+    """The keyword that puts a Keras model in the probe's ``mode``: Keras layers take ``training=`` at each call (and
+    default to inference), torch's ``model.train()`` does not reach them. {} for anything else, or mode None."""
+    if mode is None or not is_keras_layer(model):
+        return {}
+    return {"training": mode == "train"}
+
+
+def enter_mode(model, mode: str | None) -> tuple[Callable[[], None], int]:
+    """The probe's ``_enter_mode`` for a Keras model: in ``"train"`` each dropout layer's ``rate`` is set to 0 (the
+    probe measures the deterministic network); in every mode the non-trainable variables (``BatchNormalization``'s
+    moving statistics, torch Parameters that ``training=True`` updates in place) are kept to be put back. Returns
+    the function that restores both, and how many dropout layers were switched off."""
+    rates = []
+    if mode == "train":
+        for _, layer in named_layers(model):
+            if "Dropout" in type(layer).__name__ and isinstance(getattr(layer, "rate", None), (int, float)):
+                rates.append((layer, layer.rate))
+                layer.rate = 0.0
+    state = [(v.value, v.value.detach().clone()) for v in model.non_trainable_weights]
+
+    def restore() -> None:
+        for layer, rate in rates:
+            layer.rate = rate
+        with torch.no_grad():
+            for value, saved in state:
+                value.copy_(saved)
+
+    return restore, len(rates)
