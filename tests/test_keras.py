@@ -343,3 +343,18 @@ def test_probe_modes_reach_keras_layers_and_leave_their_state_as_found():
     assert model.get_layer("drop").rate == 0.5
     again = sg.probe(model, x, y)
     assert [r.grad_norm for r in again.records] == [r.grad_norm for r in train.records]  # dropout off: deterministic
+
+
+def test_doctor_trains_a_keras_model_in_training_mode():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(16), keras.layers.BatchNormalization(), keras.layers.Dense(4)]
+    )
+    x = doctor_inputs() * 3 + 1
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(3))
+    report = sg.doctor(model, x, y, steps=1, batch_size=64, budget=30)  # one batch: all 64 inputs, permuted
+    with torch.no_grad():
+        inference = float(F.cross_entropy(model(x, training=False), y))
+        training = float(F.cross_entropy(model(x, training=True), y))  # batch statistics
+    assert abs(training - inference) > 1e-2  # the test can fail
+    assert report.control.losses[0] == pytest.approx(training, rel=1e-5)

@@ -166,7 +166,8 @@ def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patc
         model.train()
         for step, (x, y) in zip(range(steps), itertools.cycle(batches), strict=False):
             opt.zero_grad(set_to_none=True)
-            loss = resolve_loss(model(x), y, task=task)  # the probe's loss, so the trial trains what it measured
+            output = model(x, **_keras.call_kwargs(model, "train"))  # Keras: training=True (model.train() is torch's)
+            loss = resolve_loss(output, y, task=task)  # the probe's loss, so the trial trains what it measured
             if not torch.isfinite(loss):
                 trial.nonfinite += 1
                 break
