@@ -1,0 +1,111 @@
+"""What a rule returns (``Finding``, ``Fix``), the thresholds every rule reads, and the helpers they share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from steadygrad.measure.records import FlowReport, LayerRecord
+
+# -- thresholds ---------------------------------------------------------------------------------------
+VANISHING_RATIO = 1e-3  # a layer's gradient below 1/1000 of the same layer's at the last depth
+EXPLODING_RATIO = 1e3  # or above 1000x it
+EXPLODING_GROWTH = 1e2  # the gradient norm grew 100x from the first logged step to the last
+# A weight layer's gain sqrt(fan_in * E[W^2]) (``_flow.layer_gain``): variance-scaling inits give 0.58 (torch's
+# default) to 1.41 (He), 5/3 at most (tanh's orthogonal gain); the fixed std 0.02 of GPT-2/BERT/ConvNeXt gives
+# 0.02 * sqrt(width), 0.08 at width 16. Both limits sit about 8x beyond that range.
+LAYER_GAIN_LOW = 1e-2  # a weight layer that multiplies signal and gradient by under 1/100 (fan_in * E[W^2] < 1e-4)
+LAYER_GAIN_HIGH = 10.0  # or by over 10
+SATURATION_FRACTION = 0.5  # over half of a layer's tanh/sigmoid outputs saturated (|tanh| > 0.99, ...)
+DEAD_FRACTION = 0.5  # over half of a layer's rectifier units dead (SageMaker Debugger's rule)
+SIGNAL_CHANGE = 10.0  # activation std of the same layer changes more than 10x from the first depth to the last
+NONCENTERED_RATIO = 0.5  # input features' mean |mean_j| / std_j above this: not zero-centred
+NONCENTERED_NOISE = 3.0  # ... and above 3x what a zero-mean feature shows by chance on this many samples
+UPDATE_RATIO_LOW = 1e-5  # median ||dW|| / ||W|| per step below this: the layer barely learns
+UPDATE_RATIO_HIGH = 1e-1  # above this: steps are large relative to the weights (1e-3 is typical)
+SYMMETRY_TOLERANCE = 1e-6  # relative spread of a layer's rows below this: its units are identical
+DEEP_WITHOUT_SKIPS = 20  # a plain stack this deep (weight layers) gets a "deep_without_skips" finding
+EXPLODING_OVER_TIME = 1e3  # first input step's gradient above 1000x the last's
+VANISHING_OVER_TIME = 1e-4  # or below 1/10000 of it
+
+SEVERITIES = ("info", "warning", "critical")
+# What a ``Fix`` may ask for. The doctor registers one candidate builder per action
+# (``steadygrad.doctor._BUILDERS``); a new fix is a name here plus one ``@candidate(name)`` there.
+ACTIONS = (
+    "reinit",
+    "add_norm",
+    "add_skips",
+    "clip",
+    "lower_lr",
+    "raise_lr",
+    "standardize_inputs",
+    "swap_activation",
+    "remove_bias",
+)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A candidate fix as a structured action that a program can apply (``steadygrad doctor``)."""
+
+    action: str  # one of ACTIONS
+    params: dict = field(default_factory=dict)  # e.g. {"scheme": "he_normal"}, {"mode": "norm", "threshold": 1.0}
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        # Checked here, where a fix is made, so a misspelt action fails at the rule that wrote it rather than
+        # being silently dropped later by the doctor, which has no candidate for it.
+        if self.action not in ACTIONS:
+            raise ValueError(
+                f"Unknown fix action {self.action!r}. Accepted: {', '.join(ACTIONS)}. To add a fix, add its name "
+                "to steadygrad.diagnose.ACTIONS and register a candidate builder for it in steadygrad.doctor."
+            )
+
+    def __str__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.action}({params})" if params else self.action
+
+
+@dataclass
+class Finding:
+    """One diagnosis: what, how bad, where, the numbers, in a sentence, and what to try."""
+
+    kind: str  # e.g. "vanishing_gradients"
+    severity: str  # info, warning or critical
+    layers: list[str]
+    evidence: dict
+    message: str
+    fixes: list[Fix] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["fixes"] = [asdict(f) for f in self.fixes]
+        return out
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}"
+
+
+def finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def has_gradient(record: LayerRecord) -> bool:
+    """A finite, non-zero gradient: exact zeros are a finding of their own (``zero_gradients``), not a ratio."""
+    return math.isfinite(record.grad_norm) and record.grad_norm > 0
+
+
+def saturating(report: FlowReport) -> bool:
+    return any(k in r.kind for r in report.records for k in ("Sigmoid", "Tanh"))
+
+
+def reinit_fix(report: FlowReport) -> Fix:
+    """He for rectifier nets, Glorot for saturating ones (He et al. 2015; Glorot & Bengio 2010)."""
+    if saturating(report):
+        return Fix(
+            "reinit",
+            {"scheme": "glorot_normal"},
+            "Glorot init keeps tanh/sigmoid layers in their linear range",
+        )
+    return Fix("reinit", {"scheme": "he_normal"}, "He init keeps the variance of rectifier layers")
