@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steadygrad import _keras
 from steadygrad.clip import clip_grad_norm_, grad_norm
 from steadygrad.diagnose import (
     ACTIONS,
@@ -165,7 +166,8 @@ def _run_trial(name, model, batches, task, steps, lr, optimizer, clip_norm, patc
         model.train()
         for step, (x, y) in zip(range(steps), itertools.cycle(batches), strict=False):
             opt.zero_grad(set_to_none=True)
-            loss = resolve_loss(model(x), y, task=task)  # the probe's loss, so the trial trains what it measured
+            output = model(x, **_keras.call_kwargs(model, "train"))  # Keras: training=True (model.train() is torch's)
+            loss = resolve_loss(output, y, task=task)  # the probe's loss, so the trial trains what it measured
             if not torch.isfinite(loss):
                 trial.nonfinite += 1
                 break
@@ -422,6 +424,22 @@ def _candidates(
     return candidates, skipped
 
 
+# the fixes that change how a model is trained, not the model: the only ones the doctor can try on a Keras model,
+# whose layers steadygrad.fixes (torch module surgery) cannot rewrite
+_TRAINING_SETTINGS = frozenset({"clip", "lower_lr", "raise_lr"})
+
+
+def _keras_applicable(candidates: list[Candidate], skipped: list[str]) -> list[Candidate]:
+    """The candidates a Keras model can take; the others go to ``skipped`` with what to do in Keras instead."""
+    for c in candidates:
+        if c.fix.action not in _TRAINING_SETTINGS:
+            advice = _keras.FIX_ADVICE.get(c.fix.action, "apply it in the Keras model's definition")
+            skipped.append(
+                f"{c.name}: not tried, steadygrad's fixes rewrite torch modules, not Keras layers; {advice}."
+            )
+    return [c for c in candidates if c.fix.action in _TRAINING_SETTINGS]
+
+
 def _rebuild(spec, generator):
     return build(spec, generator)
 
@@ -478,7 +496,7 @@ def doctor(
     elif callable(model_factory):
 
         def fresh() -> nn.Module:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _keras.seeded(seed):  # Keras' initializers: Python's random
                 torch.manual_seed(seed)
                 model = model_factory()
             if not isinstance(model, nn.Module):
@@ -518,6 +536,8 @@ def doctor(
     norms = [n for n in control.grad_norms if math.isfinite(n) and n > 0]
     threshold = statistics.median(norms) if norms else 1.0
     candidates, skipped = _candidates(findings, model, inputs, threshold, seed)
+    if _keras.is_keras_layer(model):
+        candidates = _keras_applicable(candidates, skipped)
     trials = []
     for candidate in candidates:
         if time.perf_counter() > deadline:

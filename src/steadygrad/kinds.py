@@ -44,6 +44,7 @@ __all__ = [
     "is_weight_layer",
     "norm_family",
     "norm_types",
+    "parameter_role",
     "register_activation",
     "register_known_libraries",
     "register_norm",
@@ -92,6 +93,24 @@ _NORMS: dict[type[nn.Module], str] = {}
 def _check(value: str, accepted: tuple[str, ...], what: str) -> None:
     if value not in accepted:
         raise ValueError(f"Unknown {what} {value!r}: accepted are {', '.join(accepted)}.")
+
+
+# Keras' names for a layer's weights (``Dense``'s kernel, an LSTM cell's recurrent_kernel, ``Embedding``'s
+# embeddings, a norm's gamma or RMSNormalization's scale) and for its biases (a norm's beta)
+_WEIGHT_NAMES = ("embeddings", "gamma", "scale")
+_BIAS_NAMES = ("beta",)
+
+
+def parameter_role(name: str) -> str | None:
+    """ "weight", "bias" or None for the name of a layer's own parameter: what the records' weight variance,
+    weight- and bias-gradient norms and update ratio count. torch's names (every ``weight*``/``bias*``: an LSTM's
+    ``weight_ih_l0`` and ``weight_hh_l0``) and Keras' (``kernel``, ``recurrent_kernel``, ``depthwise_kernel``,
+    ``embeddings``, ``gamma``, ``scale``; ``bias``, ``beta``); a norm's running statistics and anything else: None."""
+    if name.startswith("weight") or name.endswith("kernel") or name in _WEIGHT_NAMES:
+        return "weight"
+    if name.startswith("bias") or name in _BIAS_NAMES:
+        return "bias"
+    return None
 
 
 def register_weight_layer(module: type[nn.Module], family: str, *, transposed: bool = False) -> None:

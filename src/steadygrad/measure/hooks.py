@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from steadygrad._autograd import in_backward, on_gradient
+from steadygrad._keras import is_stand_in
 from steadygrad._layout import (
     RECORD,
     RECORD_COLUMNS,
@@ -33,6 +34,7 @@ from steadygrad._layout import (
     SUMS_UNITS,
     SUMS_WIDTH,
 )
+from steadygrad.kinds import parameter_role
 from steadygrad.losses import first_tensor
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
@@ -41,6 +43,7 @@ from steadygrad.measure.stats import (
     fast_activation_moments,
     fast_gradient_moments,
     gradient_moments,
+    layer_parameters,
     merge_activations,
     primary_layer,
     unit_moments,
@@ -246,10 +249,10 @@ class Recorder:
         self._collector = None  # deferred mode: the compiled taps (steadygrad.fast), made on first use
         for _, module in selected:
             layer = primary_layer(module)
-            named = [] if layer is None else list(layer.named_parameters(recurse=False))
+            named = [] if layer is None else layer_parameters(layer)
             self.parameters[id(module)] = named
-            weights = [p for n, p in named if n.startswith("weight")]
-            biases = [p for n, p in named if n.startswith("bias")]
+            weights = [p for n, p in named if parameter_role(n) == "weight"]
+            biases = [p for n, p in named if parameter_role(n) == "bias"]
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
@@ -371,7 +374,8 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------------------
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
-            if not self._active or in_backward():  # a recompute: its first call gave the unit statistics
+            # a recompute (its first call gave the unit statistics), or Keras' shape inference (meta tensors)
+            if not self._active or in_backward() or is_stand_in(output):
                 return
             y = first_tensor(output)
             if y is not None:
@@ -381,7 +385,7 @@ class Recorder:
 
     def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
         def hook(mod, args, output):
-            if not self._active:
+            if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): not a call
                 return
             if in_backward():
                 self._recomputed(name, output)

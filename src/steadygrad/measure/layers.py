@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from steadygrad import kinds
+from steadygrad import _keras, kinds
 from steadygrad.structure import describe
 
 __all__ = ["LayerSelector", "default_layer_types", "is_recorded_by_default", "select_layers", "skipped_modules"]
@@ -83,6 +83,8 @@ def _why_not(module: nn.Module) -> str:
 def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, str]:
     """For each module class of ``model`` of which no module was recorded: why. A container is listed only when
     nothing inside it is recorded either (a block whose layers are recorded is not missing anything)."""
+    if _keras.is_keras_layer(model):  # Keras' layers are not torch children: ask its own layer tree
+        return _keras.skipped_layers(model, selected)
     chosen = {id(module) for _, module in selected}
     inside = {id(m) for _, module in selected for m in module.modules()}
     classes: dict[str, str] = {}
@@ -107,8 +109,12 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
     - a class or tuple of classes: every module of those types.
     - a glob pattern or list of them, matched against module names (``"block*"``, ``"*.linear"``).
     """
-    # a model with no submodules is its own only layer, named after its class
-    named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
+    if _keras.is_keras_layer(model):  # Keras' layers are not torch children: its own layer tree, Keras' names
+        named = _keras.named_layers(model)
+        if layers is None:
+            return _keras.default_layers(model)
+    else:  # a model with no submodules is its own only layer, named after its class
+        named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
     if layers is None:
         structure = describe(model)
         if structure is not None and structure.blocks:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steadygrad import _keras
 from steadygrad._autograd import in_backward
 from steadygrad._layout import REPAIRED, SUMS_WIDTH
 from steadygrad.measure import compiled as compile_support
@@ -193,7 +194,7 @@ class Monitor:
         global_batch: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.")
+            raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
         self.model = model
         self.schedule = _schedule(every)
         # a torch.compile'd model runs eagerly on logged steps and is measured under its own module's names
@@ -201,7 +202,7 @@ class Monitor:
         measured = compile_support.unwrap(model)
         self.layers = compile_support.strip_wrapper_names(select_layers(measured, layers))
         if not self.layers:
-            names = ", ".join(name for name, _ in measured.named_modules() if name) or "(no submodules)"
+            names = ", ".join(name for name, _ in select_layers(measured, "*"))  # what a pattern can match (Keras' too)
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
         # which module classes were left out, and why: a default selection that misses a layer must say so
         self.skipped = skipped_modules(measured, self.layers) if layers is None else {}

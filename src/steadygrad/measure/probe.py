@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from steadygrad import theory
+from steadygrad import _keras, theory
 from steadygrad.losses import resolve_loss_named, tensors
 from steadygrad.measure.layers import LayerSelector, default_layer_types, select_layers
 from steadygrad.measure.monitor import Monitor
@@ -47,13 +47,13 @@ def _prepare_inputs(inputs):
     return inputs
 
 
-def _call(model: nn.Module, inputs):
+def _call(model: nn.Module, inputs, **kwargs):
     """Mappings as keywords, tuples and lists as positional arguments, anything else as the one argument."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return model(**inputs, **kwargs)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return model(*inputs, **kwargs)
+    return model(inputs, **kwargs)
 
 
 def _is_dropout(module: nn.Module) -> bool:
@@ -71,6 +71,8 @@ def _enter_mode(model: nn.Module, mode: str | None) -> tuple[Callable[[], None],
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}.")
+    if _keras.is_keras_layer(model):  # torch's flags do not reach Keras layers: they take training= (_call)
+        return _keras.enter_mode(model, mode)
     flags = [(m, m.training) for m in model.modules()]  # per module: a root's flag says nothing of its children
     rates: list[tuple[nn.Module, float]] = []
     if mode == "eval":
@@ -133,7 +135,7 @@ def probe(
         Gradient shrinks about 0.95x per layer over 21 layers; ...
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.")
+        raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
 
     parameters = list(model.parameters())
     saved_grads = [p.grad for p in parameters]
@@ -151,7 +153,7 @@ def probe(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # functional dropout and any other draw: the same in every probe
             prepared = _prepare_inputs(inputs)
-            output = _call(model, prepared)
+            output = _call(model, prepared, **_keras.call_kwargs(model, mode))
             loss_value, loss_name = resolve_loss_named(output, targets, loss, task, seed)
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")

@@ -10,8 +10,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from steadygrad.kinds import parameter_role
 from steadygrad.measure.records import FlowReport
-from steadygrad.measure.stats import primary_layer
+from steadygrad.measure.stats import layer_parameters, primary_layer
 
 __all__ = ["HistorySink", "JsonlSink", "Sink", "TensorBoardSink"]
 
@@ -113,7 +114,8 @@ class TensorBoardSink:
         if self.histograms:
             for name, module in layers:
                 layer = primary_layer(module)
-                weight = getattr(layer, "weight", None) if layer is not None else None
+                named = layer_parameters(layer) if layer is not None else []
+                weight = next((p for n, p in named if parameter_role(n) == "weight"), None)  # Keras' kernel too
                 if not isinstance(weight, torch.Tensor):
                     continue
                 for tag, values in ((f"{name}/weight", weight), (f"{name}/weight_grad", weight.grad)):

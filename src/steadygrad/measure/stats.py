@@ -18,12 +18,13 @@ import math
 import torch
 from torch import nn
 
-from steadygrad import kinds
+from steadygrad import _keras, kinds
 
 __all__ = [
     "activation_kind",
     "activation_moments",
     "gradient_moments",
+    "layer_parameters",
     "merge_activations",
     "primary_layer",
     "unit_moments",
@@ -42,7 +43,8 @@ def activation_kind(module: nn.Module) -> tuple[str | None, nn.Module | None]:
     (or ``module`` itself), else (None, None)."""
     found: tuple[str | None, nn.Module | None] = (None, None)
     for m in module.modules():
-        kind = kinds.activation(m)
+        # a module that is no activation class may still apply one to its output (Keras' Dense(activation=...))
+        kind = kinds.activation(m) or _keras.applied_activation(m)
         if kind is not None and kind.family == "saturating":
             found = (kind.saturation, m)
         elif kind is not None and kind.family == "rectifier":
@@ -50,11 +52,22 @@ def activation_kind(module: nn.Module) -> tuple[str | None, nn.Module | None]:
     return found
 
 
+def layer_parameters(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A layer's own (name, parameter) pairs, named so that ``kinds.parameter_role`` tells weights from biases:
+    torch's ``named_parameters(recurse=False)``; for a Keras layer its own variables by Keras' names (``kernel``,
+    ``bias``) as the torch Parameters its forward uses (torch sees them only under path names in a ParameterDict)."""
+    if _keras.is_keras_layer(layer):
+        return _keras.own_parameters(layer)
+    return list(layer.named_parameters(recurse=False))
+
+
 def primary_layer(module: nn.Module) -> nn.Module | None:
     """The layer whose weights describe ``module``: itself if it owns a weight, else its first
-    Linear/Conv/RNN descendant."""
-    if any(name.startswith("weight") for name, _ in module.named_parameters(recurse=False)):
+    Linear/Conv/RNN descendant (for a Keras layer, its first sublayer owning a kernel: an LSTM's cell)."""
+    if any(kinds.parameter_role(name) == "weight" for name, _ in layer_parameters(module)):
         return module
+    if _keras.is_keras_layer(module):
+        return _keras.primary_sublayer(module)
     return next((m for m in module.modules() if kinds.is_weight_layer(m)), None)
 
 
@@ -147,11 +160,12 @@ def gradient_moments(grad: torch.Tensor) -> torch.Tensor:
 def weight_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
     """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] of a layer's own
     (name, parameter) pairs, on ``device``: NaN for gradients it lacks, n = 0 where it has no weight of more
-    than one value. Every parameter named weight* (or bias*) counts: an LSTM's gates. M2 is one-pass,
-    sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing cancels)."""
+    than one value. Every parameter whose ``kinds.parameter_role`` is weight (or bias) counts: an LSTM's gates,
+    Keras' kernel. M2 is one-pass, sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing
+    cancels)."""
     nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
-    weights = [p for name, p in parameters if name.startswith("weight")]
-    biases = [p for name, p in parameters if name.startswith("bias")]
+    weights = [p for name, p in parameters if kinds.parameter_role(name) == "weight"]
+    biases = [p for name, p in parameters if kinds.parameter_role(name) == "bias"]
 
     def grad_squares(params):
         norms = [
