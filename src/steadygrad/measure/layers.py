@@ -74,7 +74,7 @@ def _why_not(module: nn.Module) -> str:
     if kinds.is_activation(module, "linear"):
         return "an identity: it passes its input on unchanged"
     if "dropout" in type(module).__name__.lower():
-        return "dropout: no weight; it zeroes inputs at random (the probe's default mode switches it off)"
+        return "dropout: no weight; it zeroes inputs at random, and the probe's default mode switches it off"
     if _own_parameters(module):
         return "owns only one-dimensional parameters (a scale or a bias) and is not a normalization"
     return "no weight, and neither a normalization nor an activation steadygrad knows"
