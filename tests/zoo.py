@@ -69,6 +69,21 @@ def vit():
     }
 
 
+def timm_model(name: str, **kwargs) -> Callable:
+    """A timm model as its authors initialize it (``pretrained=False``). timm imports torchvision, which this
+    project's machines cannot install (its only wheel for torch 2.13 is a CUDA build that fails to import), so
+    these cases skip here and run wherever timm imports."""
+
+    def build():
+        import timm
+
+        torch.manual_seed(SEED)
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+        return model, torch.randn(4, 3, 32, 32, generator=_gen(1))
+
+    return build
+
+
 def scaled_weights(build: Callable, factor: float) -> Callable:
     """``build``'s model with every Linear/Conv1D weight multiplied by ``factor`` (an init too small or too large)."""
 
@@ -348,6 +363,8 @@ HEALTHY = [
     _case("mlp_zero_head", mlp_zero_head),
     _case("mlp_small_head", mlp_small_head),
     _case("recurrence_orthogonal", recurrence(1.0)),
+    _case("timm_resnet18", timm_model("resnet18"), needs="timm"),
+    _case("timm_convnext_atto", timm_model("convnext_atto"), needs="timm"),
 ]
 
 BROKEN = [
