@@ -96,3 +96,10 @@ def test_a_dead_layer_blocks_the_gradient_and_says_which():
     (_, findings) = diagnosed(next(c for c in zoo.BROKEN if c.name == "dead_first_relu"))
     (zero,) = by_kind(findings, "zero_gradients")
     assert zero.severity == "warning" and zero.evidence == {"cause": "dead", "blocked_by": {"1 (ReLU)": 1}}
+
+
+def test_a_zero_residual_gate_is_named_as_the_zero_init():
+    (_, findings) = diagnosed(next(c for c in zoo.HEALTHY if c.name == "rezero"))
+    (zero,) = by_kind(findings, "zero_gradients")
+    assert zero.severity == "info" and zero.evidence["cause"] == "zero_init"
+    assert "blocks" not in zero.message and "0.alpha" in zero.message  # the gate, not the head, blocks

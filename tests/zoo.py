@@ -333,6 +333,41 @@ def recurrence(radius: float, steps: int = 20) -> Callable:
     return build
 
 
+class _ReZeroBlock(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
+        self.alpha = nn.Parameter(torch.zeros(()))  # ReZero (Bachlechner et al. 2020): every branch starts off
+
+    def forward(self, x):
+        return x + self.alpha * self.fc2(self.act(self.fc1(x)))
+
+
+def rezero():
+    torch.manual_seed(SEED)
+    model = nn.Sequential(*[_ReZeroBlock() for _ in range(4)], nn.Linear(32, 5))
+    return model, torch.randn(16, 32, generator=_gen(1))
+
+
+class _GatedRecurrence(nn.Module):
+    """h_t = tanh(x_t + sigmoid(G x_t) * h_{t-1}) from h_0 = 0: the gate's first call gets exactly zero gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] + torch.sigmoid(self.gate(x[:, t])) * h)
+        return self.head(h)
+
+
+def gated_recurrence():
+    torch.manual_seed(SEED)
+    return _GatedRecurrence(), torch.randn(4, 5, 8, generator=_gen(1))
+
+
 @dataclass(frozen=True)
 class Case:
     """A model and what its diagnosis must say: nothing at warning or above (``healthy``), or these kinds."""
@@ -363,6 +398,8 @@ HEALTHY = [
     _case("mlp_zero_head", mlp_zero_head),
     _case("mlp_small_head", mlp_small_head),
     _case("recurrence_orthogonal", recurrence(1.0)),
+    _case("rezero", rezero),
+    _case("gated_recurrence", gated_recurrence),
     _case("timm_resnet18", timm_model("resnet18"), needs="timm"),
     _case("timm_convnext_atto", timm_model("convnext_atto"), needs="timm"),
 ]

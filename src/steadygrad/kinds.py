@@ -104,11 +104,12 @@ _BIAS_NAMES = ("beta",)
 def parameter_role(name: str) -> str | None:
     """ "weight", "bias" or None for the name of a layer's own parameter: what the records' weight variance,
     weight- and bias-gradient norms and update ratio count. torch's names (every ``weight*``/``bias*``: an LSTM's
-    ``weight_ih_l0`` and ``weight_hh_l0``) and Keras' (``kernel``, ``recurrent_kernel``, ``depthwise_kernel``,
+    ``weight_ih_l0`` and ``weight_hh_l0``; and ``*weight``/``*bias``: ``nn.MultiheadAttention``'s
+    ``in_proj_weight``) and Keras' (``kernel``, ``recurrent_kernel``, ``depthwise_kernel``,
     ``embeddings``, ``gamma``, ``scale``; ``bias``, ``beta``); a norm's running statistics and anything else: None."""
-    if name.startswith("weight") or name.endswith("kernel") or name in _WEIGHT_NAMES:
+    if name.startswith("weight") or name.endswith(("kernel", "weight")) or name in _WEIGHT_NAMES:
         return "weight"
-    if name.startswith("bias") or name in _BIAS_NAMES:
+    if name.startswith("bias") or name.endswith("bias") or name in _BIAS_NAMES:
         return "bias"
     return None
 
@@ -121,13 +122,53 @@ def register_weight_layer(module: type[nn.Module], family: str, *, transposed: b
     _TRANSPOSED[module] = transposed
 
 
+_HF_ACTIVATIONS = "transformers.activations"
+_pending_libraries = {_HF_ACTIVATIONS}  # the libraries' activation tables not adopted yet
+
+
 def _adopt_loaded() -> None:
+    """Adopt the layers of the libraries loaded since the last call (steadygrad imports none of them): the weight
+    layers of ``_KNOWN_ELSEWHERE`` and Hugging Face's activation classes (``_adopt_hf_activations``). Every lookup
+    calls it, so what a table answers never depends on which function asked first; after both are adopted it is
+    two emptiness checks."""
     for entry in list(_KNOWN_ELSEWHERE):
         cls = getattr(sys.modules.get(entry[0]), entry[1], None)
         if cls is not None:
             _KNOWN_ELSEWHERE.remove(entry)
             if cls not in _WEIGHT_LAYERS:  # a user's own registration wins
                 register_weight_layer(cls, entry[2], transposed=entry[3])
+    if _pending_libraries and _HF_ACTIVATIONS in sys.modules:
+        _pending_libraries.discard(_HF_ACTIVATIONS)
+        _adopt_hf_activations(sys.modules[_HF_ACTIVATIONS])
+
+
+def _activation_family(name: str) -> str | None:
+    """The family of a Hugging Face activation by its ``ACT2CLS`` name (``gelu_new``, ``relu2``, ``swish``, ...)."""
+    if name == "linear":
+        return "linear"
+    if "relu" in name:
+        return "rectifier"
+    if any(part in name for part in ("gelu", "silu", "swish", "mish", "laplace", "softplus", "xielu")):
+        return "smooth"
+    return None
+
+
+def _adopt_hf_activations(activations) -> None:
+    """The classes of ``transformers.activations.ACT2CLS`` get the family their name says (a GELU is smooth,
+    ``relu2`` a rectifier); classes torch already has, or a user registered, keep their entry."""
+    for name, entry in getattr(activations, "ACT2CLS", {}).items():
+        cls = entry[0] if isinstance(entry, tuple) else entry
+        family = _activation_family(name)
+        if family is None or not isinstance(cls, type) or _lookup(_ACTIVATIONS, cls) is not None:
+            continue
+        register_activation(ActivationKind(f"hf_{name}", cls, family))
+
+
+def register_known_libraries() -> None:
+    """Adopt the layers of the libraries the process has loaded (HF's ``Conv1D``, transposed, and its activation
+    classes). Every lookup of this module does it by itself; call it to fill the tables before reading them
+    directly. Idempotent and cheap."""
+    _adopt_loaded()
 
 
 def register_activation(kind: ActivationKind) -> None:
@@ -186,6 +227,7 @@ def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:
 
 def activation(which: str | nn.Module | type[nn.Module]) -> ActivationKind | None:
     """The activation kind of a name, class or module, or None when it is not a registered activation."""
+    _adopt_loaded()
     if isinstance(which, str):
         return _ACTIVATIONS_BY_NAME.get(which)
     return _lookup(_ACTIVATIONS, which)
@@ -195,6 +237,7 @@ def activation_types(*families: str) -> tuple[type[nn.Module], ...]:
     """The registered activation classes of ``families`` (all when none is given)."""
     for family in families:
         _check(family, ACTIVATION_FAMILIES, "activation family")
+    _adopt_loaded()
     wanted = families or ACTIVATION_FAMILIES
     return tuple(cls for cls, kind in _ACTIVATIONS.items() if kind.family in wanted)
 
@@ -254,44 +297,3 @@ for _cls, _family in (
     (nn.RMSNorm, "rms"),
 ):
     register_norm(_cls, _family)
-
-
-def _activation_family(name: str) -> str | None:
-    """The family of a Hugging Face activation by its ``ACT2CLS`` name (``gelu_new``, ``relu2``, ``swish``, ...)."""
-    if name == "linear":
-        return "linear"
-    if "relu" in name:
-        return "rectifier"
-    if any(part in name for part in ("gelu", "silu", "swish", "mish", "laplace", "softplus", "xielu")):
-        return "smooth"
-    return None
-
-
-_registered_libraries: set[str] = set()
-
-
-def register_known_libraries() -> None:
-    """Register the layers of libraries the process has already imported (steadygrad imports none of them).
-
-    Hugging Face ``transformers``: the activation classes of ``transformers.activations.ACT2CLS`` get the
-    family their name says (a GELU is smooth, ``relu2`` a rectifier); classes torch already has keep their
-    entry. (Its ``Conv1D`` is adopted by ``_KNOWN_ELSEWHERE``, transposed.)
-    Called by the instruments before they select layers, so a model built after ``import transformers`` is seen
-    whole. Idempotent and cheap after the first call.
-    """
-    import sys
-
-    hf = sys.modules.get("transformers")
-    if hf is None or "transformers" in _registered_libraries:
-        return
-    _registered_libraries.add("transformers")
-    try:
-        from transformers import activations
-    except ImportError:  # a broken or partial install: its layers stay unknown, as before
-        return
-    for name, entry in activations.ACT2CLS.items():
-        cls = entry[0] if isinstance(entry, tuple) else entry
-        family = _activation_family(name)
-        if family is None or not isinstance(cls, type) or activation(cls) is not None:
-            continue
-        register_activation(ActivationKind(f"hf_{name}", cls, family))

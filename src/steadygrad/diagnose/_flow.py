@@ -57,12 +57,23 @@ def _is_embedding(record: LayerRecord, modules: dict[str, nn.Module]) -> bool:
     return (module is not None and kinds.weight_family(module) == "embedding") or "Embedding" in record.kind
 
 
+def output_start(report: FlowReport) -> int:
+    """The execution index of the layer that computes the model's output: the last record of a layer with
+    weights (a finite weight variance). It and whatever runs after it (a final ``nn.Tanh`` or ``nn.Softmax``
+    module) are the output: their scale is the task's and the init's choice (a zero or 0.01-gain head), not
+    something the signal did on its way up."""
+    weighted = [r.index for r in report.records if math.isfinite(r.weight_var)]
+    return max(weighted) if weighted else max((r.index for r in report.records), default=0)
+
+
 def _fan_in(module: nn.Module, weight: torch.Tensor) -> int:
-    """The inputs each output sums over: ``in_features`` (Hugging Face's ``Conv1D`` stores (in, out) and says
-    ``nx``), a convolution's ``in_channels / groups * kernel``, else every dimension after the first."""
-    for attribute in ("in_features", "nx"):
-        if isinstance(getattr(module, attribute, None), int):
-            return getattr(module, attribute)
+    """The inputs each output sums over: ``in_features``, the first dimension of a weight stored (in, out)
+    (``kinds.weight_transposed``: Hugging Face's ``Conv1D``), a convolution's ``in_channels / groups * kernel``,
+    else every dimension after the first."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return module.in_features
+    if kinds.weight_transposed(module):
+        return weight.shape[0]
     return math.prod(weight.shape[1:])
 
 
@@ -91,10 +102,12 @@ def _gains(report: FlowReport, modules: dict[str, nn.Module]) -> dict[str, float
     alike, which is no change along depth. All-zero weights are a zero init, reported by ``zero_gradients``.
     """
     records = sorted(report.records, key=lambda r: r.index)
+    output = output_start(report)
     gains = {}
     for record, after in itertools.pairwise([*records, None]):
         module = modules.get(record.name)
-        gain = layer_gain(module) if module is not None and record.call == 1 and after is not None else None
+        hidden = after is not None and record.index < output
+        gain = layer_gain(module) if module is not None and record.call == 1 and hidden else None
         if gain is None or gain == 0 or _is_norm(after, modules):
             continue
         gains[record.label] = gain
@@ -235,6 +248,18 @@ def _blocker(records: list[LayerRecord], i: int) -> LayerRecord | None:
     return next((r for r in records[i + 1 :] if has_gradient(r)), None)
 
 
+def _zero_parameters(model: nn.Module | None) -> list[str]:
+    """The model's all-zero parameters that are not biases (a zero bias blocks nothing): ReZero's and SkipInit's
+    residual gates (``alpha = 0``), LoRA's B, a zero-initialized head; at step 0 each passes no gradient back."""
+    if model is None:
+        return []
+    return [
+        name
+        for name, p in model.named_parameters()
+        if kinds.parameter_role(name.rsplit(".", 1)[-1]) != "bias" and p.numel() and not bool(p.detach().any())
+    ]
+
+
 def _cause(blocker: LayerRecord | None, modules: dict[str, nn.Module]) -> str:
     if blocker is None:
         return "unknown"
@@ -278,12 +303,19 @@ def zero_gradients(report: FlowReport, model: nn.Module | None = None) -> list[F
     chain, the layer that passed none of it back."""
     records = sorted(report.records, key=lambda r: r.index)
     modules = _modules(model)
+    # a module another call of which gets a gradient learns: one call's exact zero is structural (a gate on
+    # h_0 = 0 in a recurrence written by hand, r * h in a GRU), not a blocked layer
+    learning = {r.name for r in records if has_gradient(r)}
+    zero_gates = _zero_parameters(model)
     by_cause: dict[str, dict[str, list[str]]] = {}
     for i, record in enumerate(records):
-        if record.grad_norm == 0:
+        if record.grad_norm == 0 and record.name not in learning:
             blocker = _blocker(records, i)
             name = blocker.label if blocker is not None else "the output"
-            by_cause.setdefault(_cause(blocker, modules), {}).setdefault(name, []).append(record.label)
+            cause = _cause(blocker, modules)
+            if cause == "unknown" and zero_gates:  # ReZero, SkipInit: a zero scalar gate multiplies the branch
+                cause, name = "zero_init", _names(zero_gates)
+            by_cause.setdefault(cause, {}).setdefault(name, []).append(record.label)
     findings = []
     for cause, blocked in by_cause.items():
         severity, text = _ZERO_MESSAGES[cause]
@@ -302,11 +334,11 @@ def _propagating(s: Series, report: FlowReport, modules: dict[str, nn.Module]) -
     """The records of ``s`` whose output std says something about propagation: not an embedding (a lookup
     whose scale is its init's, 0.02 by design in BERT and GPT-2), not a norm (std 1 by construction), not the
     model's output (its scale is the task's: a zero-initialized head outputs 0), and not a silent layer."""
-    last = max(r.index for r in report.records)
+    output = output_start(report)
     first = s.records[0]
     if _is_embedding(first, modules) or _is_norm(first, modules):
         return []
-    return [r for r in s.records if r.index != last and math.isfinite(r.act_std) and r.act_std > 0]
+    return [r for r in s.records if r.index < output and math.isfinite(r.act_std) and r.act_std > 0]
 
 
 def _dead_between(report: FlowReport, start: int, end: int) -> bool:

@@ -29,7 +29,7 @@ from steadygrad.structure import describe
 def _units(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (units, inputs per unit); Hugging Face's ``Conv1D`` stores (in, out)."""
     weight = module.weight.detach().double()
-    if weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1] != weight.shape[0]:
+    if weight.dim() == 2 and kinds.weight_transposed(module):
         weight = weight.T
     return weight.reshape(weight.shape[0], -1)
 

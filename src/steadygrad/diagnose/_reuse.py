@@ -24,11 +24,13 @@ def reused(report: FlowReport) -> list[Finding]:
     ratios: dict[str, tuple[float, int]] = {}
     for name, records in calls.items():
         records = sorted(records, key=lambda r: r.call)
-        first, last = records[0], records[-1]
-        if len(records) < REUSED_CALLS or not math.isfinite(first.weight_var):
+        if len(records) < REUSED_CALLS or not math.isfinite(records[0].weight_var):
             continue
-        if math.isfinite(first.grad_norm) and math.isfinite(last.grad_norm) and last.grad_norm > 0:
-            ratios[name] = (first.grad_norm / last.grad_norm, len(records))
+        # a call whose output gradient is exactly zero is structural, not decay: a gate on h_0 = 0 (r * h in a
+        # GRU) passes nothing back. The ratio is read from the first call the gradient reaches.
+        flowing = [r for r in records if math.isfinite(r.grad_norm) and r.grad_norm > 0]
+        if len(flowing) >= REUSED_CALLS:
+            ratios[name] = (flowing[0].grad_norm / flowing[-1].grad_norm, len(flowing))
     findings = []
     for kind, bad, words, fixes in (
         (

@@ -127,11 +127,11 @@ def _own(module: nn.Module):
 
 
 def _is_generic_weight(name: str, param: torch.Tensor) -> bool:
-    return name.endswith("weight") and param.dim() >= 2
+    return kinds.parameter_role(name) == "weight" and param.dim() >= 2
 
 
 def _is_bias(name: str) -> bool:
-    return name.startswith("bias") or name.endswith("bias")
+    return kinds.parameter_role(name) == "bias"
 
 
 def _draw(fn: Initializer, param: torch.Tensor, kwargs: dict, n_gates: int, layout: str) -> torch.Tensor:

@@ -16,13 +16,19 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["EagerStance", "is_compiled", "strip_wrapper_names", "unwrap"]
+__all__ = ["EagerStance", "is_compile_wrapper", "is_compiled", "unwrap"]
 
 
 def _optimized_module_type() -> type | None:
     """torch's OptimizedModule, without importing dynamo: no model can be one before dynamo is loaded."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return getattr(eval_frame, "OptimizedModule", None)
+
+
+def is_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns (an ``OptimizedModule``)."""
+    optimized = _optimized_module_type()
+    return optimized is not None and isinstance(module, optimized)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,12 +57,6 @@ def is_compiled(model: nn.Module) -> bool:
     if optimized is None:
         return False
     return any(isinstance(m, optimized) or _compiled_in_place(m) for m in model.modules())
-
-
-def strip_wrapper_names(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Layer names without the ``_orig_mod`` step of a compile wrapper nested in the model (``blocks.0.linear``
-    for ``blocks.0._orig_mod.linear``)."""
-    return [(".".join(part for part in name.split(".") if part != "_orig_mod") or name, m) for name, m in selected]
 
 
 class EagerStance:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from steadygrad import _keras, kinds
+from steadygrad.measure.compiled import is_compile_wrapper
 from steadygrad.structure import describe
 
 __all__ = ["LayerSelector", "default_layer_types", "is_recorded_by_default", "select_layers", "skipped_modules"]
@@ -40,6 +41,17 @@ def default_layer_types() -> tuple[type[nn.Module], ...]:
 
 def _own_parameters(module: nn.Module) -> list:
     return list(module.parameters(recurse=False))
+
+
+def _owns_a_weight(module: nn.Module) -> bool:
+    """A parameter of 2+ dims of its own: any, for a leaf (a custom projection ``self.W``); for a module with
+    children, one named as a weight (``kinds.parameter_role``), since a block's own tables (ViT's ``cls_token``
+    and ``position_embeddings``, ConvNeXt's ``layer_scale``) are not a layer, and recording the block would
+    give it its first child's weight statistics."""
+    own = [(name, p) for name, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if next(module.children(), None) is None:
+        return bool(own)
+    return any(kinds.parameter_role(name) == "weight" for name, _ in own)
 
 
 def _looks_like_norm(module: nn.Module) -> bool:
@@ -63,7 +75,7 @@ def is_recorded_by_default(module: nn.Module) -> bool:
         return False
     if isinstance(module, default_layer_types()):
         return True
-    if any(p.dim() >= 2 for p in _own_parameters(module)):
+    if _owns_a_weight(module):
         return True
     return _looks_like_norm(module) or _looks_like_activation(module)
 
@@ -102,6 +114,19 @@ def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]])
 LayerSelector = type | tuple[type, ...] | str | Sequence[str] | None
 
 
+def _torch_named(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules`` without the root, under the names a person wrote: a ``torch.compile`` wrapper nested in
+    the model is left out and its ``_orig_mod`` step dropped (``block.0``, not ``block._orig_mod.0``), so name
+    patterns match what the records show. A model with no submodules is its own only layer, named after its
+    class."""
+    named = []
+    for name, module in model.named_modules():
+        if not name or is_compile_wrapper(module):
+            continue
+        named.append((".".join(part for part in name.split(".") if part != "_orig_mod") or name, module))
+    return named or [(type(model).__name__, model)]
+
+
 def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs a probe records, in ``named_modules`` order.
 
@@ -114,7 +139,7 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
         if layers is None:
             return _keras.default_layers(model)
     else:  # a model with no submodules is its own only layer, named after its class
-        named = [(name, m) for name, m in model.named_modules() if name] or [(type(model).__name__, model)]
+        named = _torch_named(model)
     if layers is None:
         structure = describe(model)
         if structure is not None and structure.blocks:

@@ -200,7 +200,7 @@ class Monitor:
         # a torch.compile'd model runs eagerly on logged steps and is measured under its own module's names
         self._eager = compile_support.EagerStance(model) if compile_support.is_compiled(model) else None
         measured = compile_support.unwrap(model)
-        self.layers = compile_support.strip_wrapper_names(select_layers(measured, layers))
+        self.layers = select_layers(measured, layers)  # a nested compile wrapper's _orig_mod step dropped
         if not self.layers:
             names = ", ".join(name for name, _ in select_layers(measured, "*"))  # what a pattern can match (Keras' too)
             raise ValueError(f"No layer of the model matches layers={layers!r}. Its modules: {names}.")
@@ -319,15 +319,20 @@ class Monitor:
         if self._pending is not None:
             pending = self._pending
             loss, rows = pending.taps.rows(self._recorder, pending, self._loss)
+            unused, functional = self._never_called()
             report = FlowReport(
                 records=make_records(pending.slots, rows),
                 loss=loss,
                 step=self.step_count,
                 label=self.label,
-                unused=[n for n, _ in self.layers if n not in self._recorder.called],
+                unused=unused,
                 skipped=dict(self.skipped),
                 loss_name=self.loss_name,
             )
+            if functional:
+                report.notes.append(
+                    "used through its weights, not its forward (so it has no record): " + ", ".join(functional)
+                )
             for sink in self.sinks:
                 sink.write(report, self.layers)
         self._pending = None
@@ -335,6 +340,14 @@ class Monitor:
         self._recorder.reset()  # and its gradient scale
         self._arm(self.schedule(self.step_count + 1))
         return report
+
+    def _never_called(self) -> tuple[list[str], list[str]]:
+        """The selected layers whose forward never ran this step: (unused, used functionally). A layer whose
+        parameters got a gradient was used through them (``nn.MultiheadAttention`` calls ``F.linear`` with its
+        ``out_proj``'s weight; a tied embedding serves as a head): that is not dead code, and is said apart."""
+        never = [(n, m) for n, m in self.layers if n not in self._recorder.called]
+        functional = [n for n, m in never if any(p.grad is not None for p in m.parameters())]
+        return [n for n, _ in never if n not in functional], functional
 
     def _float32_cpu(self) -> bool:
         """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for).

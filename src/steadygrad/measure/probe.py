@@ -43,7 +43,8 @@ def _prepare_inputs(inputs):
     if isinstance(inputs, Mapping):
         return {k: _prepare_inputs(v) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_prepare_inputs(v) for v in inputs)
+        items = [_prepare_inputs(v) for v in inputs]
+        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)  # a namedtuple
     return inputs
 
 
@@ -56,9 +57,16 @@ def _call(model: nn.Module, inputs, **kwargs):
     return model(inputs, **kwargs)
 
 
+# The class names of stochastic regularizers in other libraries: dropout (HF's ``StableDropout``), and the ones
+# that drop whole residual branches: stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``) and
+# ``DropBlock``. Each reads its module's ``training`` flag, so eval mode switches it off.
+_STOCHASTIC = ("dropout", "droppath", "stochasticdepth", "dropblock")
+
+
 def _is_dropout(module: nn.Module) -> bool:
-    """torch's dropouts, and any other library's by its class name (``StableDropout``, ``DropoutContext``...)."""
-    return isinstance(module, nn.modules.dropout._DropoutNd) or "Dropout" in type(module).__name__
+    """torch's dropouts, and any other library's stochastic regularizer by its class name (``_STOCHASTIC``)."""
+    name = type(module).__name__.lower()
+    return isinstance(module, nn.modules.dropout._DropoutNd) or any(part in name for part in _STOCHASTIC)
 
 
 def _enter_mode(model: nn.Module, mode: str | None) -> tuple[Callable[[], None], int]:
