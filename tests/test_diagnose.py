@@ -254,3 +254,14 @@ def test_layer_gain_is_the_variance_scaling_factor():
     nn.init.normal_(conv.weight, std=(1 / 72) ** 0.5, generator=torch.Generator().manual_seed(0))  # LeCun
     assert dg.layer_gain(conv) == pytest.approx(1.0, rel=0.05)
     assert dg.layer_gain(nn.LayerNorm(8)) is None
+
+
+def test_masks_and_tiny_batches_get_no_centring_finding_and_a_real_one_names_its_input():
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(4, 17, (8,), generator=g)
+    mask = (torch.arange(16)[None] < lengths[:, None]).float()  # HF takes float 0/1 masks
+    x = torch.randn(8, 16, generator=g)
+    assert dg.diagnose(report(), inputs={"x": x, "mask": mask}) == []
+    assert dg.diagnose(report(), inputs=torch.randn(2, 64, generator=g) + 0.5) == []  # 2 samples say nothing
+    (finding,) = dg.diagnose(report(), inputs={"x": x, "features": x.abs() + 1})
+    assert finding.layers == ["features"] and "input 'features' is not zero-centred" in finding.message

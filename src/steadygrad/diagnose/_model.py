@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -113,14 +113,19 @@ def bias_before_norm(model: nn.Module) -> list[Finding]:
     ]
 
 
-def _noncentred_tensor(inputs: torch.Tensor) -> list[Finding]:
+CENTRING_MIN_BATCH = 4  # fewer samples than this: the centring rule does not run
+
+
+def _noncentred_tensor(inputs: torch.Tensor, name: str = "input") -> list[Finding]:
     """LeCun et al. 1998: with inputs of one sign, a first-layer unit's weight updates all share the sign of its
     gradient, so the weights zig-zag to their target. Mean |mean_j| / std_j over the features measures it; a
     zero-mean feature shows sqrt(2 / (pi n)) of it by chance alone on n samples, so the threshold is at least 3x
     that (a batch of 4 standard-normal images reads about 0.4)."""
+    if inputs.shape[0] < CENTRING_MIN_BATCH or not inputs.numel():
+        return []  # |mean| / std of 2 or 3 samples is heavy-tailed (Cauchy-like at 2): it says nothing
     x = inputs.detach().double().reshape(inputs.shape[0], -1)
-    if x.shape[0] < 2:
-        return []
+    if bool(((x == 0) | (x == 1)).all()):
+        return []  # a 0/1 mask (attention or padding) selects, it is not multiplied by a weight
     mean, std = x.mean(0), x.std(0)
     varying = std > 1e-8 * float(std.max().clamp(min=1e-300))  # constant features (blank pixels) say nothing
     if not bool(varying.any()):
@@ -134,9 +139,10 @@ def _noncentred_tensor(inputs: torch.Tensor) -> list[Finding]:
         Finding(
             "noncentred_inputs",
             "warning",
-            ["input"],
+            [name],
             {"mean_abs_mean_over_std": ratio, "all_non_negative": all_positive},
-            f"The inputs are not zero-centred (mean |mean|/std over features: {ratio:.2g}"
+            f"The {'inputs are' if name == 'input' else f'input {name!r} is'} not zero-centred (mean |mean|/std "
+            f"over features: {ratio:.2g}"
             f"{'; every value is >= 0' if all_positive else ''}): the first layer's weight updates then share a "
             "sign and zig-zag (LeCun et al. 1998).",
             [Fix("standardize_inputs")],
@@ -147,10 +153,12 @@ def _noncentred_tensor(inputs: torch.Tensor) -> list[Finding]:
 def noncentred(inputs) -> list[Finding]:
     """The centring rule on every floating-point tensor of ``inputs`` (a tensor, tuple or dict). Integer inputs
     (token ids, class indices) are indices into an embedding, not values a weight multiplies: their mean says
-    nothing, so they get no input-statistics finding."""
-    for tensor in tensors(inputs):
-        if tensor.is_floating_point() and tensor.dim() >= 1:
-            found = _noncentred_tensor(tensor)
+    nothing, so they get no input-statistics finding; nor do 0/1 masks, nor batches under ``CENTRING_MIN_BATCH``.
+    A mapping's tensors are named by their key in the finding."""
+    named = inputs.items() if isinstance(inputs, Mapping) else [("input", t) for t in tensors(inputs)]
+    for name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 1:
+            found = _noncentred_tensor(tensor, name)
             if found:
                 return found
     return []
