@@ -17,6 +17,8 @@ def report(grads=(1.0, 1.0, 1.0), stds=(1.0, 1.0, 1.0), step=None, **fields):
     for i, (g, s) in enumerate(zip(grads, stds, strict=True)):
         extra = {k: v[i] for k, v in fields.items()}
         records.append(LayerRecord(name=f"layer{i}", kind="Linear+Tanh", index=i, grad_norm=g, act_std=s, **extra))
+    # the output layer, after the hidden ones: the depth rules read the hidden layers' series
+    records.append(LayerRecord(name="head", kind="Linear", index=len(records), grad_norm=1.0, act_std=1.0))
     return FlowReport(records=records, step=step)
 
 
@@ -58,7 +60,8 @@ def test_saturation_dead_and_signal():
     assert kinds(dg.diagnose(report(saturated=(0.2, 0.7, math.nan)))) == ["saturated_activations"]
     assert kinds(dg.diagnose(report(dead=(0.9, 0.1, math.nan)))) == ["dead_units"]
     assert kinds(dg.diagnose(report(dead=(0.5, 0.1, math.nan)))) == []  # "over half": 0.5 is not
-    assert kinds(dg.diagnose(report(stds=(1.0, 0.01, 5.0)))) == ["poor_signal_propagation"]
+    assert kinds(dg.diagnose(report(stds=(1.0, 0.5, 0.01)))) == ["poor_signal_propagation"]
+    assert kinds(dg.diagnose(report(stds=(1.0, 0.01, 5.0)))) == []  # first to last depth: 5x, within 10x
 
 
 def test_update_ratio_out_of_range():

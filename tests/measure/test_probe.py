@@ -361,4 +361,5 @@ def test_the_summary_reads_depth_along_like_layers_when_the_model_is_not_a_chain
     first, last = (r for r in report.records if r.name in ("blocks.0.0", "blocks.2.0"))
     ratio = first.grad_norm / last.grad_norm
     sentence = report.summary().splitlines()[0]
-    assert "over 3 depths" in sentence and "blocks.*.0 (LayerNorm)" in sentence and f"{ratio:.2g}" in sentence
+    assert "over 3 depths" in sentence and f"{ratio:.2g}" in sentence
+    assert "at blocks.0.0 (LayerNorm)" in sentence and "at blocks.2.0 (LayerNorm)" in sentence

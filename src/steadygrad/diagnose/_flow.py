@@ -120,8 +120,10 @@ def _gains(report: FlowReport, modules: dict[str, nn.Module]) -> dict[str, float
 def _depth_ratios(report: FlowReport) -> list[tuple[Series, list[LayerRecord], float]]:
     """(series, its records with a gradient, first depth's gradient over the last depth's) per series."""
     out = []
+    output = output_start(report)
     for s in series(report):
-        flowing = [r for r in s.records if has_gradient(r)]
+        # the output layer's gradient is the loss's, not something depth did: a head is not its hidden layers' peer
+        flowing = [r for r in s.records if has_gradient(r) and r.index < output]
         if len(flowing) >= 2:
             out.append((s, flowing, flowing[0].grad_norm / flowing[-1].grad_norm))
     return out

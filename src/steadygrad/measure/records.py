@@ -117,7 +117,7 @@ class FlowReport:
         else:
             first, last = longest.records[0], longest.records[-1]
             ratio, n, unit = first.grad_norm / last.grad_norm, len(longest.records), "depth"
-            where = f"at the first {longest.label} it is {{ratio:.2g}} {{size}} its size at the last"
+            where = f"at {first.label} it is {{ratio:.2g}} {{size}} its size at {last.label}"
         factor = ratio ** (1.0 / (n - 1))
         size = "of" if ratio < 1 else "times"
         if 0.5 <= ratio <= 2:
@@ -130,6 +130,10 @@ class FlowReport:
         """What happened, in plain words."""
         layers = self._with_gradient()
         lines = [self._gradient_sentence()] if len(layers) >= 2 else []
+        zero = [r for r in self.records if r.grad_norm == 0]
+        if zero:  # left out of the sentence above (no ratio to read), so said here
+            names = ", ".join(r.label for r in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+            lines.append(f"{len(zero)} layer(s) get exactly zero gradient: {names}.")
         finite_std = [r for r in self.records if math.isfinite(r.act_std)]
         if len(finite_std) >= 2:
             lines.append(

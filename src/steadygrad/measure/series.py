@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _DIGITS = re.compile(r"\d+")
+_KERAS_REPEAT = re.compile(r"_\d+$")
 
 
 def template(name: str) -> str:
@@ -29,12 +30,13 @@ def template(name: str) -> str:
     Digits in the enclosing modules' names count the depth; in the layer's own (last) name they usually name a
     role (``conv1`` and ``conv2`` of one block do different things), so they are kept there, unless no enclosing
     name carries an index, in which case the last name is the only place the depth can be (``block07``, an
-    ``nn.Sequential``'s ``3``, a user's ``fc1``..``fc3``).
+    ``nn.Sequential``'s ``3``, a user's ``fc1``..``fc3``, Keras' ``dense``, ``dense_1``, ... -> ``dense``).
     """
     *parents, last = name.split(".")
     indexed = [_DIGITS.sub("*", p) for p in parents]
     if indexed == parents:
-        last = _DIGITS.sub("*", last)
+        # Keras numbers a layer's repeats with a suffix (dense, dense_1, dense_2): they are one role
+        last = _DIGITS.sub("*", _KERAS_REPEAT.sub("", last))
     return ".".join([*indexed, last])
 
 
