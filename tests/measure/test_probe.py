@@ -340,6 +340,12 @@ def test_a_report_prints_as_words_and_shows_its_table():
     report.show(console)
     shown = console.export_text()
     assert "1 (Tanh)" in shown and "3 (Linear)" in shown and report.summary().splitlines()[0] in shown
+    assert "W var" in shown
+    narrow = Console(record=True, width=80)  # a default terminal: the compact table, numbers never cut
+    report.show(narrow)
+    compact = narrow.export_text()
+    assert "W var" not in compact and "grad norm" in compact and "…" not in compact
+    assert f"{report.records[0].grad_norm:.3g}" in compact
 
 
 def test_the_summary_reads_depth_along_like_layers_when_the_model_is_not_a_chain():

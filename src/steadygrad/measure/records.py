@@ -58,6 +58,11 @@ class LayerRecord:
         return cls(**{k: (math.nan if v is None else v) for k, v in data.items() if k in names})
 
 
+_COLUMNS = ("#", "layer", "kind", "act mean", "act std", "sat", "dead", "grad norm", "ratio", "W grad", "W var")
+_DETAIL = ("act mean", "W grad", "W var")  # left out of the compact table
+_FULL_WIDTH = 120  # a terminal this wide shows every column
+
+
 def _fmt(value: float, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -183,51 +188,45 @@ class FlowReport:
         return f"FlowReport({self.label or '-'!r}{step}, {len(self.records)} records, loss={loss})"
 
     def show(self, console=None) -> None:
-        """Print the table and the summary in a terminal (``rich``); in a notebook the report shows itself."""
+        """Print the table and the summary in a terminal (``rich``); in a notebook the report shows itself. A
+        terminal narrower than the full table gets the compact one (``table(compact=True)``)."""
         from rich.console import Console
 
         console = console or Console()
-        console.print(self.table())
+        console.print(self.table(compact=console.width < _FULL_WIDTH))
         console.print(str(self))
 
-    def table(self):
+    def table(self, compact: bool = False):
         """A ``rich.table.Table`` with one row per record (``show()`` prints it; in a script a bare ``table()``
-        is an object, to print with ``rich.print`` or a ``Console``)."""
+        is an object, to print with ``rich.print`` or a ``Console``). ``compact`` keeps the columns that locate
+        a problem (std, saturated, dead, gradient norm and ratio) for a narrow terminal."""
         from rich.table import Table
 
         theory = any(math.isfinite(r.predicted_grad_norm) for r in self.records)
         table = Table(title=self.label or None, title_justify="left")
-        columns = [
-            "#",
-            "layer",
-            "kind",
-            "act mean",
-            "act std",
-            "sat",
-            "dead",
-            "grad norm",
-            "ratio",
-            "W grad",
-            "W var",
-        ] + (["predicted grad"] if theory else [])
+        columns = [c for c in _COLUMNS if not (compact and c in _DETAIL)]
+        columns += ["predicted grad"] if theory and not compact else []
         for column in columns:
-            table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+            # numbers are never cut ("0.0…" would say nothing): a narrow terminal folds the names instead
+            text = column in ("layer", "kind")
+            table.add_column(column, justify="left" if text else "right", no_wrap=not text, overflow="fold")
         for r in self.records:
-            row = [
-                str(r.index + 1),
-                r.label,
-                r.kind,
-                _fmt(r.act_mean),
-                _fmt(r.act_std),
-                _fmt(r.saturated, True),
-                _fmt(r.dead, True),
-                _fmt(r.grad_norm),
-                _fmt(r.grad_ratio),
-                _fmt(r.weight_grad_norm),
-                _fmt(r.weight_var),
-            ] + ([_fmt(r.predicted_grad_norm)] if theory else [])
+            cells = {
+                "#": str(r.index + 1),
+                "layer": r.label,
+                "kind": r.kind,
+                "act mean": _fmt(r.act_mean),
+                "act std": _fmt(r.act_std),
+                "sat": _fmt(r.saturated, True),
+                "dead": _fmt(r.dead, True),
+                "grad norm": _fmt(r.grad_norm),
+                "ratio": _fmt(r.grad_ratio),
+                "W grad": _fmt(r.weight_grad_norm),
+                "W var": _fmt(r.weight_var),
+                "predicted grad": _fmt(r.predicted_grad_norm),
+            }
             style = "red" if (r.nonfinite_act or r.nonfinite_grad) else None
-            table.add_row(*row, style=style)
+            table.add_row(*(cells[c] for c in columns), style=style)
         return table
 
     # -- files ---------------------------------------------------------------------------------------
