@@ -369,3 +369,24 @@ def test_the_summary_reads_depth_along_like_layers_when_the_model_is_not_a_chain
     sentence = report.summary().splitlines()[0]
     assert "over 3 depths" in sentence and f"{ratio:.2g}" in sentence
     assert "at blocks.0.0 (LayerNorm)" in sentence and "at blocks.2.0 (LayerNorm)" in sentence
+
+
+def test_a_model_that_sets_requires_grad_on_its_input_is_measured_without_the_input_gradient():
+    class SetsRequiresGrad(nn.Module):  # what wav2vec2's feature encoder does in training
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = x[:, None]
+            if self.training:
+                h.requires_grad = True  # only allowed on a leaf: an input that needs no grad
+            return self.linear(h.squeeze(1))
+
+    from steadygrad.measure.probe import NO_INPUT_GRADIENT_NOTE
+
+    model, x = SetsRequiresGrad(), _x(4, 8)
+    report = probe(model, x)
+    assert NO_INPUT_GRADIENT_NOTE in report.notes and math.isnan(report.input_grad_norm)
+    assert [r.name for r in report.records] == ["linear"]  # one call, not the failed one and the retry
+    assert report.records[0].grad_norm == pytest.approx(probe(model, x, mode="eval").records[0].grad_norm)

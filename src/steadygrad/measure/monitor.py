@@ -293,6 +293,12 @@ class Monitor:
         if self._recorder.active:
             self._loss = loss.detach()
 
+    def restart_step(self) -> None:
+        """Forget what the step being accumulated recorded so far (a forward pass that failed half way and is run
+        again), keeping the step's schedule."""
+        self._recorder.reset()
+        self._loss = None
+
     def step(self) -> FlowReport | None:
         """Close the current step by hand (when no optimizer was given); returns its report if logged."""
         self._before_step(snapshot=False)  # no update happens in between: the ratio is NaN

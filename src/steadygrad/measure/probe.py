@@ -35,15 +35,22 @@ MODES = ("train", "eval", None)
 INTEGER_INPUTS_NOTE = "inputs are integer (token ids): no input gradient, no input statistics"
 
 
-def _prepare_inputs(inputs):
-    """Detached copies that require grad (floating tensors only), in the same structure."""
+NO_INPUT_GRADIENT_NOTE = (
+    "the model sets requires_grad on a tensor computed from its input itself, so the probe measured without "
+    "the input gradient"
+)
+
+
+def _prepare_inputs(inputs, requires_grad: bool = True):
+    """Detached copies, in the same structure; floating tensors require grad (for the input gradient) unless
+    ``requires_grad`` is False."""
     if isinstance(inputs, torch.Tensor):
         copy = inputs.detach().clone()
-        return copy.requires_grad_(True) if copy.is_floating_point() else copy
+        return copy.requires_grad_(requires_grad) if copy.is_floating_point() else copy
     if isinstance(inputs, Mapping):
-        return {k: _prepare_inputs(v) for k, v in inputs.items()}
+        return {k: _prepare_inputs(v, requires_grad) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        items = [_prepare_inputs(v) for v in inputs]
+        items = [_prepare_inputs(v, requires_grad) for v in inputs]
         return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)  # a namedtuple
     return inputs
 
@@ -153,6 +160,7 @@ def probe(
     # nothing is updated. Under data parallelism the probe measures this rank's batch, not the global one.
     monitor = Monitor(model, every=1, layers=layers, global_batch=False)  # selects, or says what did not match
     devices = sorted({p.device.index for p in parameters if p.device.type == "cuda" and p.device.index is not None})
+    notes: list[str] = []
     restore_mode, dropouts = _enter_mode(model, mode)  # the last change before the try that undoes them all
     try:
         for p in parameters:
@@ -161,7 +169,19 @@ def probe(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # functional dropout and any other draw: the same in every probe
             prepared = _prepare_inputs(inputs)
-            output = _call(model, prepared, **_keras.call_kwargs(model, mode))
+            try:
+                output = _call(model, prepared, **_keras.call_kwargs(model, mode))
+            except RuntimeError as error:
+                if "requires_grad flags of leaf" not in str(error):
+                    raise
+                # the model sets requires_grad on a tensor it computed from its input (wav2vec2 does, so that its
+                # gradient checkpointing has a grad-requiring input): that only works when the input is a leaf
+                # that needs no grad, so the probe measures again without the input gradient
+                monitor.restart_step()
+                torch.manual_seed(seed)
+                prepared = _prepare_inputs(inputs, requires_grad=False)
+                output = _call(model, prepared, **_keras.call_kwargs(model, mode))
+                notes.append(NO_INPUT_GRADIENT_NOTE)
             loss_value, loss_name = resolve_loss_named(output, targets, loss, task, seed)
             if not loss_value.requires_grad:
                 raise ValueError("The loss does not depend on any parameter or input that requires grad.")
@@ -175,7 +195,7 @@ def probe(
             report.unused = [name for name, _ in monitor.layers]
         report.step = None  # a probe is not an optimizer step
         report.loss_name = loss_name
-        report.notes += _notes(prepared, dropouts)
+        report.notes += notes + _notes(prepared, dropouts)
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         report.input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
