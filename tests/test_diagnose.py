@@ -268,3 +268,22 @@ def test_masks_and_tiny_batches_get_no_centring_finding_and_a_real_one_names_its
     assert dg.diagnose(report(), inputs=torch.randn(2, 64, generator=g) + 0.5) == []  # 2 samples say nothing
     (finding,) = dg.diagnose(report(), inputs={"x": x, "features": x.abs() + 1})
     assert finding.layers == ["features"] and "input 'features' is not zero-centred" in finding.message
+
+
+@pytest.mark.parametrize("gain, expected", [(3.0, {"exploding_over_time"}), (1.0, set())])
+def test_an_nn_rnn_is_read_along_time_by_diagnose_as_a_python_loop_is(gain, expected):
+    from steadygrad.measure import probe
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.RNN(16, 32, nonlinearity="relu", batch_first=True), nn.Linear(32, 2)
+            nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=gain)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model, x = Recurrent(), torch.randn(8, 20, 16)
+    found = {f.kind for f in dg.diagnose(probe(model, x), model=model, inputs=x)}
+    assert {k for k in found if k.endswith("_over_time")} == expected

@@ -198,7 +198,10 @@ def _findings(
     """Every rule of ``steadygrad.diagnose`` that applies: the records' rules, the structural ones and, for a
     recurrent model, the gradient along time; most severe first (stable, so rule order breaks ties)."""
     findings = diagnose(preflight, model=model, inputs=inputs) + architecture_findings(model)
-    findings += recurrent_findings(model, x0, lambda out: resolve_loss(out, y0, task=task))
+    if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and inputs.dim() == 3):
+        # diagnose measured the gradient along time on ``inputs`` with the projection loss; otherwise the
+        # doctor's own batch and training loss do
+        findings += recurrent_findings(model, x0, lambda out: resolve_loss(out, y0, task=task))
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
     return findings
 

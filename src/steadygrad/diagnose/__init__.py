@@ -11,15 +11,15 @@ a residual branch or an attention projection is not mistaken for a vanishing or 
 several times in one forward (a recurrence written by hand) is read along its calls (``_reuse``). Exactly-zero
 gradients are reported with their cause instead of being dropped.
 
-Every rule that produces findings lives in this package. Two read only the model, not the records, and are
-called separately (the doctor calls them; ``diagnose`` itself does not, so a Monitor's diagnosis is unchanged):
-``architecture_findings(model)`` (a deep plain stack, a tanh/sigmoid fed by an unnormalized layer) and
-``recurrent_findings(model, inputs, loss)`` (the gradient's change along time through a recurrent layer).
+Every rule that produces findings lives in this package. ``architecture_findings(model)`` reads only the model
+(a deep plain stack, a tanh/sigmoid fed by an unnormalized layer) and is called separately (the doctor does).
+``recurrent_findings(model, inputs, loss)`` (the gradient's change along time through an ``nn.RNN``/``LSTM``/
+``GRU``, which the records see as one layer) runs inside ``diagnose`` when the model and a batch are given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ from steadygrad.diagnose._model import (
 )
 from steadygrad.diagnose._reuse import REUSED_CALLS, reused
 from steadygrad.diagnose._units import dead, nonfinite, saturated, update_ratio
+from steadygrad.losses import projection_loss
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.series import Series, series, template
 
@@ -95,6 +96,7 @@ def diagnose(
     report_or_history: FlowReport | Sequence[FlowReport],
     model: nn.Module | None = None,
     inputs: torch.Tensor | None = None,
+    loss: Callable | None = None,
 ) -> list[Finding]:
     """Findings, most severe first, from one probe report or a monitor's history of reports.
 
@@ -102,10 +104,11 @@ def diagnose(
         report_or_history: a ``FlowReport`` or a sequence of them (``Monitor.history.reports``).
         model: enables the rules that read weights (symmetric units, bias before BatchNorm, each weight layer's
             gain, the cause of an exactly-zero gradient).
-        inputs: the batch (a tensor, tuple or dict); enables the centring rule on its floating-point tensors.
+        inputs: the batch (a tensor, tuple or dict); enables the centring rule on its floating-point tensors and,
+            with ``model``, for a model holding an ``nn.RNNBase`` on (N, T, F) inputs, the gradient along time.
+        loss: ``output -> scalar`` for that along-time measurement (default: the probe's fixed random projection).
 
-    The structural rules ``architecture_findings`` and ``recurrent_findings`` are not run here; call them
-    with the model (the doctor does).
+    The structural rule ``architecture_findings`` is not run here; call it with the model (the doctor does).
     """
     history = [report_or_history] if isinstance(report_or_history, FlowReport) else list(report_or_history)
     if not history or not all(isinstance(r, FlowReport) for r in history):
@@ -118,4 +121,8 @@ def diagnose(
         findings += symmetric(model) + bias_before_norm(model)
     if inputs is not None:
         findings += noncentred(inputs)
+    if model is not None and inputs is not None:
+        # an nn.RNN/LSTM/GRU is one record, so its depth in time is measured apart, on a copy of the model: the
+        # same finding a recurrence written as a Python loop gets from its per-call records (``reused``)
+        findings += recurrent_findings(model, inputs, loss or projection_loss)
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))

@@ -218,6 +218,8 @@ def recurrent_findings(model: nn.Module, inputs: torch.Tensor, loss: Callable[[o
         inputs: a batch, (N, T, F); other shapes (or T < 2, or no ``nn.RNNBase``) give no finding.
         loss: the model's output -> a scalar loss (the doctor passes its training loss on this batch).
     """
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        return []
     if inputs.dim() != 3 or inputs.shape[1] < 2 or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
         return []
     copy_ = copy.deepcopy(model)
