@@ -358,3 +358,50 @@ def test_doctor_trains_a_keras_model_in_training_mode():
         training = float(F.cross_entropy(model(x, training=True), y))  # batch statistics
     assert abs(training - inference) > 1e-2  # the test can fail
     assert report.control.losses[0] == pytest.approx(training, rel=1e-5)
+
+
+class Jitter(keras.layers.Layer):
+    """Random in training through its own SeedGenerator, and neither a dropout nor a noise layer by its name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def call(self, x, training=False):
+        return x + 0.1 * keras.random.normal(keras.ops.shape(x), seed=self.seed_generator) if training else x
+
+
+def test_a_train_mode_probe_switches_noise_off_is_repeatable_and_leaves_every_variable_as_found():
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            layers.Dense(16, name="dense"),
+            layers.BatchNormalization(name="bn"),
+            layers.GaussianNoise(0.5, name="noise"),
+            layers.Dropout(0.3, name="drop"),
+            layers.GaussianDropout(0.3, name="gdrop"),
+            Jitter(name="jitter"),
+            layers.Dense(3, name="out"),
+        ]
+    )
+    x, y = batch(64, 8, 3)
+    variables = model.variables
+    assert any("seed_generator" in v.path for v in variables) and not any(
+        "seed_generator" in v.path for v in model.non_trainable_weights
+    )
+    before = [v.value.detach().clone() for v in variables]
+    first, second = sg.probe(model, x, y), sg.probe(model, x, y)
+    assert first.loss == second.loss  # Jitter draws the same: its seed state was put back
+    assert [r.grad_norm for r in first.records] == [r.grad_norm for r in second.records]
+    for variable, saved in zip(model.variables, before, strict=True):
+        assert torch.equal(variable.value, saved), variable.path
+    switches = model.get_layer("noise").stddev, model.get_layer("drop").rate, model.get_layer("gdrop").rate
+    assert switches == (0.5, 0.3, 0.3)
+    assert "3 dropout" in " ".join(first.notes)
+    # the probe measured the network with the noise and dropout layers off (Jitter drawing from the same state)
+    model.get_layer("noise").stddev, model.get_layer("drop").rate, model.get_layer("gdrop").rate = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        quiet = float(F.cross_entropy(model(x, training=True), y))
+    assert first.loss == pytest.approx(quiet, rel=1e-6)

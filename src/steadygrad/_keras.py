@@ -269,24 +269,48 @@ def call_kwargs(model, mode: str | None) -> dict:
     return {"training": mode == "train"}
 
 
+def _noise_switches(layer) -> list[tuple[str, float]]:
+    """The attributes that make a layer random in training: a dropout's ``rate`` (``Dropout``, ``SpatialDropout*``,
+    ``GaussianDropout``, ``AlphaDropout``...), a noise layer's ``stddev`` (``GaussianNoise``), with their values."""
+    name = type(layer).__name__
+    attribute = "rate" if "Dropout" in name else "stddev" if "Noise" in name else None
+    value = getattr(layer, attribute, None) if attribute else None
+    return [(attribute, value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def _global_seed_state():
+    """Keras' global SeedGenerator's state variable (random ops given no seed of their own draw from it), or None
+    before anything made it."""
+    from keras.src.backend.common import global_state  # no public getter
+
+    generator = global_state.get_global_attribute("global_seed_generator")
+    return None if generator is None else generator.state
+
+
 def enter_mode(model, mode: str | None) -> tuple[Callable[[], None], int]:
-    """The probe's ``_enter_mode`` for a Keras model: in ``"train"`` each dropout layer's ``rate`` is set to 0 (the
-    probe measures the deterministic network); in every mode the non-trainable variables (``BatchNormalization``'s
-    moving statistics, torch Parameters that ``training=True`` updates in place) are kept to be put back. Returns
-    the function that restores both, and how many dropout layers were switched off."""
-    rates = []
+    """The probe's ``_enter_mode`` for a Keras model: in ``"train"`` each dropout layer's ``rate`` and each noise
+    layer's ``stddev`` (``GaussianNoise``) is set to 0 (the probe measures the deterministic network); in every mode
+    the non-trainable variables (``BatchNormalization``'s moving statistics, and the state of every SeedGenerator
+    of the model's layers and Keras' global one, torch tensors that ``training=True`` updates in place) are kept
+    to be put back, so the model is left as found and a second probe draws what the first drew. Returns the
+    function that restores all of it, and how many dropout and noise layers were switched off."""
+    switched = []
     if mode == "train":
         for _, layer in named_layers(model):
-            if "Dropout" in type(layer).__name__ and isinstance(getattr(layer, "rate", None), (int, float)):
-                rates.append((layer, layer.rate))
-                layer.rate = 0.0
-    state = [(v.value, v.value.detach().clone()) for v in model.non_trainable_weights]
+            for attribute, value in _noise_switches(layer):
+                switched.append((layer, attribute, value))
+                setattr(layer, attribute, 0.0)
+    variables = list(model.non_trainable_variables)  # SeedGenerator states too (non_trainable_weights has none)
+    global_seed = _global_seed_state()
+    if global_seed is not None:
+        variables.append(global_seed)
+    state = [(v.value, v.value.detach().clone()) for v in variables]
 
     def restore() -> None:
-        for layer, rate in rates:
-            layer.rate = rate
+        for layer, attribute, value in switched:
+            setattr(layer, attribute, value)
         with torch.no_grad():
             for value, saved in state:
                 value.copy_(saved)
 
-    return restore, len(rates)
+    return restore, len({id(layer) for layer, _, _ in switched})
