@@ -120,7 +120,7 @@ def test_activation_layers_and_nested_models():
     squash = report.records[1]
     assert math.isfinite(squash.saturated) and math.isnan(squash.dead)
     assert math.isfinite(report.records[2].dead)
-    assert "Dropout" in report.skipped and "Sequential" in report.skipped
+    assert "Dropout" in report.skipped and "Sequential" not in report.skipped  # the block's layers are recorded
     # name patterns match the path-like names
     assert [r.name for r in sg.probe(model, x, y, layers="block/*").records] == ["block/inner", "block/squash"]
     assert [r.name for r in sg.probe(model, x, y, layers=keras.layers.Dense).records] == ["block/inner", "out"]
@@ -358,3 +358,83 @@ def test_doctor_trains_a_keras_model_in_training_mode():
         training = float(F.cross_entropy(model(x, training=True), y))  # batch statistics
     assert abs(training - inference) > 1e-2  # the test can fail
     assert report.control.losses[0] == pytest.approx(training, rel=1e-5)
+
+
+class Jitter(keras.layers.Layer):
+    """Random in training through its own SeedGenerator, and neither a dropout nor a noise layer by its name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def call(self, x, training=False):
+        return x + 0.1 * keras.random.normal(keras.ops.shape(x), seed=self.seed_generator) if training else x
+
+
+def test_a_train_mode_probe_switches_noise_off_is_repeatable_and_leaves_every_variable_as_found():
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            layers.Dense(16, name="dense"),
+            layers.BatchNormalization(name="bn"),
+            layers.GaussianNoise(0.5, name="noise"),
+            layers.Dropout(0.3, name="drop"),
+            layers.GaussianDropout(0.3, name="gdrop"),
+            Jitter(name="jitter"),
+            layers.Dense(3, name="out"),
+        ]
+    )
+    x, y = batch(64, 8, 3)
+    variables = model.variables
+    assert any("seed_generator" in v.path for v in variables) and not any(
+        "seed_generator" in v.path for v in model.non_trainable_weights
+    )
+    before = [v.value.detach().clone() for v in variables]
+    first, second = sg.probe(model, x, y), sg.probe(model, x, y)
+    assert first.loss == second.loss  # Jitter draws the same: its seed state was put back
+    assert [r.grad_norm for r in first.records] == [r.grad_norm for r in second.records]
+    for variable, saved in zip(model.variables, before, strict=True):
+        assert torch.equal(variable.value, saved), variable.path
+    switches = model.get_layer("noise").stddev, model.get_layer("drop").rate, model.get_layer("gdrop").rate
+    assert switches == (0.5, 0.3, 0.3)
+    assert "3 dropout" in " ".join(first.notes)
+    # the probe measured the network with the noise and dropout layers off (Jitter drawing from the same state)
+    model.get_layer("noise").stddev, model.get_layer("drop").rate, model.get_layer("gdrop").rate = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        quiet = float(F.cross_entropy(model(x, training=True), y))
+    assert first.loss == pytest.approx(quiet, rel=1e-6)
+
+
+def test_preprocessing_normalization_is_no_norm_and_a_container_is_listed_only_when_nothing_inside_is():
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    frozen = layers.BatchNormalization(name="frozen")
+    quiet = keras.Sequential([keras.Input((8,)), layers.Dropout(0.1, name="inner_drop")], name="quiet")
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            layers.Normalization(axis=-1, mean=0.5, variance=4.0, name="standardize"),  # no variable at all
+            layers.Normalization(axis=-1, name="adapted"),  # mean, variance and count: statistics, not learned
+            layers.Dense(8, name="dense"),
+            layers.BatchNormalization(name="bn"),
+            frozen,
+            layers.BatchNormalization(center=False, scale=False, name="bare_bn"),
+            layers.LayerNormalization(center=False, scale=False, name="bare_ln"),
+            layers.UnitNormalization(name="unit"),
+            quiet,
+            layers.Dense(3, name="out"),
+        ]
+    )
+    model.get_layer("adapted").adapt(np.random.default_rng(0).normal(size=(64, 8)).astype("float32"))
+    frozen.trainable = False  # its gamma and beta are no longer trainable: it is still a norm
+    x, y = batch(32, 8, 3)
+    report = sg.probe(model, x, y)
+    assert [r.name for r in report.records] == ["dense", "bn", "frozen", "bare_bn", "bare_ln", "unit", "out"]
+    assert report.skipped == {
+        "Normalization": "a preprocessing layer: its statistics are taken from the data (adapt), nothing in it is "
+        "learned",
+        "Sequential": "a container of layers none of which is recorded",
+        "Dropout": "no weight, and neither a normalization nor an activation steadygrad knows",
+    }

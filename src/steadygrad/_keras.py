@@ -34,11 +34,12 @@ __all__ = [
     "enter_mode",
     "is_keras_layer",
     "is_stand_in",
+    "layers_below",
     "named_layers",
     "own_parameters",
     "primary_sublayer",
     "seeded",
-    "skipped_layers",
+    "why_not",
 ]
 
 # Keras' activation layers that carry no ``activation`` attribute, by class name -> steadygrad's activation name
@@ -166,8 +167,17 @@ def _is_recurrent(layer) -> bool:
     return isinstance(layer, _keras().layers.RNN)
 
 
+def _is_adapted(layer) -> bool:
+    """A preprocessing layer that takes its statistics from the data before training (``adapt``: ``Normalization``,
+    ``Discretization``, the lookups): it learns nothing."""
+    return callable(getattr(layer, "adapt", None))
+
+
 def _is_norm(layer) -> bool:
-    return type(layer).__name__.endswith("Normalization") and not _sublayers(layer)
+    """A leaf whose class name ends in Normalization, but for a preprocessing layer adapted to the data:
+    ``keras.layers.Normalization`` standardizes the features with a given or adapted mean and variance (no gamma or
+    beta, often no variable at all), a fixed step before the network rather than a normalization inside it."""
+    return type(layer).__name__.endswith("Normalization") and not _sublayers(layer) and not _is_adapted(layer)
 
 
 def _is_activation_layer(layer) -> bool:
@@ -182,8 +192,9 @@ def _recorded(layer) -> bool:
 def default_layers(model) -> list[tuple[str, nn.Module]]:
     """What the instruments record of a Keras model by default, as ``steadygrad.measure.layers`` does for torch:
     every layer owning a weight of two or more dimensions (``Dense``, convolutions, ``Embedding``, ``EinsumDense``),
-    every recurrent layer whole (``LSTM``: its cell runs once per time step), every ``*Normalization`` layer and
-    every activation layer (``Activation``, ``ReLU``...). Containers (nested models) are walked, not recorded."""
+    every recurrent layer whole (``LSTM``: its cell runs once per time step), every ``*Normalization`` layer but the
+    preprocessing ``Normalization`` (``_is_norm``), and every activation layer (``Activation``, ``ReLU``...).
+    Containers (nested models) are walked, not recorded."""
     inside_recurrent: set[int] = set()
     chosen = []
     for name, layer in named_layers(model):
@@ -196,29 +207,23 @@ def default_layers(model) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def _why_not(layer) -> str:
+def layers_below(layer) -> list:
+    """``layer`` and every layer below it (nested ones included)."""
+    return [layer, *(sub for _, sub in named_layers(layer) if sub is not layer)]
+
+
+def why_not(layer) -> str:
+    """Why the default selection does not record ``layer`` (``steadygrad.measure.layers.skipped_modules`` asks)."""
     if _sublayers(layer):
-        return "a container: the layers inside it are recorded"
+        return "a container of layers none of which is recorded"
     kind = applied_activation(layer)
     if kind is not None and kind.family == "linear":
         return "an identity: it passes its input on unchanged"
+    if _is_adapted(layer):
+        return "a preprocessing layer: its statistics are taken from the data (adapt), nothing in it is learned"
     if own_parameters(layer):
         return "owns only one-dimensional parameters (a scale or a bias) and is not a normalization"
     return "no weight, and neither a normalization nor an activation steadygrad knows"
-
-
-def skipped_layers(model, selected) -> dict[str, str]:
-    """For each Keras layer class of ``model`` of which no layer was recorded: why (as ``skipped_modules``)."""
-    chosen = {id(layer) for _, layer in selected}
-    recorded_classes = {type(layer).__name__ for _, layer in selected}
-    inside = {id(sub) for _, layer in selected for _, sub in named_layers(layer) if sub is not layer}
-    classes: dict[str, str] = {}
-    for _, layer in named_layers(model):
-        cls = type(layer).__name__
-        if id(layer) in chosen or id(layer) in inside or cls in recorded_classes:
-            continue
-        classes.setdefault(cls, _why_not(layer))
-    return classes
 
 
 # What each of ``steadygrad.diagnose``'s fix actions is in Keras: the doctor cannot apply those that rewrite torch
@@ -269,24 +274,48 @@ def call_kwargs(model, mode: str | None) -> dict:
     return {"training": mode == "train"}
 
 
+def _noise_switches(layer) -> list[tuple[str, float]]:
+    """The attributes that make a layer random in training: a dropout's ``rate`` (``Dropout``, ``SpatialDropout*``,
+    ``GaussianDropout``, ``AlphaDropout``...), a noise layer's ``stddev`` (``GaussianNoise``), with their values."""
+    name = type(layer).__name__
+    attribute = "rate" if "Dropout" in name else "stddev" if "Noise" in name else None
+    value = getattr(layer, attribute, None) if attribute else None
+    return [(attribute, value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def _global_seed_state():
+    """Keras' global SeedGenerator's state variable (random ops given no seed of their own draw from it), or None
+    before anything made it."""
+    from keras.src.backend.common import global_state  # no public getter
+
+    generator = global_state.get_global_attribute("global_seed_generator")
+    return None if generator is None else generator.state
+
+
 def enter_mode(model, mode: str | None) -> tuple[Callable[[], None], int]:
-    """The probe's ``_enter_mode`` for a Keras model: in ``"train"`` each dropout layer's ``rate`` is set to 0 (the
-    probe measures the deterministic network); in every mode the non-trainable variables (``BatchNormalization``'s
-    moving statistics, torch Parameters that ``training=True`` updates in place) are kept to be put back. Returns
-    the function that restores both, and how many dropout layers were switched off."""
-    rates = []
+    """The probe's ``_enter_mode`` for a Keras model: in ``"train"`` each dropout layer's ``rate`` and each noise
+    layer's ``stddev`` (``GaussianNoise``) is set to 0 (the probe measures the deterministic network); in every mode
+    the non-trainable variables (``BatchNormalization``'s moving statistics, and the state of every SeedGenerator
+    of the model's layers and Keras' global one, torch tensors that ``training=True`` updates in place) are kept
+    to be put back, so the model is left as found and a second probe draws what the first drew. Returns the
+    function that restores all of it, and how many dropout and noise layers were switched off."""
+    switched = []
     if mode == "train":
         for _, layer in named_layers(model):
-            if "Dropout" in type(layer).__name__ and isinstance(getattr(layer, "rate", None), (int, float)):
-                rates.append((layer, layer.rate))
-                layer.rate = 0.0
-    state = [(v.value, v.value.detach().clone()) for v in model.non_trainable_weights]
+            for attribute, value in _noise_switches(layer):
+                switched.append((layer, attribute, value))
+                setattr(layer, attribute, 0.0)
+    variables = list(model.non_trainable_variables)  # SeedGenerator states too (non_trainable_weights has none)
+    global_seed = _global_seed_state()
+    if global_seed is not None:
+        variables.append(global_seed)
+    state = [(v.value, v.value.detach().clone()) for v in variables]
 
     def restore() -> None:
-        for layer, rate in rates:
-            layer.rate = rate
+        for layer, attribute, value in switched:
+            setattr(layer, attribute, value)
         with torch.no_grad():
             for value, saved in state:
                 value.copy_(saved)
 
-    return restore, len(rates)
+    return restore, len({id(layer) for layer, _, _ in switched})

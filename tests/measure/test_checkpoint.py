@@ -207,3 +207,46 @@ def test_gpt2_with_gradient_checkpointing_enable_records_as_without(reentrant):
     assert all(r.call == 1 for r in got.records)
     assert sum(math.isfinite(r.grad_norm) for r in got.records) >= 20  # gradients reached the blocks
     assert_same(expected, got, rtol=1e-5, atol=1e-8)
+
+
+class EqualFirstRows(nn.Module):
+    """A Linear called twice on inputs, so outputs, that agree in their first row (sample 0): only the rest of the
+    outputs tells the calls apart. The calls are in two checkpointed segments (recomputed last first), or in one
+    (``together``: recomputed in forward order)."""
+
+    def __init__(self, reentrant: bool | None = None, together: bool = False) -> None:
+        super().__init__()
+        self.reentrant, self.together = reentrant, together
+        self.shared = nn.Linear(32, 32)
+        self.mid = nn.Linear(32, 32)
+        self.register_buffer("delta", torch.cat([torch.zeros(1, 32), 5 * torch.ones(7, 32)]))
+
+    def first(self, x):
+        return self.mid(self.shared(x))
+
+    def second(self, x):
+        return self.shared(x + self.delta) * 3
+
+    def both(self, x):
+        return self.first(x) + self.second(x)
+
+    def run(self, segment, x):
+        return segment(x) if self.reentrant is None else checkpoint(segment, x, use_reentrant=self.reentrant)
+
+    def forward(self, x):
+        return self.run(self.both, x) if self.together else self.run(self.first, x) + self.run(self.second, x)
+
+
+@pytest.mark.parametrize("together", [False, True])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_shared_modules_calls_with_equal_first_rows_keep_their_gradients(reentrant, together):
+    torch.manual_seed(0)
+    plain = EqualFirstRows(together=together)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.reentrant = reentrant
+    x = torch.randn(8, 32)
+    x[0] = 0
+    expected = probe(plain, x, layers=["shared"])
+    calls = [r.grad_norm for r in expected.records]
+    assert len(calls) == 2 and calls[0] != pytest.approx(calls[1], rel=1e-3)
+    assert_same(expected, probe(checkpointed, x, layers=["shared"]))

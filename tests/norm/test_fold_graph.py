@@ -208,3 +208,41 @@ def test_recorded_calls_refuse_a_linear_whose_output_is_not_2d():
     assert result.method == "hooks" and result.folded == []
     assert result.not_folded == [("bn", "fc's output has 3 dims: BatchNorm1d normalizes dim 1, not its features")]
     assert_same_outputs(model, result.model, 2, 4, 3)
+
+
+class Tied(nn.Module):
+    """a -> bn -> b (an nn.Sequential) with b's weight tied to a's: folding bn into a would rescale b's weight
+    too. ``dynamic``: control flow on a value, so fx cannot trace it."""
+
+    def __init__(self, dynamic=False):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+        self.seq[2].weight = self.seq[0].weight
+        self.dynamic = dynamic
+
+    def forward(self, x):
+        if self.dynamic and bool(x.sum() > 1e9):
+            x = -x
+        return self.seq(x)
+
+
+@pytest.mark.parametrize("method", ["fx", "hooks", "sequential"])
+def test_a_layer_whose_weight_is_tied_to_another_is_not_folded(method):
+    model = with_statistics(Tied(dynamic=method != "fx"), 8, 4)
+    inputs = torch.randn(2, 4, dtype=torch.float64) if method == "hooks" else None
+    result = norm.fold_batchnorm_report(model, example_inputs=inputs)
+    assert result.method == method and result.folded == []
+    reason = "seq.0.weight is shared with seq.2 (tied weights): folding would change that layer too"
+    assert result.not_folded == [("seq.1", reason)]
+    assert_same_outputs(model, result.model, 8, 4)
+
+
+def test_a_layer_registered_under_two_names_is_still_folded():
+    """One module under two names holds its weight alone: not tied."""
+    model = Tied()
+    model.seq[2] = nn.Linear(4, 4)
+    model.alias = model.seq[0]
+    model = with_statistics(model, 8, 4)
+    result = norm.fold_batchnorm_report(model)
+    assert result.folded == [("seq.0", "seq.1")]
+    assert_same_outputs(model, result.model, 8, 4)

@@ -150,24 +150,38 @@ def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> Non
             slot.unit_active = active if slot.unit_active is None else slot.unit_active | active
 
 
-_FINGERPRINT = 16  # leading values of an output kept to tell a shared module's calls apart in the recompute
+_FINGERPRINT = 16  # values strided over an output, kept with its sums to tell a shared module's calls apart
 
 
-def _fingerprint(y: torch.Tensor) -> torch.Tensor:
-    """A few leading values of a no_grad output (a copy): its recompute reproduces them."""
-    return y.detach().reshape(-1)[:_FINGERPRINT].clone()
+def _fingerprint(y: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
+    """A no_grad output's shape, and on its device in float64: its sum, its norm and 16 values strided over it.
+
+    Checkpointing's recompute replays the forward (RNG state included), so in deterministic kernels it reproduces
+    all of them bitwise. The sums cover every value, not only the first sample's; they accumulate in float32
+    (float64 for a float64 output), which copies nothing of a float32 output."""
+    flat = y.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype != torch.float64:
+        flat = flat.float()
+    sample = flat[:: max(1, flat.numel() // _FINGERPRINT)][:_FINGERPRINT]
+    sums = torch.stack([flat.sum(), torch.linalg.vector_norm(flat)])
+    return tuple(y.shape), torch.cat([sums, sample]).double()
 
 
 def _take_match(waiting: deque, y: torch.Tensor) -> _Slot:
-    """Remove and return the waiting call that a recompute's output ``y`` reproduces: the only one, else the first
-    whose fingerprint ``y`` matches, else the earliest (a comparison reaches the host, so it is made only when
-    several calls wait)."""
-    index = 0
+    """Remove and return the waiting call that a recompute's output ``y`` reproduces: the only one, else the latest
+    whose fingerprint ``y``'s equals, else the latest of its shape, else the latest. Reentrant checkpointing
+    recomputes the segments last first, so among calls it cannot tell apart the latest waiting is the one whose
+    gradient comes next. The comparison reaches the host once, and is made only when several calls wait."""
+    index = len(waiting) - 1
     if len(waiting) > 1:
-        mark = _fingerprint(y)
-        index = next(
-            (i for i, (_, seen) in enumerate(waiting) if seen.shape == mark.shape and torch.equal(seen, mark)), 0
-        )
+        shape, mark = _fingerprint(y)
+        same = [i for i, (_, (seen_shape, _)) in enumerate(waiting) if seen_shape == shape]
+        if same:
+            seen = torch.stack([waiting[i][1][1].to(mark.device) for i in same])
+            equal = torch.isclose(seen, mark, rtol=0, atol=0, equal_nan=True).all(1).tolist()
+            index = next((i for i, hit in zip(reversed(same), reversed(equal), strict=True) if hit), same[-1])
     slot, _ = waiting[index]
     del waiting[index]
     return slot
@@ -227,13 +241,14 @@ class Recorder:
 
     Gradient checkpointing runs a segment's forward again in the backward pass. That recompute is not a call of its
     own (``in_backward``): in reentrant mode the first forward ran under no_grad, so the recompute's output is the one
-    the gradient flows through, and it takes the gradient tap for the earliest call of the module still waiting for
-    one (``_awaiting``); in non-reentrant mode the first forward's outputs are in the graph and the recompute's are
+    the gradient flows through, and it takes the gradient tap for the call of the module still waiting for one
+    (``_awaiting``); in non-reentrant mode the first forward's outputs are in the graph and the recompute's are
     not, so nothing waits and the recompute is ignored. Where several calls of one module wait (a module shared by
     two checkpointed segments, which recompute last first), the recompute goes to the call whose output it
-    reproduces (a few leading values, bitwise: checkpointing replays the forward, RNG state included); failing
-    that, the earliest call waiting. A recompute that does not reproduce its forward bitwise (a non-deterministic
-    kernel) may so have its gradient recorded under the other call of the shared module.
+    reproduces (its shape, sums and strided values, bitwise: checkpointing replays the forward, RNG state included);
+    failing that, or between calls with equal outputs, the latest call waiting (the backward's order). A recompute
+    that does not reproduce its forward bitwise (a non-deterministic kernel) of a call out of that order may so have
+    its gradient recorded under another call of the shared module.
     """
 
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
@@ -265,7 +280,7 @@ class Recorder:
         self._pending_units: dict[int, tuple] = {}
         # per module name, its calls whose output had no gradient to tap (reentrant checkpointing's no_grad
         # forward), oldest first: a recompute in the backward pass taps its gradient for them
-        self._awaiting: dict[str, deque[tuple[_Slot, torch.Tensor]]] = {}  # (call, its output's fingerprint)
+        self._awaiting: dict[str, deque[tuple[_Slot, tuple]]] = {}  # (call, its output's fingerprint)
         self.called: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------

@@ -95,19 +95,21 @@ def _why_not(module: nn.Module) -> str:
 def skipped_modules(model: nn.Module, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, str]:
     """For each module class of ``model`` of which no module was recorded: why. A container is listed only when
     nothing inside it is recorded either (a block whose layers are recorded is not missing anything)."""
-    if _keras.is_keras_layer(model):  # Keras' layers are not torch children: ask its own layer tree
-        return _keras.skipped_layers(model, selected)
+    if _keras.is_keras_layer(model):  # Keras' layers are not torch children: its own layer tree, the same rule
+        named, below, why_not = _keras.named_layers(model), _keras.layers_below, _keras.why_not
+    else:
+        named, below, why_not = [(n, m) for n, m in model.named_modules() if n], nn.Module.modules, _why_not
     chosen = {id(module) for _, module in selected}
-    inside = {id(m) for _, module in selected for m in module.modules()}
+    inside = {id(m) for _, module in selected for m in below(module)}
     classes: dict[str, str] = {}
     recorded_classes = {type(module).__name__ for _, module in selected}
-    for name, module in model.named_modules():
+    for _, module in named:
         cls = type(module).__name__
-        if not name or id(module) in chosen or id(module) in inside or cls in recorded_classes:
+        if id(module) in chosen or id(module) in inside or cls in recorded_classes:
             continue
-        if any(id(m) in chosen for m in module.modules()):
+        if any(id(m) in chosen for m in below(module)):
             continue  # a container of recorded layers
-        classes.setdefault(cls, _why_not(module))
+        classes.setdefault(cls, why_not(module))
     return classes
 
 

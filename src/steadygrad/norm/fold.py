@@ -246,6 +246,27 @@ def _pairs_sequential(model: nn.Module, why: str) -> tuple[list[tuple[str, str]]
     return pairs, refused
 
 
+def _tied(model: nn.Module, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """{bn: reason} for the pairs whose layer has a parameter that another module holds too (tied weights):
+    the fold writes the layer's weight and bias in place, so it would change that module's outputs as well.
+    A module registered under two names is one module here: only a parameter held by two modules is tied."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for layer_name, bn_name in pairs:
+        for parameter_name, parameter in model.get_submodule(layer_name).named_parameters():
+            others = [o for o in owners[id(parameter)] if o != layer_name]
+            if others:
+                tied[bn_name] = (
+                    f"{layer_name}.{parameter_name} is shared with {', '.join(others)} (tied weights): "
+                    "folding would change that layer too"
+                )
+                break
+    return tied
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
@@ -272,6 +293,9 @@ def fold_batchnorm_report(model: nn.Module, example_inputs=None) -> FoldResult:
             why = f"torch.fx cannot trace the model ({type(error).__name__}) and no example_inputs were given"
             pairs, refused = _pairs_sequential(folded, why + ": only nn.Sequential children are folded")
             method = "sequential"
+    tied = _tied(folded, pairs)
+    pairs = [pair for pair in pairs if pair[1] not in tied]
+    refused.update(tied)
     for layer_name, bn_name in pairs:
         _fold_pair(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
         _replace(folded, bn_name, nn.Identity())
@@ -291,8 +315,8 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> nn.Module:
     ``example_inputs``, or without them the children of ``nn.Sequential`` containers). The BatchNorm becomes
     ``nn.Identity`` and the layer gets the folded weight and a bias. Left in place: a BatchNorm after an
     addition or any other op, one whose layer output feeds something else too, modules called more than
-    once, BatchNorms without running statistics. ``fold_batchnorm_report`` says which and why. The user's
-    model is not modified.
+    once, a layer whose weight or bias another module shares (tied weights), BatchNorms without running
+    statistics. ``fold_batchnorm_report`` says which and why. The user's model is not modified.
 
     Symbolic tracing sees no shapes: a Linear is taken to feed its BatchNorm1d an (N, features) input (the
     check that its output units equal the BatchNorm's features catches most other cases; a Linear applied to
