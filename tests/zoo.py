@@ -368,6 +368,46 @@ def gated_recurrence():
     return _GatedRecurrence(), torch.randn(4, 5, 8, generator=_gen(1))
 
 
+class _CellLoop(nn.Module):
+    """An ``nn.LSTMCell`` unrolled in a Python loop, reading out the last state; ``forget_bias`` adds to the
+    forget gate's bias (gates i, f, g, o in torch's layout): -5 shuts it, sigmoid(-5) = 0.007, so the cell
+    keeps almost nothing from one step to the next."""
+
+    def __init__(self, forget_bias: float = 0.0) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(16, 32), nn.Linear(32, 2)
+        with torch.no_grad():
+            self.cell.bias_hh[32:64].add_(forget_bias)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], 32)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+def lstm_cell_loop(forget_bias: float = 0.0) -> Callable:
+    def build():
+        torch.manual_seed(SEED)
+        return _CellLoop(forget_bias), torch.randn(8, 20, 16, generator=_gen(1))
+
+    return build
+
+
+class _LSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def nn_lstm():
+    torch.manual_seed(SEED)
+    return _LSTM(), torch.randn(8, 20, 16, generator=_gen(1))
+
+
 @dataclass(frozen=True)
 class Case:
     """A model and what its diagnosis must say: nothing at warning or above (``healthy``), or these kinds."""
@@ -399,6 +439,8 @@ HEALTHY = [
     _case("mlp_small_head", mlp_small_head),
     _case("recurrence_orthogonal", recurrence(1.0)),
     _case("rezero", rezero),
+    _case("lstm_cell_loop", lstm_cell_loop()),  # a default LSTM forgets ~half per step at init: not vanishing
+    _case("nn_lstm", nn_lstm),
     _case("gated_recurrence", gated_recurrence),
     _case("timm_resnet18", timm_model("resnet18"), needs="timm"),
     _case("timm_convnext_atto", timm_model("convnext_atto"), needs="timm"),
@@ -420,7 +462,8 @@ BROKEN = [
     _case("vit_huge", scaled_weights(vit, 1e3), expect={"exploding_gradients"}, needs="transformers"),
     _case("relu_huge", relu_huge, expect={"exploding_gradients"}),
     _case("recurrence_exploding", recurrence(1.6), expect={"exploding_over_time"}),
-    _case("recurrence_vanishing", recurrence(0.5), expect={"vanishing_over_time"}),
+    _case("recurrence_vanishing", recurrence(0.3), expect={"vanishing_over_time"}),
+    _case("lstm_cell_forget_gate_shut", lstm_cell_loop(-5.0), expect={"vanishing_over_time"}),
 ]
 
 CASES = HEALTHY + BROKEN

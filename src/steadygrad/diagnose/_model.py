@@ -18,9 +18,9 @@ from steadygrad.diagnose._core import (
     NONCENTERED_NOISE,
     NONCENTERED_RATIO,
     SYMMETRY_TOLERANCE,
-    VANISHING_OVER_TIME,
     Finding,
     Fix,
+    vanishing_in_time,
 )
 from steadygrad.losses import tensors
 from steadygrad.structure import describe
@@ -244,7 +244,7 @@ def recurrent_findings(model: nn.Module, inputs: torch.Tensor, loss: Callable[[o
                 ],
             )
         ]
-    if ratio < VANISHING_OVER_TIME:
+    if vanishing_in_time(ratio, inputs.shape[1]):
         return [
             Finding(
                 "vanishing_over_time",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from steadygrad.diagnose._core import EXPLODING_OVER_TIME, VANISHING_OVER_TIME, Finding, Fix
+from steadygrad.diagnose._core import EXPLODING_OVER_TIME, Finding, Fix, vanishing_in_time
 from steadygrad.measure.records import FlowReport, LayerRecord
 
 REUSED_CALLS = 3  # a weight layer called this many times in one forward is a recurrence (or shared depth)
@@ -15,7 +15,7 @@ def reused(report: FlowReport) -> list[Finding]:
     recurrence written by hand, ``h = cell(h, x_t)`` in a Python loop, or weights shared across depth) makes the
     gradient pass through it T times, as an ``nn.RNN`` does along time (Bengio et al. 1994). Its records, one per
     call, give the along-time ratio ||dL/dy_1|| / ||dL/dy_T|| whatever the code looks like; the thresholds are
-    ``recurrent_findings``' (``EXPLODING_OVER_TIME``, ``VANISHING_OVER_TIME``). Only modules with weights count:
+    ``recurrent_findings``' (``EXPLODING_OVER_TIME``; ``vanishing_in_time``). Only modules with weights count:
     an activation module reused by every layer (``self.act``, torchvision's ``self.relu``) is depth, not time.
     The layers of one recurrence (its input and state projections) share one finding."""
     calls: dict[str, list[LayerRecord]] = {}
@@ -35,18 +35,18 @@ def reused(report: FlowReport) -> list[Finding]:
     for kind, bad, words, fixes in (
         (
             "exploding_over_time",
-            lambda ratio: ratio > EXPLODING_OVER_TIME,
+            lambda ratio, steps: ratio > EXPLODING_OVER_TIME,
             "{ratio:.2g}x the gradient at its last: it explodes through the recurrence",
             [Fix("clip", {"mode": "norm"}), Fix("reinit", {"scheme": "orthogonal"}), Fix("lower_lr", {"factor": 0.1})],
         ),
         (
             "vanishing_over_time",
-            lambda ratio: ratio < VANISHING_OVER_TIME,
+            vanishing_in_time,
             "{ratio:.2g} of the gradient at its last: early steps barely learn",
             [Fix("reinit", {"scheme": "orthogonal"})],
         ),
     ):
-        layers = {name: value for name, value in ratios.items() if bad(value[0])}
+        layers = {name: value for name, value in ratios.items() if bad(*value)}
         if not layers:
             continue
         worst = max(layers, key=lambda n: abs(math.log(layers[n][0])))
