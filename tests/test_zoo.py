@@ -103,3 +103,14 @@ def test_a_zero_residual_gate_is_named_as_the_zero_init():
     (zero,) = by_kind(findings, "zero_gradients")
     assert zero.severity == "info" and zero.evidence["cause"] == "zero_init"
     assert "blocks" not in zero.message and "0.alpha" in zero.message  # the gate, not the head, blocks
+
+
+def test_a_gate_stuck_at_one_is_named_as_the_cause_of_zero_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Hardsigmoid(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)  # hardsigmoid is flat at 1 above 3: its derivative is exactly zero
+    x = torch.randn(16, 8)
+    (zero,) = by_kind(dg.diagnose(probe(model, x), model=model, inputs=x), "zero_gradients")
+    assert zero.evidence == {"cause": "saturated", "blocked_by": {"1 (Hardsigmoid)": 1}}
+    assert zero.severity == "warning" and "saturated" in zero.message

@@ -267,6 +267,10 @@ def _cause(blocker: LayerRecord | None, modules: dict[str, nn.Module]) -> str:
         return "unknown"
     if math.isfinite(blocker.dead) and blocker.dead >= 1.0:
         return "dead"  # a rectifier whose every unit is off passes zero gradient for every sample
+    if blocker.act_min == 0 and blocker.act_max == 0:
+        return "dead"  # every output exactly zero (a Hardswish below -3, any unit stuck off): nothing flows back
+    if math.isfinite(blocker.saturated) and blocker.saturated >= 1.0:
+        return "saturated"  # a sigmoid or hard gate stuck at 0 or 1 everywhere: its derivative rounds to zero
     if _all_zero_weight(modules.get(blocker.name)):
         return "zero_init"  # dL/dx = W^T dL/dy = 0 while W is all zero
     return "unknown"
@@ -283,7 +287,13 @@ _ZERO_MESSAGES = {
     "dead": (
         "warning",
         "{n} layer(s) get exactly zero gradient because every unit of {blockers} (downstream of them) is dead, "
-        "never positive on the batch: nothing flows back through a rectifier that is off, so they cannot learn.",
+        "never active on the batch (its output is zero): nothing flows back through a unit that is off, so they "
+        "cannot learn.",
+    ),
+    "saturated": (
+        "warning",
+        "{n} layer(s) get exactly zero gradient because every unit of {blockers} (downstream of them) is saturated, "
+        "stuck where its derivative is zero (a gate at 0 or 1): nothing flows back through it.",
     ),
     "unknown": (
         "warning",
