@@ -1,5 +1,7 @@
 """steadygrad.kinds: one table per concept, resolved by name, class or instance."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,17 @@ def test_unknown_family_is_rejected():
         kinds.register_weight_layer(nn.Linear, "fully_connected")
     with pytest.raises(ValueError, match="Unknown normalization family"):
         kinds.norm_types("rmsnorm")
+
+
+def test_only_a_unit_that_passes_no_gradient_when_off_can_be_dead():
+    from steadygrad.measure import probe
+
+    assert kinds.activation("relu").dies and kinds.activation("relu6").dies
+    assert not any(kinds.activation(n).dies for n in ("leaky_relu", "prelu", "elu", "selu", "gelu"))
+    torch.manual_seed(0)
+    for activation, measured in ((nn.ReLU(), True), (nn.LeakyReLU(0.1), False)):
+        model = nn.Sequential(nn.Linear(4, 4), activation, nn.Linear(4, 2))
+        with torch.no_grad():
+            model[0].bias.fill_(-10.0)  # off on every sample
+        record = probe(model, torch.randn(8, 4)).records[1]
+        assert (record.dead == 1.0) if measured else math.isnan(record.dead)

@@ -73,6 +73,9 @@ class ActivationKind:
     gain: str | None = None  # nonlinearity name for calculate_gain; None: no standard gain
     saturation: str | None = None  # "tanh" (|y| > 0.99) or "sigmoid" (y outside [0.01, 0.99])
     gain_param: Callable[[nn.Module], float | None] = lambda module: None  # e.g. LeakyReLU's slope
+    # a unit that is off passes no gradient (relu(x) = 0 and relu'(x) = 0 for x < 0): only such a unit can be
+    # dead. A leaky ReLU, PReLU or ELU that is negative on every sample still passes gradient: not dead.
+    dies: bool = False
 
     def gain_of(self, module: nn.Module) -> tuple[str, float | None] | None:
         """(nonlinearity, its parameter) for ``calculate_gain``, or None when no standard gain applies."""
@@ -161,7 +164,8 @@ def _adopt_hf_activations(activations) -> None:
         family = _activation_family(name)
         if family is None or not isinstance(cls, type) or _lookup(_ACTIVATIONS, cls) is not None:
             continue
-        register_activation(ActivationKind(f"hf_{name}", cls, family))
+        dies = family == "rectifier" and "leaky" not in name  # relu2 = relu(x)^2: off below zero, like relu
+        register_activation(ActivationKind(f"hf_{name}", cls, family, dies=dies))
 
 
 def register_known_libraries() -> None:
@@ -269,8 +273,8 @@ for _kind in (
     ActivationKind("sigmoid", nn.Sigmoid, "saturating", "sigmoid", saturation="sigmoid"),
     ActivationKind("tanh", nn.Tanh, "saturating", "tanh", saturation="tanh"),
     ActivationKind("hardtanh", nn.Hardtanh, "saturating", saturation="tanh"),
-    ActivationKind("relu", nn.ReLU, "rectifier", "relu"),
-    ActivationKind("relu6", nn.ReLU6, "rectifier", "relu"),
+    ActivationKind("relu", nn.ReLU, "rectifier", "relu", dies=True),
+    ActivationKind("relu6", nn.ReLU6, "rectifier", "relu", dies=True),
     ActivationKind("leaky_relu", nn.LeakyReLU, "rectifier", "leaky_relu", gain_param=lambda m: m.negative_slope),
     ActivationKind("prelu", nn.PReLU, "rectifier"),
     ActivationKind("rrelu", nn.RReLU, "rectifier"),

@@ -267,12 +267,12 @@ def _cause(blocker: LayerRecord | None, modules: dict[str, nn.Module]) -> str:
         return "unknown"
     if math.isfinite(blocker.dead) and blocker.dead >= 1.0:
         return "dead"  # a rectifier whose every unit is off passes zero gradient for every sample
-    if blocker.act_min == 0 and blocker.act_max == 0:
-        return "dead"  # every output exactly zero (a Hardswish below -3, any unit stuck off): nothing flows back
-    if math.isfinite(blocker.saturated) and blocker.saturated >= 1.0:
-        return "saturated"  # a sigmoid or hard gate stuck at 0 or 1 everywhere: its derivative rounds to zero
     if _all_zero_weight(modules.get(blocker.name)):
         return "zero_init"  # dL/dx = W^T dL/dy = 0 while W is all zero
+    if blocker.act_min == 0 and blocker.act_max == 0 and not math.isfinite(blocker.weight_var):
+        return "dead"  # an activation whose every output is exactly zero (a Hardswish below -3): nothing flows back
+    if math.isfinite(blocker.saturated) and blocker.saturated >= 1.0:
+        return "saturated"  # a sigmoid or hard gate stuck at 0 or 1 everywhere: its derivative rounds to zero
     return "unknown"
 
 

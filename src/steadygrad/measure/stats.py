@@ -47,8 +47,8 @@ def activation_kind(module: nn.Module) -> tuple[str | None, nn.Module | None]:
         kind = kinds.activation(m) or _keras.applied_activation(m)
         if kind is not None and kind.family == "saturating":
             found = (kind.saturation, m)
-        elif kind is not None and kind.family == "rectifier":
-            found = ("rectifier", m)
+        elif kind is not None and kind.family == "rectifier" and kind.dies:
+            found = ("rectifier", m)  # dead units are measured where a unit can die (kinds.ActivationKind.dies)
     return found
 
 
