@@ -438,3 +438,22 @@ def test_preprocessing_normalization_is_no_norm_and_a_container_is_listed_only_w
         "Sequential": "a container of layers none of which is recorded",
         "Dropout": "no weight, and neither a normalization nor an activation steadygrad knows",
     }
+
+
+def test_the_rules_that_read_weights_read_keras_kernels():
+    keras.utils.set_random_seed(0)
+    huge = keras.initializers.RandomNormal(stddev=2.0)
+    model = keras.Sequential(
+        [keras.Input((64,))]
+        + [keras.layers.Dense(64, activation="relu", kernel_initializer=huge, name=f"h{i}") for i in range(3)]
+        + [keras.layers.Dense(10, name="out")]  # names given: Keras counts layers across the whole process
+    )
+    x = torch.randn(32, 64)
+    found = sg.diagnose(sg.probe(model, x), model=model, inputs=x)
+    (exploding,) = [f for f in found if f.kind == "exploding_gradients"]
+    # the hidden layers' gain sqrt(fan_in * E[W^2]) with fan_in = 64 (Keras' kernel is (in, out)): about 2 * 8
+    gains = exploding.evidence["layer_gain"]
+    assert set(gains) == {"h0", "h1", "h2"}
+    for name, gain in gains.items():
+        kernel = model.get_layer(name).kernel.numpy()
+        assert gain == pytest.approx(math.sqrt(64 * float(np.mean(kernel.astype(np.float64) ** 2))), rel=1e-6)

@@ -16,6 +16,7 @@ have been imported for the object to exist).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -132,6 +133,17 @@ def own_parameters(layer) -> list[tuple[str, torch.Tensor]]:
     ``gamma``, ``moving_mean``... (``kinds.parameter_role`` says which is a weight and which a bias)."""
     inner = {id(v) for sub in _sublayers(layer) for v in sub.weights}
     return [(v.name, v.value) for v in layer.weights if id(v) not in inner]
+
+
+def kernel_and_fan_in(layer) -> tuple[torch.Tensor, int] | None:
+    """A ``Dense`` or ``Conv`` layer's ``kernel`` and the inputs each output sums over. Keras stores kernels
+    inputs-first, outputs last ((in, out); (kh, kw, in, out)), so fan_in is the product of every dimension but
+    the last. None for a layer without a ``kernel`` of two or more dimensions (a depthwise or recurrent kernel
+    scales otherwise)."""
+    kernel = dict(own_parameters(layer)).get("kernel")
+    if kernel is None or kernel.dim() < 2:
+        return None
+    return kernel, math.prod(kernel.shape[:-1])
 
 
 def _owns_weight(layer) -> bool:

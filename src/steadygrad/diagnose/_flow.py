@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from steadygrad import kinds
+from steadygrad import _keras, kinds
 from steadygrad.diagnose._core import (
     DEAD_FRACTION,
     EXPLODING_GROWTH,
@@ -40,6 +40,8 @@ from steadygrad.measure.series import Series, series
 def _modules(model: nn.Module | None) -> dict[str, nn.Module]:
     if model is None:
         return {}
+    if _keras.is_keras_layer(model):  # the records carry Keras' names (dense_1, block/dense_3)
+        return dict(_keras.named_layers(model))
     named = dict(model.named_modules())
     named.setdefault(type(model).__name__, model)  # a model with no submodules is recorded under its class name
     return named
@@ -82,6 +84,9 @@ def layer_gain(module: nn.Module) -> float | None:
     going down (E||W^T g||^2 = fan_in * E[W^2] * ||g||^2 for weights independent of g). Variance-scaling inits set
     it near 1 (LeCun), sqrt(2) (He) or between (Glorot); None for layers it does not describe (transposed
     convolutions scale by their output fan)."""
+    if _keras.is_keras_layer(module):  # a Dense or Conv layer's kernel, stored inputs-first
+        found = _keras.kernel_and_fan_in(module)
+        return None if found is None else math.sqrt(found[1] * float(found[0].detach().double().square().mean()))
     weight = getattr(module, "weight", None)
     transposed = getattr(module, "transposed", False)
     if not kinds.is_weight_layer(module, *kinds.AFFINE) or not isinstance(weight, torch.Tensor) or transposed:
@@ -240,7 +245,8 @@ def exploding(history: Sequence[FlowReport], model: nn.Module | None = None) -> 
 
 
 def _all_zero_weight(module: nn.Module | None) -> bool:
-    weight = getattr(module, "weight", None)
+    found = _keras.kernel_and_fan_in(module) if _keras.is_keras_layer(module) else None
+    weight = found[0] if found is not None else getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.numel() > 0 and not bool(weight.detach().any())
 
 
