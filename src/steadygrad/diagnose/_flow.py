@@ -339,7 +339,8 @@ def zero_gradients(report: FlowReport, model: nn.Module | None = None) -> list[F
         severity, text = _ZERO_MESSAGES[cause]
         layers = [label for labels in blocked.values() for label in labels]
         blockers = list(blocked)
-        message = text.format(n=len(layers), blockers=_names(blockers), have="has" if len(blockers) == 1 and ", " not in blockers[0] else "have")
+        one = len(blockers) == 1 and ", " not in blockers[0]  # a list of zero gates is one key
+        message = text.format(n=len(layers), blockers=_names(blockers), have="has" if one else "have")
         evidence = {"cause": cause, "blocked_by": {b: len(ls) for b, ls in blocked.items()}}
         findings.append(Finding("zero_gradients", severity, layers, evidence, message))
     return findings
