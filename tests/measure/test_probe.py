@@ -390,3 +390,14 @@ def test_a_model_that_sets_requires_grad_on_its_input_is_measured_without_the_in
     assert NO_INPUT_GRADIENT_NOTE in report.notes and math.isnan(report.input_grad_norm)
     assert [r.name for r in report.records] == ["linear"]  # one call, not the failed one and the retry
     assert report.records[0].grad_norm == pytest.approx(probe(model, x, mode="eval").records[0].grad_norm)
+
+
+def test_a_softmax_output_under_cross_entropy_gets_a_note():
+    from steadygrad.measure.probe import PROBABILITIES_NOTE
+
+    targets = torch.tensor([0, 1, 2, 0])
+    logits = nn.Sequential(nn.Linear(8, 3))
+    probabilities = nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=1))
+    assert PROBABILITIES_NOTE not in probe(logits, _x(4, 8), targets).notes
+    assert PROBABILITIES_NOTE in probe(probabilities, _x(4, 8), targets).notes
+    assert PROBABILITIES_NOTE not in probe(probabilities, _x(4, 8)).notes  # the projection loss takes any output

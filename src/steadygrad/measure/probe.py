@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from steadygrad import _keras, theory
-from steadygrad.losses import resolve_loss_named, tensors
+from steadygrad.losses import first_tensor, resolve_loss_named, tensors
 from steadygrad.measure.layers import LayerSelector, default_layer_types, select_layers
 from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.records import FlowReport
@@ -195,7 +195,7 @@ def probe(
             report.unused = [name for name, _ in monitor.layers]
         report.step = None  # a probe is not an optimizer step
         report.loss_name = loss_name
-        report.notes += notes + _notes(prepared, dropouts)
+        report.notes += notes + _notes(prepared, dropouts) + _probability_note(output, loss_name)
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         report.input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
@@ -222,6 +222,25 @@ def _notes(prepared, dropouts: int) -> list[str]:
     if dropouts:
         notes.append(f"measured in train mode with {dropouts} dropout module{'s' * (dropouts > 1)} switched off")
     return notes
+
+
+PROBABILITIES_NOTE = (
+    "the output looks like probabilities (non-negative, each row sums to 1), and cross-entropy applies a softmax "
+    "again: end the model at its logits, or pass loss="
+)
+
+
+def _probability_note(output, loss_name: str) -> list[str]:
+    """A model that ends in ``nn.Softmax`` fed to cross-entropy (which wants logits) trains on a squashed
+    signal: its gradient is the softmax's Jacobian times a second softmax's. Say so rather than measure it
+    silently."""
+    y = first_tensor(output)
+    if y is None or not loss_name.startswith("cross-entropy") or y.dim() < 2 or not y.numel():
+        return []
+    y = y.detach()
+    sums = y.sum(dim=-1) if "per position" in loss_name else y.sum(dim=1)
+    probabilities = bool((y >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+    return [PROBABILITIES_NOTE] if probabilities else []
 
 
 def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:
