@@ -287,3 +287,20 @@ def test_an_nn_rnn_is_read_along_time_by_diagnose_as_a_python_loop_is(gain, expe
     model, x = Recurrent(), torch.randn(8, 20, 16)
     found = {f.kind for f in dg.diagnose(probe(model, x), model=model, inputs=x)}
     assert {k for k in found if k.endswith("_over_time")} == expected
+
+
+def test_the_loss_at_init_is_read_against_ln_classes():
+    from steadygrad.measure import probe
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 10)
+    x, y = torch.randn(64, 8), torch.randint(0, 10, (64,))
+    report = probe(head, x, y)
+    assert report.chance_loss == pytest.approx(math.log(10)) and "loss_at_init_high" not in kinds(dg.diagnose(report))
+    with torch.no_grad():
+        head.weight.mul_(100.0)  # confidently wrong logits
+    loud = probe(head, x, y)
+    (finding,) = [f for f in dg.diagnose(loud) if f.kind == "loss_at_init_high"]
+    assert finding.evidence["times_chance"] == pytest.approx(loud.loss / math.log(10))
+    assert loud.loss > dg.LOSS_AT_INIT * math.log(10)
+    assert math.isnan(probe(head, x).chance_loss)  # the projection loss has no chance level

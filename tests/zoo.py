@@ -57,6 +57,28 @@ def t5():
     return transformers.T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids[:, :8]}
 
 
+def llama(initializer_range: float = 0.02) -> Callable:
+    """A Llama (RMSNorm, SiLU-gated MLP, rotary attention) with its labels: the model's own loss is measured."""
+
+    def build():
+        import transformers
+
+        torch.manual_seed(SEED)
+        config = transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            initializer_range=initializer_range,
+        )
+        ids = torch.randint(0, 128, (4, 16), generator=_gen(1))
+        return transformers.LlamaForCausalLM(config), {"input_ids": ids, "labels": ids}
+
+    return build
+
+
 def vit():
     import transformers
 
@@ -439,6 +461,7 @@ HEALTHY = [
     _case("mlp_small_head", mlp_small_head),
     _case("recurrence_orthogonal", recurrence(1.0)),
     _case("rezero", rezero),
+    _case("llama_with_labels", llama(), needs="transformers"),
     _case("lstm_cell_loop", lstm_cell_loop()),  # a default LSTM forgets ~half per step at init: not vanishing
     _case("nn_lstm", nn_lstm),
     _case("gated_recurrence", gated_recurrence),
@@ -461,6 +484,8 @@ BROKEN = [
     _case("t5_huge", scaled_weights(t5, 100), expect={"exploding_gradients"}, needs="transformers"),
     _case("vit_huge", scaled_weights(vit, 1e3), expect={"exploding_gradients"}, needs="transformers"),
     _case("relu_huge", relu_huge, expect={"exploding_gradients"}),
+    # 50x the default std: every layer's gain stays under 10 at width 64, but the loss at init says it
+    _case("llama_huge", llama(1.0), expect={"loss_at_init_high"}, needs="transformers"),
     _case("recurrence_exploding", recurrence(1.6), expect={"exploding_over_time"}),
     _case("recurrence_vanishing", recurrence(0.3), expect={"vanishing_over_time"}),
     _case("lstm_cell_forget_gate_shut", lstm_cell_loop(-5.0), expect={"vanishing_over_time"}),

@@ -33,6 +33,7 @@ from steadygrad.diagnose._core import (
     EXPLODING_RATIO,
     LAYER_GAIN_HIGH,
     LAYER_GAIN_LOW,
+    LOSS_AT_INIT,
     NONCENTERED_NOISE,
     NONCENTERED_RATIO,
     SATURATION_FRACTION,
@@ -56,7 +57,7 @@ from steadygrad.diagnose._model import (
     symmetric,
 )
 from steadygrad.diagnose._reuse import REUSED_CALLS, reused
-from steadygrad.diagnose._units import dead, nonfinite, saturated, update_ratio
+from steadygrad.diagnose._units import dead, loss_at_init, nonfinite, saturated, update_ratio
 from steadygrad.losses import projection_loss
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.series import Series, series, template
@@ -70,6 +71,7 @@ __all__ = [
     "EXPLODING_RATIO",
     "LAYER_GAIN_HIGH",
     "LAYER_GAIN_LOW",
+    "LOSS_AT_INIT",
     "NONCENTERED_NOISE",
     "NONCENTERED_RATIO",
     "REUSED_CALLS",
@@ -118,7 +120,7 @@ def diagnose(
     findings = nonfinite(history)
     findings += vanishing(history[-1], model) + exploding(history, model) + zero_gradients(history[-1], model)
     findings += saturated(history) + dead(history) + signal(history, model) + update_ratio(history)
-    findings += reused(history[-1])
+    findings += reused(history[-1]) + loss_at_init(history)
     if model is not None:
         findings += symmetric(model) + bias_before_norm(model)
     if inputs is not None:

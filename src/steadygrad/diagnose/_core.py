@@ -41,6 +41,11 @@ def vanishing_in_time(ratio: float, steps: int) -> bool:
     return ratio < VANISHING_OVER_TIME and steps > 1 and ratio ** (1 / (steps - 1)) < VANISHING_PER_STEP
 
 
+# The loss of the first step above this many times ln(classes): the logits are far too large. An untrained
+# classifier predicts near-uniformly and scores about ln(C) (Karpathy's "verify loss @ init"); only logits
+# scaled up by a too-large init (or a missing 1/sqrt(d) somewhere) make it confidently wrong at 3x that.
+LOSS_AT_INIT = 3.0
+
 SEVERITIES = ("info", "warning", "critical")
 # What a ``Fix`` may ask for. The doctor registers one candidate builder per action
 # (``steadygrad.doctor._BUILDERS``); a new fix is a name here plus one ``@candidate(name)`` there.

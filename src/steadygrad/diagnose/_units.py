@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from steadygrad.diagnose._core import (
     DEAD_FRACTION,
+    LOSS_AT_INIT,
     SATURATION_FRACTION,
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
@@ -171,3 +172,24 @@ def _high_updates(high: dict[str, float], typical: float) -> Finding:
         f"while the typical layer's is {typical:.2g}: their weights are small for the optimizer's step, as a layer "
         "initialized small is while it grows out of its init. If it persists, give them a lower learning rate.",
     )
+
+
+def loss_at_init(history: Sequence[FlowReport]) -> list[Finding]:
+    """The first report's cross-entropy is over ``LOSS_AT_INIT`` x ln(classes) (``FlowReport.chance_loss``, set
+    by the probe): the outputs are confidently wrong before any training, which only oversized logits do."""
+    report = history[0]
+    chance = report.chance_loss
+    if not (math.isfinite(chance) and math.isfinite(report.loss)) or report.loss <= LOSS_AT_INIT * chance:
+        return []
+    return [
+        Finding(
+            "loss_at_init_high",
+            "warning",
+            [],
+            {"loss": report.loss, "chance_loss": chance, "times_chance": report.loss / chance},
+            f"The loss is {report.loss:.3g}, {report.loss / chance:.2g}x the {chance:.3g} (ln of the number of "
+            "classes) that uniform predictions score: the model is confidently wrong before training, so its "
+            "logits are far too large (an init too large, or a missing scale before the output).",
+            [reinit_fix(report), Fix("lower_lr", {"factor": 0.1})],
+        )
+    ]

@@ -196,6 +196,7 @@ def probe(
         report.step = None  # a probe is not an optimizer step
         report.loss_name = loss_name
         report.notes += notes + _notes(prepared, dropouts) + _probability_note(output, loss_name)
+        report.chance_loss = _chance_loss(output, loss_name)
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
         report.input_grad_norm = (
             float(torch.cat([g.detach().double().flatten() for g in input_grads]).norm()) if input_grads else math.nan
@@ -241,6 +242,26 @@ def _probability_note(output, loss_name: str) -> list[str]:
     sums = y.sum(dim=-1) if "per position" in loss_name else y.sum(dim=1)
     probabilities = bool((y >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
     return [PROBABILITIES_NOTE] if probabilities else []
+
+
+def _chance_loss(output, loss_name: str) -> float:
+    """ln(C), the cross-entropy of uniform predictions over C classes (or a vocabulary of C tokens): what a model
+    that knows nothing scores. NaN unless the loss is a cross-entropy of these logits (the task's, or the model's
+    own loss beside ``logits``)."""
+    y = first_tensor(output)
+    if y is None or y.dim() < 2:
+        return math.nan
+    if loss_name.startswith("cross-entropy"):
+        classes = y.shape[-1] if "per position" in loss_name else y.shape[1]
+    elif loss_name.startswith("the model's own loss") and _has_logits(output):
+        classes = y.shape[-1]  # HF's language-model and classification heads: logits (..., classes)
+    else:
+        return math.nan
+    return math.log(classes) if classes > 1 else math.nan
+
+
+def _has_logits(output) -> bool:
+    return (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits")
 
 
 def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:

@@ -89,6 +89,7 @@ class FlowReport:
     loss_name: str = ""  # which loss the step took, in words (steadygrad.losses says how it is chosen)
     skipped: dict[str, str] = field(default_factory=dict)  # module class -> why no module of it was recorded
     notes: list[str] = field(default_factory=list)  # what the reader must know to read the records right
+    chance_loss: float = math.nan  # ln(classes) for a cross-entropy loss: what uniform predictions score
 
     # -- numbers -------------------------------------------------------------------------------------
     def _with_gradient(self) -> list[LayerRecord]:
@@ -247,6 +248,7 @@ class FlowReport:
             "loss_name": self.loss_name,
             "skipped": dict(self.skipped),
             "notes": list(self.notes),
+            "chance_loss": clean(self.chance_loss),
             "layers": [r.to_dict() for r in self.records],
         }
 
@@ -273,6 +275,7 @@ class FlowReport:
             loss_name=data.get("loss_name", ""),
             skipped=dict(data.get("skipped", {})),
             notes=list(data.get("notes", [])),
+            chance_loss=num(data.get("chance_loss")),
         )
 
     # -- pictures ------------------------------------------------------------------------------------
