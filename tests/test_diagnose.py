@@ -266,7 +266,7 @@ def test_masks_and_tiny_batches_get_no_centring_finding_and_a_real_one_names_its
     x = torch.randn(8, 16, generator=g)
     assert dg.diagnose(report(), inputs={"x": x, "mask": mask}) == []
     assert dg.diagnose(report(), inputs=torch.randn(2, 64, generator=g) + 0.5) == []  # 2 samples say nothing
-    (finding,) = dg.diagnose(report(), inputs={"x": x, "features": x.abs() + 1})
+    (finding,) = dg.diagnose(report(), inputs={"mask": mask, "features": x.abs() + 1})  # the mask is skipped
     assert finding.layers == ["features"] and "input 'features' is not zero-centred" in finding.message
 
 
@@ -304,3 +304,28 @@ def test_the_loss_at_init_is_read_against_ln_classes():
     assert finding.evidence["times_chance"] == pytest.approx(loud.loss / math.log(10))
     assert loud.loss > dg.LOSS_AT_INIT * math.log(10)
     assert math.isnan(probe(head, x).chance_loss)  # the projection loss has no chance level
+
+
+def test_only_the_features_are_read_for_centring_not_an_adjacency_after_them():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 12, 4, generator=g)
+    adjacency = (torch.rand(8, 12, 12, generator=g) < 0.3).float()
+    adjacency = adjacency / adjacency.sum(-1, keepdim=True).clamp(min=1)  # row-normalized: >= 0, not 0/1
+    assert dg.diagnose(report(), inputs=(x, adjacency)) == []
+    assert kinds(dg.diagnose(report(), inputs=(x.abs() + 1, adjacency))) == ["noncentred_inputs"]
+
+
+def test_a_layer_that_gets_no_gradient_is_not_said_to_explode():
+    from steadygrad.measure import probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(50.0)  # a huge layer ...
+        model[2].bias.fill_(-1e4)  # ... whose ReLU is off on every sample
+    x = torch.randn(16, 8)
+    found = {f.kind: f for f in dg.diagnose(probe(model, x), model=model, inputs=x)}
+    assert found["zero_gradients"].evidence["cause"] == "dead"
+    assert "2 (Linear)" not in found.get("exploding_gradients", dg.Finding("", "", [], {}, "")).evidence.get(
+        "layer_gain", {}
+    )

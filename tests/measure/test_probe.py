@@ -401,3 +401,8 @@ def test_a_softmax_output_under_cross_entropy_gets_a_note():
     assert PROBABILITIES_NOTE not in probe(logits, _x(4, 8), targets).notes
     assert PROBABILITIES_NOTE in probe(probabilities, _x(4, 8), targets).notes
     assert PROBABILITIES_NOTE not in probe(probabilities, _x(4, 8)).notes  # the projection loss takes any output
+
+
+def test_an_empty_batch_is_refused_with_what_is_wrong():
+    with pytest.raises(ValueError, match=r"The batch is empty \(inputs of shape \(0, 8\)\)"):
+        probe(nn.Linear(8, 2), torch.randn(0, 8))

@@ -113,7 +113,8 @@ def _gains(report: FlowReport, modules: dict[str, nn.Module]) -> dict[str, float
         module = modules.get(record.name)
         hidden = after is not None and record.index < output
         gain = layer_gain(module) if module is not None and record.call == 1 and hidden else None
-        if gain is None or gain == 0 or _is_norm(after, modules):
+        if gain is None or gain == 0 or _is_norm(after, modules) or record.grad_norm == 0:
+            # (a layer that gets exactly zero gradient passes none on, whatever its scale: zero_gradients says why)
             continue
         gains[record.label] = gain
     return gains

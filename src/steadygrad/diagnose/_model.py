@@ -154,13 +154,16 @@ def noncentred(inputs) -> list[Finding]:
     """The centring rule on every floating-point tensor of ``inputs`` (a tensor, tuple or dict). Integer inputs
     (token ids, class indices) are indices into an embedding, not values a weight multiplies: their mean says
     nothing, so they get no input-statistics finding; nor do 0/1 masks, nor batches under ``CENTRING_MIN_BATCH``.
-    A mapping's tensors are named by their key in the finding."""
+    Only the first floating-point tensor that is not a mask is read: it is the features a first layer multiplies
+    (``x`` of ``model(x, adjacency)``, a ViT's ``pixel_values``); the ones after it condition the computation
+    (an adjacency or attention-bias matrix, positions) and are no weight's input. A mapping's tensors are named
+    by their key in the finding."""
     named = inputs.items() if isinstance(inputs, Mapping) else [("input", t) for t in tensors(inputs)]
     for name, tensor in named:
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 1:
-            found = _noncentred_tensor(tensor, name)
-            if found:
-                return found
+            if tensor.numel() and bool(((tensor == 0) | (tensor == 1)).all()):
+                continue  # a 0/1 mask selects: the features come after it
+            return _noncentred_tensor(tensor, name)  # the features: the first floating-point input
     return []
 
 

@@ -149,6 +149,11 @@ def probe(
         >>> print(report.summary())  # doctest: +SKIP
         Gradient shrinks about 0.95x per layer over 21 layers; ...
     """
+    empty = [tuple(t.shape) for t in tensors(inputs) if t.dim() >= 1 and t.shape[0] == 0]
+    if empty:
+        raise ValueError(
+            f"The batch is empty (inputs of shape {empty[0]}): the probe needs at least one sample to measure."
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"probe needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
 
