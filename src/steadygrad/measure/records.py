@@ -136,7 +136,8 @@ class FlowReport:
         """What happened, in plain words."""
         layers = self._with_gradient()
         lines = [self._gradient_sentence()] if len(layers) >= 2 else []
-        zero = [r for r in self.records if r.grad_norm == 0]
+        learning = {r.name for r in layers}  # a reused module one call of which gets none still learns
+        zero = [r for r in self.records if r.grad_norm == 0 and r.name not in learning]
         if zero:  # left out of the sentence above (no ratio to read), so said here
             names = ", ".join(r.label for r in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
             lines.append(f"{len(zero)} layer(s) get exactly zero gradient: {names}.")
