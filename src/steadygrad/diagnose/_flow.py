@@ -166,8 +166,8 @@ def vanishing(report: FlowReport, model: nn.Module | None = None) -> list[Findin
             series={s.label: ratio for s, _, ratio in weak_series},
         )
         sentences.append(
-            f"Gradients vanish across depth: {flowing[0].label} gets {ratio:.2g} of the gradient that the same "
-            f"layer gets at {flowing[-1].label} ({last:.2g}), about {per_depth:.2f}x per depth step; "
+            f"Gradients vanish across depth: {flowing[0].label} gets {ratio:.2g} of the gradient that the layer in "
+            f"its place gets at {flowing[-1].label} ({last:.2g}), about {per_depth:.2f}x per depth step; "
             f"{len(weak)} layer(s) receive almost none."
         )
     if small:
@@ -201,8 +201,8 @@ def _exploding_across_depth(report: FlowReport, model: nn.Module | None) -> list
         layers.append(flowing[0].label)
         evidence.update(first_to_last_ratio=ratio, series={s.label: ratio for s, _, ratio in strong})
         sentences.append(
-            f"Gradients explode across depth: {ratio:.2g}x larger at {flowing[0].label} than at the same layer's "
-            f"last depth, {flowing[-1].label}."
+            f"Gradients explode across depth: {ratio:.2g}x larger at {flowing[0].label} than at the layer in its "
+            f"place at the last depth, {flowing[-1].label}."
         )
     if large:
         layers += [name for name in large if name not in layers]
@@ -387,8 +387,8 @@ def signal(history: Sequence[FlowReport], model: nn.Module | None = None) -> lis
             "warning",
             [first.label, last.label],
             {"std_first": first.act_std, "std_last": last.act_std, "change": change},
-            f"At the first logged step the activation std {direction} {change:.2g}x from {first.label} to the same "
-            f"layer at depth {last.label}: the initialization does not preserve the signal's variance.",
+            f"At the first logged step the activation std {direction} {change:.2g}x from {first.label} to the layer "
+            f"in its place at depth {last.label}: the initialization does not preserve the signal's variance.",
             [reinit_fix(report), Fix("add_norm", {"kind": "batch"})],
         )
     ]
