@@ -140,8 +140,12 @@ def normal_weights(build: Callable, std: float) -> Callable:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, plus the identity or a 1x1 conv-bn shortcut, with
+    its one ``relu`` called twice. ``dynamic`` adds control flow on a value, which torch.fx cannot trace."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dynamic: bool = False):
         super().__init__()
+        self.dynamic = dynamic
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
@@ -155,6 +159,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.dynamic and bool(out.mean() > 1e6):
+            out = out * 0.5
         return self.relu(out + identity)
 
 
@@ -274,18 +280,22 @@ def mlp_small_head():
     return model, torch.randn(32, 16, generator=_gen(1))
 
 
-def _stack(depth: int, width: int, activation: type[nn.Module]) -> nn.Sequential:
-    return nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), activation())])
+def _stack(depth: int, width: int, activation: type[nn.Module], std: float | None = None) -> nn.Sequential:
+    """``depth`` (Linear, activation) pairs; with ``std``, every Linear's weight redrawn from N(0, std^2) (each from
+    the same seed)."""
+    model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), activation())])
+    if std is not None:
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0, std, generator=_gen(2))
+    return model
 
 
 def tanh_saturated():
     """Ten (Linear 64, Tanh) with weights of std sqrt(3) (fan-in 64: pre-activations of std about 14)."""
     torch.manual_seed(SEED)
-    model = _stack(10, 64, nn.Tanh)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0, math.sqrt(3), generator=_gen(2))
+    model = _stack(10, 64, nn.Tanh, std=math.sqrt(3))
     return model, torch.randn(64, 64, generator=_gen(1))
 
 
@@ -300,22 +310,14 @@ def dead_first_relu():
 def relu_huge():
     """Ten (Linear 64, ReLU) with weights of std 1 (fan-in 64: each layer multiplies the signal by about 5.7)."""
     torch.manual_seed(SEED)
-    model = _stack(10, 64, nn.ReLU)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0, 1.0, generator=_gen(2))
+    model = _stack(10, 64, nn.ReLU, std=1.0)
     return model, torch.randn(64, 64, generator=_gen(1))
 
 
 def tanh_small():
     """Eight (Linear 64, Tanh) with weights of std 0.01 (each layer scales the signal by about 0.08)."""
     torch.manual_seed(SEED)
-    model = _stack(8, 64, nn.Tanh)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0, 0.01, generator=_gen(2))
+    model = _stack(8, 64, nn.Tanh, std=0.01)
     return model, torch.randn(64, 64, generator=_gen(1))
 
 

@@ -13,12 +13,12 @@ from torch import nn
 
 from steadygrad import kinds
 from steadygrad.init import he_normal_, init_model
+from tests import zoo
 
 
 def tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(config)
+    pytest.importorskip("transformers")
+    return zoo.gpt2()[0]  # the zoo's: 2 layers, n_embd 32, vocab 64
 
 
 def tiny_bert():

@@ -7,33 +7,7 @@ import torch
 from torch import nn
 
 from steadygrad import norm
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, plus the identity or a 1x1 conv-bn shortcut."""
-
-    def __init__(self, inplanes, planes, stride=1, dynamic=False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        self.dynamic = dynamic
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.dynamic and bool(out.mean() > 1e6):  # control flow on a value: fx cannot trace it
-            out = out * 0.5
-        out += identity
-        return self.relu(out)
+from tests.zoo import BasicBlock  # torchvision's, with fx-untraceable control flow on request
 
 
 class ResNet(nn.Module):

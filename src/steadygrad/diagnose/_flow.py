@@ -173,12 +173,16 @@ def vanishing(report: FlowReport, model: nn.Module | None = None) -> list[Findin
     if small:
         layers += [name for name in small if name not in layers]
         evidence["layer_gain"] = small
-        sentences.append(
-            f"Gradients vanish through {len(small)} weight layer(s) that scale it by about "
-            f"{statistics.median(small.values()):.2g}x each (sqrt(fan_in * E[W^2]); an init of variance about 1/fan_in "
-            "keeps it near 1)."
-        )
+        sentences.append(_gain_sentence("vanish", small))
     return [Finding("vanishing_gradients", "warning", layers, evidence, " ".join(sentences), _gradient_fixes(report))]
+
+
+def _gain_sentence(verb: str, gains: dict[str, float]) -> str:
+    return (
+        f"Gradients {verb} through {len(gains)} weight layer(s) that scale it by about "
+        f"{statistics.median(gains.values()):.2g}x each (sqrt(fan_in * E[W^2]); an init of variance about 1/fan_in "
+        "keeps it near 1)."
+    )
 
 
 def _clip_fix(report: FlowReport) -> Fix:
@@ -207,11 +211,7 @@ def _exploding_across_depth(report: FlowReport, model: nn.Module | None) -> list
     if large:
         layers += [name for name in large if name not in layers]
         evidence["layer_gain"] = large
-        sentences.append(
-            f"Gradients explode through {len(large)} weight layer(s) that scale it by about "
-            f"{statistics.median(large.values()):.2g}x each (sqrt(fan_in * E[W^2]); an init of variance about 1/fan_in "
-            "keeps it near 1)."
-        )
+        sentences.append(_gain_sentence("explode", large))
     fixes = [_clip_fix(report), reinit_fix(report), Fix("add_norm", {"kind": "batch"})]
     return [Finding("exploding_gradients", "warning", layers, evidence, " ".join(sentences), fixes)]
 
