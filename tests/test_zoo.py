@@ -2,6 +2,7 @@
 ones. The models are in ``tests/zoo.py``."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -114,3 +115,21 @@ def test_a_gate_stuck_at_one_is_named_as_the_cause_of_zero_gradients():
     (zero,) = by_kind(dg.diagnose(probe(model, x), model=model, inputs=x), "zero_gradients")
     assert zero.evidence == {"cause": "saturated", "blocked_by": {"1 (Hardsigmoid)": 1}}
     assert zero.severity == "warning" and "saturated" in zero.message
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "resnet18", "convnext", "mlp_zero_head"])
+def test_healthy_models_trained_on_their_targets_start_near_chance(name):
+    """loss_at_init_high on the models' own losses and cross-entropy: a fresh model scores about ln(classes)."""
+    case = next(c for c in zoo.HEALTHY if c.name == name)
+    if case.needs:
+        pytest.importorskip(case.needs)
+    model, inputs = case.build()
+    if isinstance(inputs, dict):  # a Hugging Face model: its own loss from labels
+        labels = inputs["input_ids"] if "input_ids" in inputs else torch.tensor([0, 1, 0, 1])
+        report, targets = probe(model, {**inputs, "labels": labels}), None
+    else:
+        classes = model(inputs).shape[1]
+        targets = torch.randint(0, classes, (inputs.shape[0],), generator=torch.Generator().manual_seed(3))
+        report = probe(model, inputs, targets)
+    assert math.isfinite(report.chance_loss)
+    assert not by_kind(dg.diagnose(report, model=model), "loss_at_init_high")

@@ -79,6 +79,23 @@ def llama(initializer_range: float = 0.02) -> Callable:
     return build
 
 
+def albert():
+    """ALBERT shares one transformer layer across depth: the layer's modules are called once per depth (4 here),
+    which the reuse rule reads as a recurrence; healthy, it must stay quiet."""
+    import transformers
+
+    torch.manual_seed(SEED)
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    return transformers.AlbertForMaskedLM(config), {"input_ids": _tokens()}
+
+
 def vit():
     import transformers
 
@@ -464,6 +481,7 @@ HEALTHY = [
     _case("recurrence_orthogonal", recurrence(1.0)),
     _case("rezero", rezero),
     _case("llama_with_labels", llama(), needs="transformers"),
+    _case("albert_shared_layers", albert, needs="transformers"),
     _case("lstm_cell_loop", lstm_cell_loop()),  # a default LSTM forgets ~half per step at init: not vanishing
     _case("nn_lstm", nn_lstm),
     _case("gated_recurrence", gated_recurrence),
