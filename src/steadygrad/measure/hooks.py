@@ -162,10 +162,9 @@ def _fingerprint(y: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     flat = y.detach().reshape(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
-    if flat.dtype != torch.float64:
-        flat = flat.float()
-    sample = flat[:: max(1, flat.numel() // _FINGERPRINT)][:_FINGERPRINT]
-    sums = torch.stack([flat.sum(), torch.linalg.vector_norm(flat)])
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32  # accumulate: no copy of a bf16 output
+    sample = flat[:: max(1, flat.numel() // _FINGERPRINT)][:_FINGERPRINT].to(dtype)
+    sums = torch.stack([flat.sum(dtype=dtype), torch.linalg.vector_norm(flat, dtype=dtype)])
     return tuple(y.shape), torch.cat([sums, sample]).double()
 
 
@@ -179,7 +178,7 @@ def _take_match(waiting: deque, y: torch.Tensor) -> _Slot:
         shape, mark = _fingerprint(y)
         same = [i for i, (_, (seen_shape, _)) in enumerate(waiting) if seen_shape == shape]
         if same:
-            seen = torch.stack([waiting[i][1][1].to(mark.device) for i in same])
+            seen = torch.stack([waiting[i][1][1] for i in same])
             equal = torch.isclose(seen, mark, rtol=0, atol=0, equal_nan=True).all(1).tolist()
             index = next((i for i, hit in zip(reversed(same), reversed(equal), strict=True) if hit), same[-1])
     slot, _ = waiting[index]
@@ -187,9 +186,19 @@ def _take_match(waiting: deque, y: torch.Tensor) -> _Slot:
     return slot
 
 
-def _add_gradient(slot: _Slot, grad: torch.Tensor) -> None:
-    moments = fast_gradient_moments(grad)
+def _add_gradient(slot: _Slot, grad: torch.Tensor, moments_of=fast_gradient_moments) -> None:
+    moments = moments_of(grad)
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
+
+
+def _gradient_tap(slot: _Slot):
+    """The eager tensor hook of a slot's output: keeps the gradient (for a masked recompute) and sums it."""
+
+    def grad_hook(grad):
+        slot.grads.append(grad.detach())
+        _add_gradient(slot, grad)
+
+    return grad_hook
 
 
 @dataclass
@@ -415,7 +424,7 @@ class Recorder:
             y = first_tensor(output)
             if y is None:
                 return
-            if not y.requires_grad:
+            if not y.requires_grad and not torch.is_grad_enabled():  # reentrant checkpointing's first forward
                 self._awaiting.setdefault(name, deque()).append((slot, _fingerprint(y)))
             if self._deferred:
                 self._collect(slot, y, module, own_kind)
@@ -424,12 +433,7 @@ class Recorder:
             units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
             _add_output(slot, y, units)
             if y.requires_grad:
-
-                def grad_hook(grad, slot=slot):
-                    slot.grads.append(grad.detach())
-                    _add_gradient(slot, grad)
-
-                on_gradient(y, grad_hook)
+                on_gradient(y, _gradient_tap(slot))
 
         return hook
 
@@ -442,18 +446,9 @@ class Recorder:
             return
         slot = _take_match(waiting, y)
         if self._deferred:  # the compiled taps summed the output already: the gradient joins in deferred_table
-
-            def grad_hook(grad, slot=slot):
-                moments = gradient_moments(grad)
-                slot.gradients = moments if slot.gradients is None else slot.gradients + moments
-
+            on_gradient(y, lambda grad: _add_gradient(slot, grad, gradient_moments))
         else:
-
-            def grad_hook(grad, slot=slot):
-                slot.grads.append(grad.detach())
-                _add_gradient(slot, grad)
-
-        on_gradient(y, grad_hook)
+            on_gradient(y, _gradient_tap(slot))
 
     def first_weights(self) -> list[nn.Parameter | None]:
         """Each selected layer's first weight of more than one value (None where it has none): the weight whose
