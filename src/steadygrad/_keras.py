@@ -35,6 +35,7 @@ __all__ = [
     "enter_mode",
     "is_keras_layer",
     "is_stand_in",
+    "kernel_and_fan_in",
     "layers_below",
     "named_layers",
     "own_parameters",

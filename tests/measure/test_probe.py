@@ -406,3 +406,13 @@ def test_a_softmax_output_under_cross_entropy_gets_a_note():
 def test_an_empty_batch_is_refused_with_what_is_wrong():
     with pytest.raises(ValueError, match=r"The batch is empty \(inputs of shape \(0, 8\)\)"):
         probe(nn.Linear(8, 2), torch.randn(0, 8))
+
+
+def test_a_layer_used_through_its_weights_is_a_note_not_never_called():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    report = probe(model, _x(4, 5, 16))
+    out_proj = ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]  # F.multi_head_attention_forward
+    assert not set(out_proj) & set(report.unused)
+    assert f"used through its weights, not its forward (so it has no record): {', '.join(out_proj)}" in report.notes

@@ -34,7 +34,6 @@ def default_layer_types() -> tuple[type[nn.Module], ...]:
     """The registered classes the default selection always records: weight layers, norms and activations
     (besides what it recognises by structure, see ``is_recorded_by_default``), from ``steadygrad.kinds`` at call
     time, so a kind registered later is recorded too."""
-    kinds.register_known_libraries()
     activations = tuple(t for t in kinds.activation_types() if not kinds.is_activation(t, "linear"))
     return kinds.weight_layer_types() + kinds.norm_types() + activations
 

@@ -352,8 +352,14 @@ class Monitor:
         parameters got a gradient was used through them (``nn.MultiheadAttention`` calls ``F.linear`` with its
         ``out_proj``'s weight; a tied embedding serves as a head): that is not dead code, and is said apart."""
         never = [(n, m) for n, m in self.layers if n not in self._recorder.called]
-        functional = [n for n, m in never if any(p.grad is not None for p in m.parameters())]
-        return [n for n, _ in never if n not in functional], functional
+        # its own parameters, as the recorder reads them (Keras' too); a gradient kept from an earlier step as
+        # zeros (zero_grad(set_to_none=False)) is no use this step
+        functional = {
+            n
+            for n, m in never
+            if any(p.grad is not None and bool(p.grad.any()) for _, p in self._recorder.parameters[id(m)])
+        }
+        return [n for n, _ in never if n not in functional], [n for n, _ in never if n in functional]
 
     def _float32_cpu(self) -> bool:
         """Whether the watched layers' parameters are float32 on the CPU (what the compiled taps are for).

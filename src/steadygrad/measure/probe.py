@@ -195,11 +195,14 @@ def probe(
         report = monitor.step()
         if report is None:  # no selected layer ran: an empty report that says which were never called
             report = FlowReport(
-                records=[], loss=float(loss_value.detach()), label=monitor.label, skipped=dict(monitor.skipped)
+                records=[],
+                loss=float(loss_value.detach()),
+                label=monitor.label,
+                unused=[name for name, _ in monitor.layers],
+                skipped=dict(monitor.skipped),
+                loss_name=loss_name,
             )
-            report.unused = [name for name, _ in monitor.layers]
-        report.step = None  # a probe is not an optimizer step
-        report.loss_name = loss_name
+        report.step = None  # a probe is not an optimizer step (the Monitor's report has the loss's name already)
         report.notes += notes + _notes(prepared, dropouts) + _probability_note(output, loss_name)
         report.chance_loss = _chance_loss(output, loss_name)
         input_grads = [t.grad for t in tensors(prepared) if t.is_floating_point() and t.grad is not None]
