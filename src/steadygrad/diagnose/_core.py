@@ -59,6 +59,10 @@ ACTIONS = (
     "standardize_inputs",
     "swap_activation",
     "remove_bias",
+    "warmup",
+    "agc",
+    "change_optimizer",
+    "scale_residual",
 )
 
 
