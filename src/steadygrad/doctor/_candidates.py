@@ -329,13 +329,16 @@ def _add_norm(fix: Fix, ctx: Context) -> list[Candidate]:
         raise NotApplicable(
             "a norm after each layer: the model already has normalization layers; look at where they sit instead"
         )
+    batch = Candidate(
+        "insert BatchNorm after each layer",
+        fix,
+        lambda m: insert_norm(m, "batch"),
+        'model = steadygrad.fixes.insert_norm(model, "batch")',
+    )
+    if sum(isinstance(m, nn.Linear) for m in ctx.model.modules()) < 2:
+        return [batch]  # convolutions only (and a head): insert_norm's "layer" would put the same BatchNorms in
     return [
-        Candidate(
-            "insert BatchNorm after each layer",
-            fix,
-            lambda m: insert_norm(m, "batch"),
-            'model = steadygrad.fixes.insert_norm(model, "batch")',
-        ),
+        batch,
         Candidate(
             "insert LayerNorm after each layer",
             fix,

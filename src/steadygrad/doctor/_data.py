@@ -168,6 +168,8 @@ class Teacher:
 
     - float sequences (N, T, F): the same network on sum_t 0.8^(T-t) x_t, a fading memory a recurrence can
       learn (the flattened sequence would need the whole past at once);
+    - float images (N, C, H, ...): the same network on each channel's mean and RMS over the positions, which a
+      convolutional network with a global pooling can compute;
     - other float inputs: a random two-layer tanh network on the flattened input (h = tanh(x W1 / sqrt(d)), logits =
       h W2), its argmax for classification and its (standardized) outputs for regression;
     - token ids with one output per position (a language model, logits (N, T, V)): the target at position t is
@@ -203,6 +205,9 @@ class Teacher:
         if x.dim() == 3:  # (N, T, F) sequences: what a recurrence can carry, a decaying sum over time
             decay = SEQUENCE_DECAY ** torch.arange(x.shape[1] - 1, -1, -1, dtype=x.dtype)
             x = (x * decay[None, :, None]).sum(1) * math.sqrt(1 - SEQUENCE_DECAY**2)
+        elif x.dim() >= 4:  # (N, C, H, W...) images: what a convolution and a global pooling can compute
+            spatial = tuple(range(2, x.dim()))
+            x = torch.cat([x.mean(spatial), x.pow(2).mean(spatial).sqrt()], 1)
         flat = x.reshape(x.shape[0], -1)
         flat = (flat - flat.mean(0)) / flat.std(0).clamp(min=1e-6) if x.shape[0] > 1 else flat
         hidden = torch.tanh(flat @ self._weight("w1", flat.shape[1], 64) / math.sqrt(flat.shape[1]))

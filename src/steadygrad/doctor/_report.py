@@ -2,7 +2,8 @@
 
 **The rule.** A candidate is *recommended* when its held-out loss is at least ``MARGIN`` (5%) below the
 control's in every repeat, paired by seed (the same initial weights before the fix, the same batch order), and
-the model needs a fix: a warning or critical finding, or a control that diverged or did not learn. When the best
+the model needs a fix: a warning or critical finding, or a control that diverged or did not learn. Among the
+winners, the best one a finding asked for comes first (it removes the cause), then the best of the others. When the best
 candidate wins by the margin on the median but not in every repeat it is reported as *uncertain*, with the
 spread. On a model with no such problem nothing is recommended: a candidate that trains a healthy model a little
 faster over a few dozen steps is tuning, not a repair, and it is shown as measured, not prescribed.
@@ -165,17 +166,20 @@ class DoctorReport:
         """A warning or critical finding (the control's own training included)."""
         return any(f.severity in ("warning", "critical") for f in self.findings)
 
+    def winners(self, every: bool = True) -> list[Trial]:
+        """The candidates that beat the control by ``margin`` in every seed (or on the median), best first."""
+        pick = min if every else statistics.median
+        return [t for t in self.candidates if t.ok and pick(t.improvements(self.control)) >= self.margin]
+
     def _winner(self, every: bool) -> Trial | None:
+        """A fix a finding asked for comes before a training setting that was only tried: both beat the
+        control, but the fix removes the cause (inputs standardized) where the setting works around it (a lower
+        learning rate for 0-255 inputs)."""
         if not self.needs_fix:
             return None
-        for trial in self.candidates:
-            if not trial.ok:
-                continue
-            gains = trial.improvements(self.control)
-            if (min(gains) if every else statistics.median(gains)) >= self.margin:
-                return trial
-            return None  # the best one does not win: no other does by the same rule on the median
-        return None
+        won = self.winners(every)
+        prompted = [t for t in won if t.prompted]
+        return (prompted or won or [None])[0]
 
     @property
     def recommended(self) -> Trial | None:
@@ -192,10 +196,12 @@ class DoctorReport:
         c = self.control
         if best is not None:
             low, high = best.spread()
+            others = [t.fix for t in self.winners() if t is not best][:3]
+            also = f" Also better in every seed: {'; '.join(others)}." if others else ""
             return (
                 f"Recommended: {best.fix} (held-out loss {best.held_out_loss:.4g}, {low:.4g} to {high:.4g} over "
                 f"{len(best.repeats)} seeds, against the control's {_fmt(c.held_out_loss)}; better by at least "
-                f"{self.margin:.0%} in every seed)."
+                f"{self.margin:.0%} in every seed).{also}"
             )
         if maybe is not None:
             low, high = maybe.spread()
