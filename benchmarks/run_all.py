@@ -17,11 +17,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import clip  # noqa: E402
+import doctor  # noqa: E402
 import monitor  # noqa: E402
 import norm  # noqa: E402
 import probe  # noqa: E402
 
-BENCHMARKS = {"clip": clip, "norm": norm, "monitor": monitor, "probe": probe}
+BENCHMARKS = {"clip": clip, "norm": norm, "monitor": monitor, "probe": probe, "doctor": doctor}
 DOC = HERE.parent / "BENCHMARKS.md"
 
 
