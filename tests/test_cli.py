@@ -523,9 +523,11 @@ def test_doctor_on_a_users_file(user_file, tmp_path):
     assert "Gradients vanish" in result.output and "Patch:" in result.output
     payload = json.loads((tmp_path / "d.json").read_text())
     assert {"kind", "severity", "layers", "evidence"} <= set(payload["findings"][0])
-    assert "final_loss" in payload["control"]
-    assert {"fix", "final_loss", "grad_ratio", "nonfinite", "seconds"} <= set(payload["candidates"][0])
-    losses = [c["final_loss"] for c in payload["candidates"] if c["final_loss"] is not None]
+    assert "held_out_loss" in payload["control"] and len(payload["control"]["repeats"]) == 3
+    assert {"fix", "held_out_loss", "held_out_spread", "improvement", "grad_ratio", "repeats", "error"} <= set(
+        payload["candidates"][0]
+    )
+    losses = [c["held_out_loss"] for c in payload["candidates"] if c["held_out_loss"] is not None]
     assert losses == sorted(losses)  # best first
     assert (tmp_path / "page" / "index.html").is_file()
     assert user_file.read_text() == before  # the user's files are never touched
@@ -546,7 +548,7 @@ def test_doctor_with_synthetic_inputs(user_file):
         ("{file}:missing", [], "has no callable 'missing'. Callables there: broken, conv, deep_sigmoid"),
         ("{file}:broken", [], "raised:"),
         ("{file}:not_a_model", [], "returned int, not an nn.Module"),
-        ("{file}:conv", ["--input-shape", "5,8,8"], "rejects inputs of shape (N, 5, 8, 8)"),
+        ("{file}:conv", ["--input-shape", "5,8,8"], "rejects the first batch (a float32 tensor of shape (32, 5, 8, 8))"),
         ("{file}", [], "Give the model factory as FILE.py:FUNCTION"),
         ("no_such_package.mod:make", [], "Cannot import no_such_package.mod"),
         ("{file}:deep_sigmoid", ["--arg", "depth"], "--arg takes KEY=VALUE"),

@@ -143,7 +143,7 @@ def test_the_users_optimizer_and_schedule_are_the_ones_trained_with():
 def test_bf16_autocast_trains():
     report = sg.doctor(mlp, data=(X, Y), precision="bf16", steps=5, repeats=1, budget=300)
     assert report.control.ok
-    with pytest.raises(ValueError, match="Unknown precision 'fp8'. Accepted: float32, bf16"):
+    with pytest.raises(ValueError, match=r"Unknown precision 'fp8'\. Accepted: float32, bf16"):
         sg.doctor(mlp, data=(X, Y), precision="fp8")
 
 

@@ -16,7 +16,7 @@ from steadygrad import data
 from steadygrad import doctor as doctor_fn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import zoo  # noqa: E402
+import zoo
 
 BUDGET = 600  # a cap, never reached on an idle machine: a loaded one must not change the answer
 

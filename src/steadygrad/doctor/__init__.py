@@ -17,7 +17,7 @@ none), ``_trial`` (one repeat: train, then score), ``_candidates`` (one builder 
 from steadygrad.doctor._candidates import Candidate, NotApplicable, candidate, residual_projections
 from steadygrad.doctor._data import Batch, Split, split_data
 from steadygrad.doctor._report import MARGIN, DoctorReport, Trial
-from steadygrad.doctor._run import doctor
+from steadygrad.doctor._run import UserCodeError, doctor
 from steadygrad.doctor._trial import Changes, Repeat, Settings
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Settings",
     "Split",
     "Trial",
+    "UserCodeError",
     "candidate",
     "doctor",
     "residual_projections",

@@ -185,7 +185,9 @@ def residual_projections(model: nn.Module) -> list[str]:
     (``transformer.h.3``, ``encoder.layer.3``), the last weight layer of each sub-module with at least two weight
     layers (attention: Q/K/V then the output projection; the MLP: up then down). GPT-2's ``attn.c_proj`` and
     ``mlp.c_proj``, Llama's ``o_proj`` and ``down_proj``, T5's ``o`` and ``wo``."""
-    weights = [n for n, m in model.named_modules() if kinds.is_weight_layer(m) and kinds.weight_family(m) != "embedding"]
+    weights = [
+        n for n, m in model.named_modules() if kinds.is_weight_layer(m) and kinds.weight_family(m) != "embedding"
+    ]
     groups: dict[str, list[str]] = {}
     for name in weights:
         match = list(_DEPTH.finditer(name))
@@ -283,7 +285,9 @@ def _warmup(fix: Fix, ctx: Context) -> list[Candidate]:
 
 @candidate("lower_lr", unprompted=True)
 def _lower_lr(fix: Fix, ctx: Context) -> list[Candidate]:
-    return [Candidate("learning rate x 0.1", Fix("lower_lr"), _same, "lr = lr * 0.1  # in your optimizer", Changes(0.1))]
+    return [
+        Candidate("learning rate x 0.1", Fix("lower_lr"), _same, "lr = lr * 0.1  # in your optimizer", Changes(0.1))
+    ]
 
 
 @candidate("raise_lr", unprompted=True)
@@ -454,4 +458,3 @@ def check_registry() -> list[str]:
     """The actions with no builder (a test keeps this empty)."""
     have = set(_BUILDERS) | {a for a, _ in _UNPROMPTED}
     return [a for a in ACTIONS if a not in have]
-

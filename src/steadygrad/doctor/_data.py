@@ -18,10 +18,11 @@ import torch
 
 __all__ = ["Batch", "Split", "split_data", "teacher_targets"]
 
-HELD_OUT_FRACTION = 0.2  # of the examples (or batches) given, at least one batch, at most MAX_HELD_OUT batches
+# held out: this fraction of the examples (or batches) given, at least one batch, at most MAX_HELD_OUT batches
+HELD_OUT_FRACTION = 0.2
 MAX_HELD_OUT = 4
-MAX_TRAIN_BATCHES = 64
-SEQUENCE_DECAY = 0.8  # the synthetic teacher's memory of a float sequence, per step  # taken from an iterable; the trials cycle through them
+MAX_TRAIN_BATCHES = 64  # taken from an iterable; the trials cycle through them
+SEQUENCE_DECAY = 0.8  # the synthetic teacher's memory of a float sequence, per step
 
 
 @dataclass
@@ -70,7 +71,7 @@ def as_batch(item) -> Batch:
     mapping (keywords for the model; Hugging Face batches carry their ``labels`` there)."""
     if isinstance(item, Batch):
         return item
-    if isinstance(item, torch.Tensor) or isinstance(item, Mapping):
+    if isinstance(item, (torch.Tensor, Mapping)):
         return Batch(item)
     if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
         if len(item) == 1:
@@ -231,7 +232,5 @@ def teacher_targets(split: Split, output, task: str | None, seed: int) -> tuple[
     teacher = Teacher(split.train[0].inputs, shape, task, seed)
     batches = [[Batch(b.inputs, teacher(b.inputs)) for b in part] for part in (split.train, split.held_out)]
     kind = "token" if teacher.tokens else "input"
-    words = (
-        f"synthetic {task} targets from a fixed random teacher of the {kind}s (learnable; not random labels)"
-    )
+    words = f"synthetic {task} targets from a fixed random teacher of the {kind}s (learnable; not random labels)"
     return Split(batches[0], batches[1], split.description), words

@@ -213,9 +213,7 @@ class DoctorReport:
             )
         if not self.needs_fix:
             better = [t for t in self.candidates if t.ok and min(t.improvements(c)) >= self.margin]
-            tail = (
-                f" ({better[0].fix} trained it faster in every seed: that is tuning, not a fix.)" if better else ""
-            )
+            tail = f" ({better[0].fix} trained it faster in every seed: that is tuning, not a fix.)" if better else ""
             return "No change recommended: no finding and the unchanged model learns." + tail
         if self.candidates:
             return f"No candidate beat the unchanged model by {self.margin:.0%} on held-out loss in every seed."
@@ -232,8 +230,7 @@ class DoctorReport:
             low, high = t.spread()
             gain = "" if t is self.control else _fmt_gain(min(t.improvements(self.control), default=math.nan))
             rows.append(
-                f"{t.fix[:60]:<60} {_fmt(t.held_out_loss):>10} {_fmt(low):>9}-{_fmt(high):<9} {gain:>11}  "
-                f"{t.status()}"
+                f"{t.fix[:60]:<60} {_fmt(t.held_out_loss):>10} {_fmt(low):>9}-{_fmt(high):<9} {gain:>11}  {t.status()}"
             )
         return "\n".join([self.summary(), "", *rows, *(f"skipped: {s}" for s in self.skipped)])
 

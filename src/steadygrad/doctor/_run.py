@@ -24,7 +24,7 @@ from steadygrad.measure import probe
 from steadygrad.measure.probe import _call
 from steadygrad.optimizers import OPTIMIZERS
 
-__all__ = ["doctor"]
+__all__ = ["UserCodeError", "doctor"]
 
 DEFAULT_LR = {"sgd": 1e-2, "momentum": 1e-2, "adam": 1e-3, "adamw": 1e-3}
 NOT_LEARNING = 0.02  # the control's held-out loss is less than 2% below the prior's (``prior_loss``)
@@ -55,13 +55,40 @@ def _factory(model_factory, seed_offset: int = 0) -> Callable[[int], nn.Module]:
     return fresh
 
 
+class UserCodeError(ValueError):
+    """The user's model or loss raised on the first batch; ``__cause__`` is their exception (the CLI shows its
+    traceback lines from the user's files) and ``what`` says where, without the exception's text."""
+
+    def __init__(self, what: str, error: BaseException):
+        super().__init__(f"{what}: {type(error).__name__}: {error}")
+        self.what = what
+
+
+def _describe(inputs) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"a {str(inputs.dtype).removeprefix('torch.')} tensor of shape {tuple(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return "keywords " + ", ".join(
+            f"{k}={tuple(v.shape)}" if isinstance(v, torch.Tensor) else k for k, v in inputs.items()
+        )
+    return type(inputs).__name__
+
+
 def _check_loss(model: nn.Module, batch: Batch, settings: Settings) -> tuple[object, str]:
     """The model's output on the first batch and the loss's name; a loss that cannot train is a ValueError."""
     with torch.no_grad(), autocast(settings.precision):
-        output = _call(model, batch.inputs, **_keras.call_kwargs(model, "train"))
+        try:
+            output = _call(model, batch.inputs, **_keras.call_kwargs(model, "train"))
+        except Exception as error:
+            raise UserCodeError(f"The model rejects the first batch ({_describe(batch.inputs)})", error) from error
         if batch.targets is None and settings.loss is None and own_loss(output) is None:
             return output, ""  # synthetic targets are needed
-        value, name = resolve_loss_named(output, batch.targets, loss=settings.loss, task=settings.task)
+        try:
+            value, name = resolve_loss_named(output, batch.targets, loss=settings.loss, task=settings.task)
+        except Exception as error:
+            if settings.loss is None and isinstance(error, ValueError):
+                raise  # steadygrad's own loss said what does not match, and how to fix it
+            raise UserCodeError("loss= raised on the first batch", error) from error
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"The loss ({name}) returned {shape}, not a scalar: reduce it (mean) in loss=.")
@@ -139,18 +166,19 @@ def _control_findings(control: Trial, prior: float) -> list[Finding]:
 
 
 def _findings(model: nn.Module, batch: Batch, settings: Settings) -> tuple[list[Finding], str]:
-    preflight = probe(model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False)
+    preflight = probe(
+        model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False
+    )
     inputs = batch.inputs
     findings = diagnose(preflight, model=model, inputs=inputs) + architecture_findings(model)
-    if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and inputs.dim() == 3):
-        # diagnose measured the gradient along time on 3-d float inputs itself (the projection loss); otherwise
-        # the doctor's batch and training loss do, for an nn.RNN/LSTM/GRU
-        if isinstance(inputs, torch.Tensor):
-            findings += recurrent_findings(
-                model,
-                inputs,
-                lambda out: resolve_loss_named(out, batch.targets, loss=settings.loss, task=settings.task)[0],
-            )
+    # diagnose measured the gradient along time on 3-d float inputs itself (the projection loss); otherwise the
+    # doctor's batch and training loss do, for an nn.RNN/LSTM/GRU
+    if isinstance(inputs, torch.Tensor) and not (inputs.is_floating_point() and inputs.dim() == 3):
+        findings += recurrent_findings(
+            model,
+            inputs,
+            lambda out: resolve_loss_named(out, batch.targets, loss=settings.loss, task=settings.task)[0],
+        )
     return findings, preflight.loss_name
 
 
@@ -261,8 +289,9 @@ def doctor(
         ratio = math.nan
         if seed_r == seed:
             try:
-                ratio = probe(fixed, split.train[0].inputs, split.train[0].targets, loss=loss, task=task,
-                              theory_prediction=False).gradient_ratio
+                ratio = probe(
+                    fixed, split.train[0].inputs, split.train[0].targets, loss=loss, task=task, theory_prediction=False
+                ).gradient_ratio
             except Exception:  # the trial reports its own error
                 ratio = math.nan
         return run_repeat(fixed, split.train, split.held_out, settings, changes, seed_r, deadline), ratio
@@ -293,9 +322,7 @@ def doctor(
     for c in candidates[keep:]:
         skipped.append(f"{c.name}: the budget of {budget:g} s ran out before it could run.")
     candidates = candidates[:keep]
-    trials = [
-        Trial(c.name, c.fix.action, c.patch, c.prompted) for c in candidates
-    ]
+    trials = [Trial(c.name, c.fix.action, c.patch, c.prompted) for c in candidates]
     jobs = [(None, control, seed + r) for r in range(1, fit)] + [
         (c, t, seed + r) for r in range(fit) for c, t in zip(candidates, trials, strict=True)
     ]
@@ -365,4 +392,3 @@ def _keras_applicable(candidates: list[Candidate], skipped: list[str]) -> list[C
                 f"{c.name}: not tried, steadygrad's fixes rewrite torch modules, not Keras layers; {advice}."
             )
     return [c for c in candidates if c.fix.action in _TRAINING_SETTINGS]
-

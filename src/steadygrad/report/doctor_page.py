@@ -23,22 +23,25 @@ def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
                 lw=2.5 if trial is report.control else 1.2,
             )
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step (same batches, same seed)")
+    ax.set_xlabel("optimizer step (first seed: same batches, same initial weights)")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7)
-    rows = [
-        [
-            t.fix,
-            fmt(t.final_loss),
-            fmt(t.loss_drop),
-            fmt(t.grad_ratio),
-            t.nonfinite,
-            f"{t.seconds:.2f}",
-            t.error or "",
-        ]
-        for t in [report.control, *report.candidates]
-    ]
-    best = report.recommended
+    rows = []
+    for t in [report.control, *report.candidates]:
+        low, high = t.spread()
+        gains = t.improvements(report.control) if t is not report.control else []
+        rows.append(
+            [
+                t.fix,
+                fmt(t.held_out_loss),
+                f"{fmt(low)} to {fmt(high)}",
+                ", ".join(f"{g:+.0%}" if g > -10 else "< -999%" for g in gains),
+                fmt(t.grad_ratio),
+                f"{t.seconds:.2f}",
+                t.status(),
+            ]
+        )
+    best = report.recommended or report.uncertain
     sections = [
         Section(
             "findings",
@@ -55,8 +58,16 @@ def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
             "Candidates, measured",
             tables=[
                 Table(
-                    "Each fix on a fresh copy, against the control",
-                    ["fix", "final loss", "loss drop", "gradient first/last", "non-finite", "seconds", "error"],
+                    f"Each fix on fresh models over {report.repeats} seed(s), scored on held-out batches",
+                    [
+                        "fix",
+                        "held-out loss",
+                        "spread",
+                        "vs control, per seed",
+                        "gradient first/last",
+                        "seconds",
+                        "status",
+                    ],
                     rows,
                 )
             ],
@@ -73,6 +84,8 @@ def write_doctor_report(report, out_dir: str | Path, target: str = "") -> Path:
     ]
     if report.skipped:
         sections.append(Section("skipped", "Skipped", paragraphs=report.skipped))
+    if report.notes:
+        sections.append(Section("notes", "How it was measured", paragraphs=[*report.notes, report.loss_name]))
     page = Page(
         title="steadygrad doctor", subtitle=target, meta=[("Time", f"{report.seconds:.1f} s")], sections=sections
     )
