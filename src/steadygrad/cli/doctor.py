@@ -1,10 +1,5 @@
 """``steadygrad doctor``: load the user's model factory, diagnose it, try the fixes, print a patch."""
 
-import ast
-import importlib
-import importlib.util
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -13,120 +8,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from steadygrad import data as sg_data
 from steadygrad.cli._errors import UsageError, handle_errors
 from steadygrad.cli._output import console, write_json
-
-
-def _user_lines(error: BaseException, user_file: str | None) -> str:
-    """The frames of the traceback that are in the user's code (not steadygrad's, torch's or Python's)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    mine = [
-        f
-        for f in frames
-        if (user_file and Path(f.filename).resolve() == Path(user_file).resolve())
-        or (
-            "site-packages" not in f.filename
-            and "steadygrad" not in f.filename
-            and "importlib" not in f.filename
-            and not f.filename.startswith("<")
-        )
-    ]
-    text = "".join(traceback.format_list(mine[-4:])) if mine else ""
-    return text + f"{type(error).__name__}: {error}"
-
-
-def load_factory(target: str):
-    """``path/to/file.py:make_model`` or ``package.module:make_model`` -> (the callable, the file or None)."""
-    module_part, sep, name = target.rpartition(":")
-    if not sep or not module_part or not name:
-        raise UsageError(f"Give the model factory as FILE.py:FUNCTION or package.module:FUNCTION; got {target!r}.")
-    user_file = None
-    try:
-        if module_part.endswith(".py") or "/" in module_part:
-            path = Path(module_part)
-            if not path.is_file():
-                raise UsageError(f"No file {path}: give the path of the .py file that defines {name}.")
-            user_file = str(path.resolve())
-            spec = importlib.util.spec_from_file_location(f"_steadygrad_user_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.path.insert(0, str(path.resolve().parent))  # its own imports of neighbouring files
-            try:
-                spec.loader.exec_module(module)
-            finally:
-                sys.path.pop(0)
-        else:
-            module = importlib.import_module(module_part)
-    except ValueError:
-        raise
-    except ModuleNotFoundError as error:
-        raise UsageError(
-            f"Cannot import {module_part}: {error}. Give FILE.py:FUNCTION or an importable package.module:FUNCTION."
-        ) from None
-    except Exception as error:
-        raise UsageError(f"Importing {module_part} failed:\n{_user_lines(error, user_file)}") from None
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        available = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise UsageError(f"{module_part} has no callable {name!r}. Callables there: {', '.join(available) or 'none'}.")
-    return factory, user_file
-
-
-def _parse_args(pairs: list[str]) -> dict:
-    kwargs = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"--arg takes KEY=VALUE with a Python identifier as KEY; got {pair!r}.")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value  # a plain string
-    return kwargs
-
-
-def _synthetic(samples, input_shape, input_dtype, vocab, seq_len, seed):
-    g = torch.Generator().manual_seed(seed)
-    if input_dtype == "long":
-        if vocab is None or seq_len is None:
-            raise UsageError("--input-dtype long makes token ids: give --vocab N and --seq-len T as well.")
-        return torch.randint(0, vocab, (samples, seq_len), generator=g)
-    if input_dtype != "float":
-        raise UsageError(f"--input-dtype takes float or long; got {input_dtype!r}.")
-    if input_shape is None:
-        raise UsageError(
-            "Give the data: --data digits (or FILE.npz, FILE.csv, FILE.py:FUNC), --input-shape 3,32,32 [--classes 10] "
-            "for synthetic inputs, or --input-dtype long --vocab N --seq-len T for synthetic token ids."
-        )
-    try:
-        shape = tuple(int(part) for part in input_shape.split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape takes sizes separated by commas, e.g. 3,32,32; got {input_shape!r}.") from None
-    if not shape or min(shape) < 1:
-        raise UsageError(f"--input-shape sizes must be positive; got {input_shape!r}.")
-    return torch.randn(samples, *shape, generator=g)
-
-
-def _user_data(spec: str, target_column, samples: int, seed: int):
-    """``--data``: a built-in set or a .npz/.csv file as (x, y) tensors (integer arrays stay integers), or
-    FILE.py:FUNC / module:FUNC returning a batch, a Dataset, a DataLoader or an iterable."""
-    if ":" in spec and not Path(spec).exists():
-        function, user_file = load_factory(spec)
-        try:
-            return function(), user_file
-        except Exception as error:
-            raise UsageError(f"The data function {spec} raised:\n{_user_lines(error, user_file)}") from None
-    dataset = sg_data.load(spec, target=target_column, standardize=False, seed=seed)
-    return (dataset.x_train[:samples], dataset.y_train[:samples]), None
+from steadygrad.cli._user import load_factory, load_user_data, parse_factory_args, synthetic_inputs, user_lines
 
 
 def _table(report) -> Table:
     table = Table(
-        title=f"Candidates: each on fresh models, {report.repeats} seed(s), scored on held-out batches",
+        title=f"Candidates: fresh models, {report.repeats} seed(s), held-out loss (vs control: the worst seed)",
         title_justify="left",
     )
-    for column in ("fix", "held-out loss", "spread", "vs control (worst seed)", "grad first/last", "s", "status"):
-        table.add_column(column, justify="left" if column in ("fix", "status") else "right")
+    table.add_column("fix", ratio=3)
+    for column in ("held-out", "spread", "vs control"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("status", ratio=2)
 
     def number(v: float) -> str:
         return f"{v:.4g}" if v == v and abs(v) != float("inf") else "-"
@@ -138,10 +33,8 @@ def _table(report) -> Table:
         table.add_row(
             escape(trial.fix),
             number(trial.held_out_loss),
-            f"{number(low)} to {number(high)}",
-            (f"{worst:+.1%}" if worst > -10 else "< -999%") if gains and worst == worst else "",
-            number(trial.grad_ratio),
-            f"{trial.seconds:.1f}",
+            f"{number(low)}-{number(high)}",
+            (f"{worst:+.0%}" if worst > -10 else "< -999%") if gains and worst == worst else "",
             escape(trial.status()),
             style="green"
             if trial is report.recommended
@@ -233,19 +126,19 @@ def doctor_command(
 
     torch.set_flush_denormal(True)
     factory, user_file = load_factory(target)
-    kwargs = _parse_args(arg or [])
+    kwargs = parse_factory_args(arg or [])
     data_file = None
     if data is not None:
-        dataset, data_file = _user_data(data, target_column, samples, seed)
+        dataset, data_file = load_user_data(data, target_column, samples, seed)
     else:
-        dataset = _synthetic(samples, input_shape, input_dtype, vocab, seq_len, seed)
+        dataset = synthetic_inputs(samples, input_shape, input_dtype, vocab, seq_len, seed)
     loss_fn, loss_file = load_factory(loss) if loss is not None else (None, None)
 
     def build():
         try:
             model = factory(**kwargs)
         except Exception as error:
-            raise UsageError(f"The model factory {target} raised:\n{_user_lines(error, user_file)}") from None
+            raise UsageError(f"The model factory {target} raised:\n{user_lines(error, user_file)}") from None
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"The model factory {target} returned {type(model).__name__}, not an nn.Module.")
         return model
@@ -277,7 +170,7 @@ def doctor_command(
                 progress=progress,
             )
         except UserCodeError as error:
-            where = _user_lines(error.__cause__, loss_file or data_file or user_file)
+            where = user_lines(error.__cause__, loss_file or data_file or user_file)
             raise UsageError(f"{error.what}:\n{where}") from None
     console.print("[bold]Findings[/]")
     for finding in report.findings or []:

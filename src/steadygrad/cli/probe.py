@@ -144,6 +144,29 @@ def probe_command(
     plot_path: Annotated[
         Path | None, typer.Option("--plot", dir_okay=False, help="Write the per-layer plot (PNG).")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Probe your own model instead of a built one: FILE.py:FUNC or package.module:FUNC returning an "
+            "nn.Module (with --data, or synthetic --input-shape / --input-dtype long --vocab --seq-len).",
+        ),
+    ] = None,
+    arg: Annotated[list[str] | None, typer.Option(help="With --model: KEY=VALUE for the factory (repeatable).")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="With --model: a built-in set (digits, ...), a .npz/.csv file, or FILE.py:FUNC returning a batch, "
+            "a Dataset, a DataLoader or an iterable (its first batch is probed)."
+        ),
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="With --model and no --data: synthetic float inputs of this shape, e.g. 3,32,32.")
+    ] = None,
+    input_dtype: Annotated[
+        str, typer.Option(help="With --model and no --data: float, or long for token ids (--vocab, --seq-len).")
+    ] = "float",
+    vocab: Annotated[int | None, typer.Option(min=2, help="With --input-dtype long: the vocabulary size.")] = None,
 ) -> None:
     """Measure how signal and gradient travel through a deep network at initialization.
 
@@ -158,9 +181,31 @@ def probe_command(
       steadygrad probe --depth 4 --width 32 --act sigmoid --skip none,residual,dense
 
       steadygrad probe --act relu --init he_uniform,glorot_uniform --depth 30 --plot flow.png
+
+      steadygrad probe --model my_model.py:build --data digits
+
+      steadygrad probe --model lm.py:make_gpt2 --input-dtype long --vocab 256 --seq-len 64 --batch 8
     """
     if mode not in ("train", "eval"):  # the probe's third mode, None (as the model is), is train for a fresh net
         raise UsageError(f"--mode must be train or eval; got {mode!r}.")
+    if model is not None:
+        seq_len = (network or {}).get("seq-len")  # the built rnn's option, reused for token ids
+        _probe_users_model(
+            model,
+            arg,
+            data,
+            input_shape,
+            input_dtype,
+            vocab,
+            int(seq_len) if seq_len else None,
+            batch,
+            seed,
+            layers,
+            mode,
+            json_path,
+            plot_path,
+        )
+        return
     specs = expand_specs(network)
     patterns = [p.strip() for p in layers.split(",")] if layers else None
     reports, nets = [], []
@@ -209,4 +254,72 @@ def probe_command(
             raise UsageError(
                 f"Could not write the plot to {plot_path}: {error}. Use a writable path ending in .png."
             ) from None
+        console.print(f"Wrote {plot_path}")
+
+
+def _first_batch(dataset):
+    """(inputs, targets) of the first batch of whatever ``--data`` gave (``steadygrad.doctor``'s batch forms)."""
+    from steadygrad.doctor._data import as_batch
+
+    if isinstance(dataset, (torch.Tensor, dict)) or (isinstance(dataset, tuple) and len(dataset) == 2):
+        batch = as_batch(dataset)
+    else:
+        from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+        if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset):
+            dataset = DataLoader(dataset, batch_size=64)
+        try:
+            batch = as_batch(next(iter(dataset)))
+        except StopIteration:
+            raise UsageError("--data yielded no batch: the probe needs one batch of inputs.") from None
+        except TypeError:
+            raise UsageError(
+                f"--data gave {type(dataset).__name__}: give a tensor, (inputs, targets), a dict, a Dataset, a "
+                "DataLoader or an iterable of batches."
+            ) from None
+    return batch.inputs, batch.targets
+
+
+def _probe_users_model(
+    target, arg, data, input_shape, input_dtype, vocab, seq_len, batch, seed, layers, mode, json_path, plot_path
+) -> None:
+    from steadygrad.cli._user import load_factory, load_user_data, parse_factory_args, synthetic_inputs, user_lines
+    from steadygrad.diagnose import diagnose
+
+    factory, user_file = load_factory(target)
+    kwargs = parse_factory_args(arg or [])
+    if data is not None:
+        dataset, _ = load_user_data(data, None, batch, seed)
+        inputs, targets = _first_batch(dataset)
+    else:
+        inputs, targets = synthetic_inputs(batch, input_shape, input_dtype, vocab, seq_len, seed), None
+    torch.manual_seed(seed)
+    try:
+        net = factory(**kwargs)
+    except Exception as error:
+        raise UsageError(f"The model factory {target} raised:\n{user_lines(error, user_file)}") from None
+    if not isinstance(net, torch.nn.Module):
+        raise UsageError(f"The model factory {target} returned {type(net).__name__}, not an nn.Module.")
+    patterns = [p.strip() for p in layers.split(",")] if layers else None
+    try:
+        report = probe(net, inputs, targets, layers=patterns, mode=mode, seed=seed)
+    except ValueError:
+        raise
+    except Exception as error:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise UsageError(f"Probing {target} on inputs {shape} failed:\n{user_lines(error, user_file)}") from None
+    report.show(console)
+    findings = diagnose(report, model=net, inputs=inputs)
+    console.print("[bold]Findings[/]")
+    for finding in findings:
+        console.print(f"- {escape(str(finding))}")
+    if not findings:
+        console.print("- none: the gradient flow looks healthy.")
+    if json_path is not None:
+        write_json(json_path, {**report.to_dict(), "findings": [f.to_dict() for f in findings]})
+    if plot_path is not None:
+        from steadygrad.measure.plot import plot_flow
+
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_flow([report], plot_path)
         console.print(f"Wrote {plot_path}")

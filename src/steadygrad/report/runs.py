@@ -70,6 +70,41 @@ def _probe_page(payload: dict, source: Path) -> Page:
     )
 
 
+def _doctor_page(payload: dict, source: Path) -> Page:
+    """The doctor's JSON (``DoctorReport.to_dict``) as a page: findings, the candidates, the recommendation."""
+    trials = [payload["control"], *payload["candidates"]]
+    rows = [
+        [
+            t.get("fix", ""),
+            fmt(t.get("held_out_loss")),
+            " to ".join(fmt(v) for v in t.get("held_out_spread") or []),
+            ", ".join(f"{g:+.0%}" for g in t.get("improvement") or [] if g is not None),
+            t.get("error", ""),
+        ]
+        for t in trials
+    ]
+    verdict = payload.get("recommended") or payload.get("uncertain")
+    sections = [
+        Section("findings", "Findings", paragraphs=[f.get("message", "") for f in payload["findings"]] or ["None."]),
+        Section(
+            "candidates",
+            "Candidates, measured on held-out batches",
+            tables=[Table("", ["fix", "held-out loss", "spread", "vs control, per seed", "status"], rows)],
+        ),
+        Section(
+            "patch",
+            "Recommendation",
+            paragraphs=[
+                f"{'Recommended' if payload.get('recommended') else 'Uncertain'}: {verdict}"
+                if verdict
+                else "No change recommended."
+            ],
+            pre=payload.get("patch", ""),
+        ),
+    ]
+    return Page(title="steadygrad doctor", subtitle=str(source), sections=sections)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -199,11 +234,16 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
                 continue
             if isinstance(payload, dict) and "reports" in payload:
                 probes.append((candidate, payload))
+            elif isinstance(payload, dict) and "layers" in payload and "label" in payload:  # FlowReport.to_json()
+                probes.append((candidate, {"reports": [payload]}))
+            elif isinstance(payload, dict) and {"control", "candidates"} <= set(payload):  # doctor --json
+                probes.append((candidate, payload))
         if not probes:
             raise ValueError(
-                f"{path} is neither a training log directory (no summary.json) nor a probe's JSON (no 'reports' list)."
+                f"{path} is neither a training log directory (no summary.json) nor a JSON file steadygrad wrote "
+                "(probe --json, FlowReport.to_json(), doctor --json)."
             )
         source, payload = probes[0]
-        page = _probe_page(payload, source)
+        page = _doctor_page(payload, source) if "control" in payload else _probe_page(payload, source)
         target = out or (source.parent if path.is_dir() else source.parent / "steadygrad-report")
     return write_page(page, target)
