@@ -232,7 +232,8 @@ class DoctorReport:
             rows.append(
                 f"{t.fix[:60]:<60} {_fmt(t.held_out_loss):>10} {_fmt(low):>9}-{_fmt(high):<9} {gain:>11}  {t.status()}"
             )
-        return "\n".join([self.summary(), "", *rows, *(f"skipped: {s}" for s in self.skipped)])
+        notes = [*self.notes, f"loss: {self.loss_name}"] if self.loss_name else self.notes
+        return "\n".join([self.summary(), "", *rows, *(f"skipped: {s}" for s in self.skipped), *notes])
 
     def __repr__(self) -> str:
         best = self.recommended
