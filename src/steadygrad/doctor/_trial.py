@@ -202,6 +202,8 @@ def run_repeat(
                 break
         if repeat.nonfinite_step is None:
             repeat.held_out_loss = held_out_loss(model, held_out, settings)
+            if not math.isfinite(repeat.held_out_loss):  # the weights blew up on the last step
+                repeat.nonfinite_step = repeat.steps
     except Exception as error:
         repeat.error = _first_line(error)
     repeat.seconds = time.perf_counter() - start
