@@ -174,3 +174,22 @@ def test_a_broken_model_gets_the_right_fix(digits, name):
     assert best is not None, report
     assert best.action in actions, report
     assert min(best.improvements(report.control)) >= report.margin and len(best.repeats) == 3
+
+
+def test_random_labels_never_earn_an_initialization_change():
+    """The issue's case: on 64 random labels a larger init memorizes faster. Held out, memorizing wins nothing, so
+    no re-initialization may be recommended (whatever else the unlearnable data lead to)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=4
+    )
+    g = torch.Generator().manual_seed(3)
+    ids, labels = torch.randint(0, 64, (128, 16), generator=g), torch.randint(0, 4, (128,), generator=g)
+    report = doctor_fn(
+        lambda: transformers.BertForSequenceClassification(config),
+        data={"input_ids": ids, "labels": labels},
+        optimizer="adamw",
+        budget=BUDGET,
+    )
+    for verdict in (report.recommended, report.uncertain):
+        assert verdict is None or verdict.action != "reinit", report
