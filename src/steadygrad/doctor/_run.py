@@ -21,7 +21,7 @@ from steadygrad.doctor._trial import PRECISIONS, Changes, Repeat, Settings, auto
 from steadygrad.doctor._workers import available_workers, run_all
 from steadygrad.losses import own_loss, resolve_loss_named
 from steadygrad.measure import probe
-from steadygrad.measure.probe import _call
+from steadygrad.measure.probe import call_model
 from steadygrad.optimizers import OPTIMIZERS
 
 __all__ = ["UserCodeError", "doctor"]
@@ -78,7 +78,7 @@ def _check_loss(model: nn.Module, batch: Batch, settings: Settings) -> tuple[obj
     """The model's output on the first batch and the loss's name; a loss that cannot train is a ValueError."""
     with torch.no_grad(), autocast(settings.precision):
         try:
-            output = _call(model, batch.inputs, **_keras.call_kwargs(model, "train"))
+            output = call_model(model, batch.inputs, **_keras.call_kwargs(model, "train"))
         except Exception as error:
             raise UserCodeError(f"The model rejects the first batch ({_describe(batch.inputs)})", error) from error
         if batch.targets is None and settings.loss is None and own_loss(output) is None:
@@ -368,7 +368,7 @@ def _applicable(
         try:
             fixed = c.make(fresh(seed))
             with torch.no_grad(), autocast(settings.precision):
-                _call(fixed, batch.inputs, **_keras.call_kwargs(fixed, "eval"))
+                call_model(fixed, batch.inputs, **_keras.call_kwargs(fixed, "eval"))
         except Exception as error:
             text = str(error).strip().splitlines()
             skipped.append(

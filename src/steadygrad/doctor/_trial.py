@@ -19,7 +19,7 @@ from steadygrad import _keras
 from steadygrad.clip import adaptive_clip_grad_, clip_grad_norm_, grad_norm
 from steadygrad.doctor._data import Batch
 from steadygrad.losses import resolve_loss
-from steadygrad.measure.probe import _call
+from steadygrad.measure.probe import call_model
 from steadygrad.optimizers import OPTIMIZERS, make_optimizer
 
 __all__ = ["Changes", "Repeat", "Settings", "run_repeat"]
@@ -125,7 +125,7 @@ def autocast(precision: str):
 
 def batch_loss(model: nn.Module, batch: Batch, settings: Settings, mode: str) -> torch.Tensor:
     with autocast(settings.precision):
-        output = _call(model, batch.inputs, **_keras.call_kwargs(model, mode))
+        output = call_model(model, batch.inputs, **_keras.call_kwargs(model, mode))
         loss = resolve_loss(output, batch.targets, loss=settings.loss, task=settings.task)
     return loss.float()
 

@@ -29,7 +29,7 @@ from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.records import FlowReport
 from steadygrad.structure import describe
 
-__all__ = ["MODES", "LayerSelector", "default_layer_types", "probe", "select_layers"]
+__all__ = ["MODES", "LayerSelector", "call_model", "default_layer_types", "probe", "select_layers"]
 
 MODES = ("train", "eval", None)
 INTEGER_INPUTS_NOTE = "inputs are integer (token ids): no input gradient, no input statistics"
@@ -55,7 +55,7 @@ def _prepare_inputs(inputs, requires_grad: bool = True):
     return inputs
 
 
-def _call(model: nn.Module, inputs, **kwargs):
+def call_model(model: nn.Module, inputs, **kwargs):
     """Mappings as keywords, tuples and lists as positional arguments, anything else as the one argument."""
     if isinstance(inputs, Mapping):
         return model(**inputs, **kwargs)
@@ -86,7 +86,7 @@ def _enter_mode(model: nn.Module, mode: str | None) -> tuple[Callable[[], None],
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}.")
-    if _keras.is_keras_layer(model):  # torch's flags do not reach Keras layers: they take training= (_call)
+    if _keras.is_keras_layer(model):  # torch's flags do not reach Keras layers: they take training= (call_model)
         return _keras.enter_mode(model, mode)
     flags = [(m, m.training) for m in model.modules()]  # per module: a root's flag says nothing of its children
     rates: list[tuple[nn.Module, float]] = []
@@ -175,7 +175,7 @@ def probe(
             torch.manual_seed(seed)  # functional dropout and any other draw: the same in every probe
             prepared = _prepare_inputs(inputs)
             try:
-                output = _call(model, prepared, **_keras.call_kwargs(model, mode))
+                output = call_model(model, prepared, **_keras.call_kwargs(model, mode))
             except RuntimeError as error:
                 if "requires_grad flags of leaf" not in str(error):
                     raise
@@ -185,7 +185,7 @@ def probe(
                 monitor.restart_step()
                 torch.manual_seed(seed)
                 prepared = _prepare_inputs(inputs, requires_grad=False)
-                output = _call(model, prepared, **_keras.call_kwargs(model, mode))
+                output = call_model(model, prepared, **_keras.call_kwargs(model, mode))
                 notes.append(NO_INPUT_GRADIENT_NOTE)
             loss_value, loss_name = resolve_loss_named(output, targets, loss, task, seed)
             if not loss_value.requires_grad:
