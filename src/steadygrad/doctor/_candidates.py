@@ -298,8 +298,11 @@ def _raise_lr(fix: Fix, ctx: Context) -> list[Candidate]:
 def _is_adaptive(settings: Settings, model: nn.Module) -> bool:
     if isinstance(settings.optimizer, str):
         return settings.optimizer in ("adam", "adamw")
-    probe_params = [nn.Parameter(torch.zeros(1))]
-    return isinstance(settings.optimizer(probe_params), torch.optim.Adam | torch.optim.AdamW)
+    try:  # the user's callable, on a stand-in parameter: its class is what tells
+        made = settings.optimizer([nn.Parameter(torch.zeros(1))])
+    except Exception:
+        made = settings.optimizer(list(model.parameters()))
+    return isinstance(made, torch.optim.Adam | torch.optim.AdamW)
 
 
 @candidate("change_optimizer", unprompted=True)

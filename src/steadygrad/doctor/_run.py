@@ -318,7 +318,7 @@ def doctor(
     fit = max(1, min(repeats, int((slots + 1) // (n + 1)))) if n else repeats
     if fit < repeats:
         notes.append(f"{fit} seed(s) per trial, not {repeats}: the budget of {budget:g} s allowed no more.")
-    keep = n if n == 0 else max(0, min(n, int(slots // fit) - (fit - 1)))
+    keep = max(0, min(n, int((slots - (fit - 1)) // fit)))  # the control's other seeds run too
     for c in candidates[keep:]:
         skipped.append(f"{c.name}: the budget of {budget:g} s ran out before it could run.")
     candidates = candidates[:keep]
