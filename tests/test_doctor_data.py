@@ -245,3 +245,23 @@ def test_the_json_has_the_documented_schema():
     assert {"fix", "action", "held_out_loss", "held_out_spread", "improvement", "repeats", "error"} <= set(first)
     assert [r["seed"] for r in first["repeats"]] == [0, 1, 2]
     assert all("held_out_loss" in r for r in first["repeats"])
+
+
+def test_each_seed_draws_its_own_reinitialization():
+    report = sg.doctor(mlp, data=(X, Y), steps=3, budget=300)
+    reinit = next(t for t in report.candidates if t.action == "reinit" and t.fix.startswith("re-initialize"))
+    starts = [r.initial_held_out_loss for r in reinit.repeats]
+    assert len(set(starts)) == len(starts) == 3  # not one draw repeated
+
+
+def test_a_fix_no_better_than_predicting_without_inputs_is_not_recommended():
+    control = _trial("control", [50.0, 50.0, 50.0], "")
+    blown, learns = _trial("blown", [5.0, 5.0, 5.0]), _trial("learns", [0.5, 0.5, 0.5], "lower_lr", False)
+    finding = Finding("dead_units", "warning", [], {}, "m")
+    report = DoctorReport([finding], control, [blown, learns], repeats=3, prior_loss=1.4)
+    assert report.recommended is learns
+    # only the control's own training is wrong: only the fixes its finding names may be recommended
+    slow = Finding("not_learning", "warning", [], {}, "m", [Fix("raise_lr")])
+    fast = _trial("lr x 10", [0.5, 0.5, 0.5], "raise_lr", False)
+    report = DoctorReport([slow], control, [_trial("reinit", [0.4, 0.4, 0.4]), fast], repeats=3, prior_loss=1.4)
+    assert report.recommended is fast

@@ -1,5 +1,6 @@
 """``steadygrad doctor``: load the user's model factory, diagnose it, try the fixes, print a patch."""
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +35,7 @@ def _table(report) -> Table:
             escape(trial.fix),
             number(trial.held_out_loss),
             f"{number(low)}-{number(high)}",
-            (f"{worst:+.0%}" if worst > -10 else "< -999%") if gains and worst == worst else "",
+            (f"{worst:+.0%}" if worst > -10 else "< -999%") if gains and math.isfinite(worst) else "-" if gains else "",
             escape(trial.status()),
             style="green"
             if trial is report.recommended

@@ -202,19 +202,15 @@ def residual_projections(model: nn.Module) -> list[str]:
     return [names[-1] for names in groups.values() if len(names) >= 2]
 
 
-def _blocks(names: list[str]) -> int:
-    return len({n[: list(_DEPTH.finditer(n))[-1].end()] for n in names})
-
-
 @candidate("scale_residual", unprompted=True)
 def _scale_residual(fix: Fix, ctx: Context) -> list[Candidate]:
-    """Each projection into the residual stream scaled by 1/sqrt(2 L) for L blocks (two branches each), so the
-    stream's variance stays O(1) with depth (GPT-2, Radford et al. 2019; Hanin & Rolnick 2018)."""
+    """Each of the N projections into the residual stream scaled by 1/sqrt(N), so the sum of N branches keeps the
+    stream's variance O(1) with depth: GPT-2's 1/sqrt(2 L) for L blocks of two branches (Radford et al. 2019;
+    Hanin & Rolnick 2018); an encoder-decoder's cross-attention branches count too."""
     names = residual_projections(ctx.model)
     if not names:
         return []
-    layers = _blocks(names)
-    factor = (2 * layers) ** -0.5
+    factor = len(names) ** -0.5
 
     def make(model: nn.Module) -> nn.Module:
         modules = dict(model.named_modules())
@@ -225,7 +221,7 @@ def _scale_residual(fix: Fix, ctx: Context) -> list[Candidate]:
 
     return [
         Candidate(
-            f"scale the {len(names)} residual projections by 1/sqrt(2*{layers})",
+            f"scale the {len(names)} residual projections by 1/sqrt({len(names)})",
             Fix("scale_residual", {"factor": factor, "layers": names}),
             make,
             f"for name in {names[:2]!r} + ...:  # every projection into the residual stream\n"

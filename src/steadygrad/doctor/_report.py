@@ -160,16 +160,38 @@ class DoctorReport:
     repeats: int = 0  # seeds per trial
     notes: list[str] = field(default_factory=list)  # the data, the targets, fewer repeats than asked, ...
     margin: float = MARGIN
+    prior_loss: float = math.nan  # held-out loss of predicting without the inputs (label frequencies, target mean)
+
+    # the control's own findings: symptoms of how it trained, which point at the training settings
+    TRAINING_FINDINGS = ("training_diverged", "not_learning")
 
     @property
     def needs_fix(self) -> bool:
         """A warning or critical finding (the control's own training included)."""
         return any(f.severity in ("warning", "critical") for f in self.findings)
 
+    def learns(self, trial: Trial) -> bool:
+        """Below the prior's loss (when there is one): a fix that leaves the model no better than predicting
+        without its inputs is not a fix, however much it beats a control that blew up."""
+        return not math.isfinite(self.prior_loss) or trial.held_out_loss < self.prior_loss
+
     def winners(self, every: bool = True) -> list[Trial]:
-        """The candidates that beat the control by ``margin`` in every seed (or on the median), best first."""
+        """The candidates that beat the control by ``margin`` in every seed (or on the median) and learn, best
+        first. When the only problems are the control's own training (it diverged, or learned little), only the
+        fixes those findings name count: the evidence is about the settings, not the initialization."""
         pick = min if every else statistics.median
-        return [t for t in self.candidates if t.ok and pick(t.improvements(self.control)) >= self.margin]
+        serious = [f for f in self.findings if f.severity in ("warning", "critical")]
+        allowed = None
+        if serious and all(f.kind in self.TRAINING_FINDINGS for f in serious):
+            allowed = {fix.action for f in serious for fix in f.fixes}
+        return [
+            t
+            for t in self.candidates
+            if t.ok
+            and self.learns(t)
+            and (allowed is None or t.action in allowed)
+            and pick(t.improvements(self.control)) >= self.margin
+        ]
 
     def _winner(self, every: bool) -> Trial | None:
         """A fix a finding asked for comes before a training setting that was only tried: both beat the
@@ -198,10 +220,11 @@ class DoctorReport:
             low, high = best.spread()
             others = [t.fix for t in self.winners() if t is not best][:3]
             also = f" Also better in every seed: {'; '.join(others)}." if others else ""
+            against = f"the control's {_fmt(c.held_out_loss)}" if c.ok else "a control that diverged"
             return (
                 f"Recommended: {best.fix} (held-out loss {best.held_out_loss:.4g}, {low:.4g} to {high:.4g} over "
-                f"{len(best.repeats)} seeds, against the control's {_fmt(c.held_out_loss)}; better by at least "
-                f"{self.margin:.0%} in every seed).{also}"
+                f"{len(best.repeats)} seed(s), against {against}; better by at least {self.margin:.0%} in "
+                f"{_every(len(best.repeats))}).{also}"
             )
         if maybe is not None:
             low, high = maybe.spread()
@@ -213,7 +236,11 @@ class DoctorReport:
             )
         if not self.needs_fix:
             better = [t for t in self.candidates if t.ok and min(t.improvements(c)) >= self.margin]
-            tail = f" ({better[0].fix} trained it faster in every seed: that is tuning, not a fix.)" if better else ""
+            tail = (
+                f" ({better[0].fix} trained it faster in {_every(self.repeats)}: that is tuning, not a fix.)"
+                if better
+                else ""
+            )
             return "No change recommended: no finding and the unchanged model learns." + tail
         if self.candidates:
             return f"No candidate beat the unchanged model by {self.margin:.0%} on held-out loss in every seed."
@@ -225,12 +252,12 @@ class DoctorReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        rows = [f"{'fix':<60} {'held-out':>10} {'spread':>19} {'vs control':>11}  status"]
+        rows = [f"{'fix':<72} {'held-out':>10} {'spread':>19} {'vs control':>11}  status"]
         for t in [self.control, *self.candidates]:
             low, high = t.spread()
             gain = "" if t is self.control else _fmt_gain(min(t.improvements(self.control), default=math.nan))
             rows.append(
-                f"{t.fix[:60]:<60} {_fmt(t.held_out_loss):>10} {_fmt(low):>9}-{_fmt(high):<9} {gain:>11}  {t.status()}"
+                f"{t.fix[:72]:<72} {_fmt(t.held_out_loss):>10} {_fmt(low):>9}-{_fmt(high):<9} {gain:>11}  {t.status()}"
             )
         notes = [*self.notes, f"loss: {self.loss_name}"] if self.loss_name else self.notes
         return "\n".join([self.summary(), "", *rows, *(f"skipped: {s}" for s in self.skipped), *notes])
@@ -262,6 +289,10 @@ class DoctorReport:
             "seconds": round(self.seconds, 3),
             "loss_name": self.loss_name,
         }
+
+
+def _every(repeats: int) -> str:
+    return "every seed" if repeats > 1 else "its one seed"
 
 
 def _fmt(v: float) -> str:

@@ -91,7 +91,11 @@ def _check_loss(model: nn.Module, batch: Batch, settings: Settings) -> tuple[obj
             raise UserCodeError("loss= raised on the first batch", error) from error
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"The loss ({name}) returned {shape}, not a scalar: reduce it (mean) in loss=.")
+        if isinstance(value, torch.Tensor):
+            raise ValueError(f"The loss ({name}) returned {shape}, not a scalar: reduce it (mean) in loss=.")
+        raise ValueError(
+            f"The loss ({name}) returned a {shape}, not a tensor: return a 0-d tensor built from the output."
+        )
     if not torch.isfinite(value):
         from steadygrad.losses import tensors
 
@@ -138,7 +142,7 @@ def _control_findings(control: Trial, prior: float) -> list[Finding]:
                 {"repeats": len(bad), "first_step": min(r.nonfinite_step for r in bad)},
                 f"The unchanged model's training hit NaN/Inf (at step {min(r.nonfinite_step for r in bad)}, in "
                 f"{len(bad)} of {len(control.repeats)} seeds) at these settings.",
-                [Fix("warmup"), Fix("lower_lr"), Fix("clip")],
+                [Fix("warmup"), Fix("lower_lr"), Fix("clip"), Fix("agc")],
             )
         ]
     reference = prior if math.isfinite(prior) else control.initial_loss
@@ -156,10 +160,11 @@ def _control_findings(control: Trial, prior: float) -> list[Finding]:
                         "held_out_loss": control.held_out_loss,
                         "prior_loss": None if math.isnan(prior) else prior,
                     },
-                    f"The unchanged model did not learn from its inputs: its held-out loss after {control.steps} "
+                    f"The unchanged model learned little from its inputs in {control.steps} steps at these settings: "
+                    f"its held-out loss after them, "
                     f"steps, {control.held_out_loss:.4g}, is not {NOT_LEARNING:.0%} below {against} "
                     f"({reference:.4g}).",
-                    [Fix("warmup"), Fix("lower_lr"), Fix("raise_lr")],
+                    [Fix("warmup"), Fix("lower_lr"), Fix("raise_lr"), Fix("change_optimizer")],
                 )
             ]
     return []
@@ -268,6 +273,8 @@ def doctor(
     fresh = _factory(model_factory)
     split = split_data(data, batch_size, seed)
     notes = [f"data: {split.description}."]
+    if precision != "float32":
+        notes.append(f"precision: {precision} autocast in every trial's forward and loss (the probe runs in float32).")
 
     model = fresh(seed)
     output, loss_name = _check_loss(model, split.train[0], settings)
@@ -280,10 +287,13 @@ def doctor(
         _, loss_name = _check_loss(model, split.train[0], settings)
     findings, _ = _findings(model, split.train[0], settings)
 
+    contexts: list[Context] = []  # the builders' context, once made: a fix draws from the repeat's seed
+
     def repeat_of(trial_index: int, candidate: Candidate | None, seed_r: int) -> tuple[Repeat, float]:
         fixed = fresh(seed_r)
         changes = Changes()
         if candidate is not None:
+            contexts[0].seed = seed_r  # this process's copy (workers are forked): its builders' generators
             fixed = candidate.make(fixed)
             changes = candidate.changes
         ratio = math.nan
@@ -303,6 +313,7 @@ def doctor(
         raise ValueError(f"The unchanged model could not be trained on this data: {first.error}")
     norms = [n for n in first.grad_norms if math.isfinite(n) and n > 0]
     ctx = Context(model, split.train[0].inputs, statistics.median(norms) if norms else 1.0, settings, seed, steps)
+    contexts.append(ctx)
     candidates, skipped = candidates_for(_sort(findings), ctx)
     if _keras.is_keras_layer(model):
         candidates = _keras_applicable(candidates, skipped)
@@ -343,7 +354,8 @@ def doctor(
             trial.grad_ratio = ratio
     for trial in [control, *trials]:
         trial.repeats.sort(key=lambda r: r.seed)
-    findings = _sort(findings + _control_findings(control, prior_loss(split, loss_name)))
+    prior = prior_loss(split, loss_name)
+    findings = _sort(findings + _control_findings(control, prior))
     trials.sort(key=lambda t: (not t.ok, t.held_out_loss if t.ok else math.inf))
     return DoctorReport(
         findings,
@@ -355,6 +367,7 @@ def doctor(
         repeats=fit,
         notes=notes,
         margin=MARGIN,
+        prior_loss=prior,
     )
 
 
