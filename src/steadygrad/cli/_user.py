@@ -14,7 +14,7 @@ import torch
 from steadygrad import data as sg_data
 from steadygrad.cli._errors import UsageError
 
-__all__ = ["load_factory", "load_user_data", "parse_factory_args", "synthetic_inputs", "user_lines"]
+__all__ = ["build_user_model", "load_factory", "load_user_data", "parse_factory_args", "synthetic_inputs", "user_lines"]
 
 
 def user_lines(error: BaseException, user_file: str | None) -> str:
@@ -147,3 +147,14 @@ def _npz(path: Path, samples: int):
     x = tensor(archive[name_x])
     name_y = next((keys[k] for k in ("y", "targets", "labels") if k in keys), None)
     return x if name_y is None else (x, tensor(archive[name_y]))
+
+
+def build_user_model(factory, target: str, user_file: str | None, kwargs: dict) -> torch.nn.Module:
+    """``factory(**kwargs)``, with a factory that raises or returns no module as a usage error naming ``target``."""
+    try:
+        model = factory(**kwargs)
+    except Exception as error:
+        raise UsageError(f"The model factory {target} raised:\n{user_lines(error, user_file)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"The model factory {target} returned {type(model).__name__}, not an nn.Module.")
+    return model

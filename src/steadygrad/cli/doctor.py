@@ -11,7 +11,14 @@ from rich.table import Table
 
 from steadygrad.cli._errors import UsageError, handle_errors
 from steadygrad.cli._output import console, write_json
-from steadygrad.cli._user import load_factory, load_user_data, parse_factory_args, synthetic_inputs, user_lines
+from steadygrad.cli._user import (
+    build_user_model,
+    load_factory,
+    load_user_data,
+    parse_factory_args,
+    synthetic_inputs,
+    user_lines,
+)
 
 
 def _table(report) -> Table:
@@ -136,13 +143,7 @@ def doctor_command(
     loss_fn, loss_file = load_factory(loss) if loss is not None else (None, None)
 
     def build():
-        try:
-            model = factory(**kwargs)
-        except Exception as error:
-            raise UsageError(f"The model factory {target} raised:\n{user_lines(error, user_file)}") from None
-        if not isinstance(model, torch.nn.Module):
-            raise UsageError(f"The model factory {target} returned {type(model).__name__}, not an nn.Module.")
-        return model
+        return build_user_model(factory, target, user_file, kwargs)
 
     build()  # a factory that raises is the user's to fix before any trial
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -259,31 +259,28 @@ def probe_command(
 
 def _first_batch(dataset):
     """(inputs, targets) of the first batch of whatever ``--data`` gave (``steadygrad.doctor``'s batch forms)."""
-    from steadygrad.doctor._data import as_batch
+    from steadygrad.doctor import first_batch
 
-    if isinstance(dataset, (torch.Tensor, dict)) or (isinstance(dataset, tuple) and len(dataset) == 2):
-        batch = as_batch(dataset)
-    else:
-        from torch.utils.data import DataLoader, Dataset, IterableDataset
-
-        if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset):
-            dataset = DataLoader(dataset, batch_size=64)
-        try:
-            batch = as_batch(next(iter(dataset)))
-        except StopIteration:
-            raise UsageError("--data yielded no batch: the probe needs one batch of inputs.") from None
-        except TypeError:
-            raise UsageError(
-                f"--data gave {type(dataset).__name__}: give a tensor, (inputs, targets), a dict, a Dataset, a "
-                "DataLoader or an iterable of batches."
-            ) from None
+    try:
+        batch = first_batch(dataset)
+    except TypeError as error:
+        raise UsageError(f"--data: {error}") from None
+    if batch is None:
+        raise UsageError("--data yielded no batch: the probe needs one batch of inputs.")
     return batch.inputs, batch.targets
 
 
 def _probe_users_model(
     target, arg, data, input_shape, input_dtype, vocab, seq_len, batch, seed, layers, mode, json_path, plot_path
 ) -> None:
-    from steadygrad.cli._user import load_factory, load_user_data, parse_factory_args, synthetic_inputs, user_lines
+    from steadygrad.cli._user import (
+        build_user_model,
+        load_factory,
+        load_user_data,
+        parse_factory_args,
+        synthetic_inputs,
+        user_lines,
+    )
     from steadygrad.diagnose import diagnose
 
     factory, user_file = load_factory(target)
@@ -294,12 +291,7 @@ def _probe_users_model(
     else:
         inputs, targets = synthetic_inputs(batch, input_shape, input_dtype, vocab, seq_len, seed), None
     torch.manual_seed(seed)
-    try:
-        net = factory(**kwargs)
-    except Exception as error:
-        raise UsageError(f"The model factory {target} raised:\n{user_lines(error, user_file)}") from None
-    if not isinstance(net, torch.nn.Module):
-        raise UsageError(f"The model factory {target} returned {type(net).__name__}, not an nn.Module.")
+    net = build_user_model(factory, target, user_file, kwargs)
     patterns = [p.strip() for p in layers.split(",")] if layers else None
     try:
         report = probe(net, inputs, targets, layers=patterns, mode=mode, seed=seed)

@@ -15,7 +15,7 @@ none), ``_trial`` (one repeat: train, then score), ``_candidates`` (one builder 
 """
 
 from steadygrad.doctor._candidates import Candidate, NotApplicable, candidate, residual_projections
-from steadygrad.doctor._data import Batch, Split, split_data
+from steadygrad.doctor._data import Batch, Split, first_batch, split_data
 from steadygrad.doctor._report import MARGIN, DoctorReport, Trial
 from steadygrad.doctor._run import UserCodeError, doctor
 from steadygrad.doctor._trial import Changes, Repeat, Settings
@@ -34,6 +34,7 @@ __all__ = [
     "UserCodeError",
     "candidate",
     "doctor",
+    "first_batch",
     "residual_projections",
     "split_data",
 ]

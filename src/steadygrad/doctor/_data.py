@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Batch", "Split", "split_data", "teacher_targets"]
+__all__ = ["Batch", "Split", "first_batch", "split_data", "teacher_targets"]
 
 # held out: this fraction of the examples (or batches) given, at least one batch, at most MAX_HELD_OUT batches
 HELD_OUT_FRACTION = 0.2
@@ -114,23 +114,20 @@ def _split_rows(batch: Batch, batch_size: int, seed: int) -> Split:
     )
 
 
-def split_data(data, batch_size: int = 32, seed: int = 0) -> Split:
-    """The user's ``data`` as training and held-out batches.
+def _in_memory(data) -> bool:
+    """One set of rows: a tensor, a mapping of tensors, a ``Batch``, or a pair of tensors."""
+    return isinstance(data, (torch.Tensor, Mapping, Batch)) or (
+        isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, torch.Tensor) or d is None for d in data)
+    )
 
-    ``data`` is a tensor of inputs, a pair ``(inputs, targets)`` of tensors, a mapping of tensors (one HF batch of
-    many rows), a ``torch.utils.data.Dataset`` (batched here, shuffled with ``seed``), or a ``DataLoader`` or any
-    other iterable of batches (taken in order, up to ``MAX_TRAIN_BATCHES`` plus the held-out ones: the last
-    ~20%, at least one). One in-memory set of rows is shuffled once and cut into batches of ``batch_size``.
-    """
+
+def _batches(data, batch_size: int, seed: int) -> Iterator[Batch]:
+    """The batches of a ``Dataset`` (batched here, shuffled with ``seed``), a ``DataLoader`` or any iterable."""
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-    if isinstance(data, (torch.Tensor, Mapping, Batch)) or (
-        isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, torch.Tensor) or d is None for d in data)
-    ):
-        return _split_rows(as_batch(data), batch_size, seed)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         if len(data) == 0:
-            raise ValueError("The Dataset is empty: the doctor needs examples to train on and to hold out.")
+            return iter(())
         data = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     elif isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=batch_size)
@@ -139,7 +136,25 @@ def split_data(data, batch_size: int = 32, seed: int = 0) -> Split:
             f"data must be a tensor, (inputs, targets), a dict of tensors, a Dataset, a DataLoader or an iterable "
             f"of batches; got {type(data).__name__}."
         )
-    taken = [as_batch(item) for item in itertools.islice(iter(data), MAX_TRAIN_BATCHES + MAX_HELD_OUT)]
+    return (as_batch(item) for item in data)
+
+
+def first_batch(data, batch_size: int = 64, seed: int = 0) -> Batch | None:
+    """The first batch of ``data`` in any form ``split_data`` takes (in-memory rows whole); None when it has none."""
+    return as_batch(data) if _in_memory(data) else next(_batches(data, batch_size, seed), None)
+
+
+def split_data(data, batch_size: int = 32, seed: int = 0) -> Split:
+    """The user's ``data`` as training and held-out batches.
+
+    ``data`` is a tensor of inputs, a pair ``(inputs, targets)`` of tensors, a mapping of tensors (one HF batch of
+    many rows), a ``torch.utils.data.Dataset`` (batched here, shuffled with ``seed``), or a ``DataLoader`` or any
+    other iterable of batches (taken in order, up to ``MAX_TRAIN_BATCHES`` plus the held-out ones: the last
+    ~20%, at least one). One in-memory set of rows is shuffled once and cut into batches of ``batch_size``.
+    """
+    if _in_memory(data):
+        return _split_rows(as_batch(data), batch_size, seed)
+    taken = list(itertools.islice(_batches(data, batch_size, seed), MAX_TRAIN_BATCHES + MAX_HELD_OUT))
     if not taken:
         raise ValueError("The data yielded no batch: the doctor needs batches to train on and to hold out.")
     if len(taken) == 1:  # one batch: split its rows

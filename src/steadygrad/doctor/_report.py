@@ -72,10 +72,6 @@ class Trial:
         return self.repeats[0].losses if self.repeats else []
 
     @property
-    def grad_norms(self) -> list[float]:
-        return [n for r in self.repeats for n in r.grad_norms]
-
-    @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.repeats)
 

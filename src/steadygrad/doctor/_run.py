@@ -170,7 +170,7 @@ def _control_findings(control: Trial, prior: float) -> list[Finding]:
     return []
 
 
-def _findings(model: nn.Module, batch: Batch, settings: Settings) -> tuple[list[Finding], str]:
+def _findings(model: nn.Module, batch: Batch, settings: Settings) -> list[Finding]:
     preflight = probe(
         model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False
     )
@@ -184,7 +184,7 @@ def _findings(model: nn.Module, batch: Batch, settings: Settings) -> tuple[list[
             inputs,
             lambda out: resolve_loss_named(out, batch.targets, loss=settings.loss, task=settings.task)[0],
         )
-    return findings, preflight.loss_name
+    return findings
 
 
 def _sort(findings: list[Finding]) -> list[Finding]:
@@ -285,11 +285,11 @@ def doctor(
             task = "classification" if split.train[0].targets.dtype == torch.long else "regression"
             settings = Settings(optimizer, lr, schedule, steps, precision, loss, task)
         _, loss_name = _check_loss(model, split.train[0], settings)
-    findings, _ = _findings(model, split.train[0], settings)
+    findings = _findings(model, split.train[0], settings)
 
     contexts: list[Context] = []  # the builders' context, once made: a fix draws from the repeat's seed
 
-    def repeat_of(trial_index: int, candidate: Candidate | None, seed_r: int) -> tuple[Repeat, float]:
+    def repeat_of(candidate: Candidate | None, seed_r: int) -> tuple[Repeat, float]:
         fixed = fresh(seed_r)
         changes = Changes()
         if candidate is not None:
@@ -307,7 +307,7 @@ def doctor(
         return run_repeat(fixed, split.train, split.held_out, settings, changes, seed_r, deadline), ratio
 
     control = Trial("unchanged model (control)")
-    first, control.grad_ratio = repeat_of(0, None, seed)
+    first, control.grad_ratio = repeat_of(None, seed)
     control.repeats.append(first)
     if first.error:
         raise ValueError(f"The unchanged model could not be trained on this data: {first.error}")
@@ -347,7 +347,7 @@ def doctor(
         if progress is not None:
             progress(finished[0], total, jobs[index][1].fix)
 
-    results = run_all(lambda i: repeat_of(i, jobs[i][0], jobs[i][2]), len(jobs), workers, done)
+    results = run_all(lambda i: repeat_of(jobs[i][0], jobs[i][2]), len(jobs), workers, done)
     for (_, trial, _), (rep, ratio) in zip(jobs, results, strict=True):
         trial.repeats.append(rep)
         if math.isfinite(ratio):

@@ -44,10 +44,6 @@ class Settings:
     loss: Callable | None = None
     task: str | None = None
 
-    def optimizer_name(self) -> str:
-        """``momentum``/``sgd``/``adam``/``adamw`` for a named optimizer, the class name for a callable's."""
-        return self.optimizer if isinstance(self.optimizer, str) else "callable"
-
 
 @dataclass(frozen=True)
 class Changes:
