@@ -263,6 +263,7 @@ class Recorder:
     def __init__(self, selected: list[tuple[str, nn.Module]]) -> None:
         self.selected = selected
         self._active = True  # the probe's use: attach, one pass, finalize
+        self._paused = False  # a pass of a logged step that is not recorded (evaluation; LBFGS's re-evaluations)
         self._deferred = False
         # per selected module: its primary layer's (name, parameter) pairs, looked up once
         self.parameters: dict[int, list[tuple[str, nn.Parameter]]] = {}
@@ -361,6 +362,17 @@ class Recorder:
             self.renew_collector()
         self.attach()
 
+    @property
+    def paused(self) -> bool:
+        """Whether the hooks ignore the passes now running, though the step is logged (``pause``)."""
+        return self._paused
+
+    def pause(self, paused: bool = True) -> None:
+        """Ignore the passes that run from now until ``pause(False)``: what was recorded is kept, nothing is added
+        (an evaluation pass between training steps, or an optimizer re-evaluating its closure after the update
+        began). The hooks stay on, so resuming costs nothing."""
+        self._paused = bool(paused)
+
     def disarm(self) -> None:
         """Record nothing until the next ``arm``: the hooks come off, so the model runs torch's hook-free path."""
         self._active = False
@@ -384,6 +396,7 @@ class Recorder:
     def reset(self) -> None:
         """Forget this step's accumulators (and its gradient scale): ready for the next step."""
         self._gradient_scale = 1.0
+        self._paused = False
         self._slots.clear()
         if self._collector is not None:
             self._collector.clear()
@@ -399,7 +412,7 @@ class Recorder:
     def _unit_hook(self, parent: nn.Module, kind: str):
         def hook(module, args, output):
             # a recompute (its first call gave the unit statistics), or Keras' shape inference (meta tensors)
-            if not self._active or in_backward() or is_stand_in(output):
+            if not self._active or self._paused or in_backward() or is_stand_in(output):
                 return
             y = first_tensor(output)
             if y is not None:
@@ -409,7 +422,8 @@ class Recorder:
 
     def _output_hook(self, name: str, module: nn.Module, own_kind: str | None):
         def hook(mod, args, output):
-            if not self._active or is_stand_in(output):  # Keras' shape inference (meta tensors): not a call
+            # Keras' shape inference (meta tensors) is not a call
+            if not self._active or self._paused or is_stand_in(output):
                 return
             if in_backward():
                 self._recomputed(name, output)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,9 +27,39 @@ from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
 from steadygrad.structure import describe
 
-__all__ = ["Monitor"]
+__all__ = ["PASSES_WITHOUT_A_STEP", "Monitor", "unwrap_optimizer"]
 
 Schedule = Callable[[int], bool]
+
+# A Monitor that has recorded this many forward passes into one step without seeing that step close warns once. The
+# longest gradient accumulation in common use is well below it (64 micro-batches is already rare), so reaching it
+# means no optimizer step of the model's parameters is being seen: the weights are updated by hand, or by an
+# optimizer that holds copies of them (DeepSpeed's ZeRO keeps flat float32 partitions).
+PASSES_WITHOUT_A_STEP = 256
+
+
+def unwrap_optimizer(optimizer):
+    """The ``torch.optim.Optimizer`` whose ``step`` updates the weights, inside the wrappers frameworks hand out:
+    accelerate's ``AcceleratedOptimizer`` (``.optimizer``; it never runs torch's ``Optimizer.__init__``, so it has no
+    step hooks of its own) and Lightning's ``LightningOptimizer`` (``._optimizer``). An optimizer that has torch's
+    step hooks is taken as it is, so a wrapper that is a real torch optimizer (a Lookahead) is followed itself."""
+    seen = optimizer
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if isinstance(seen, torch.optim.Optimizer) and hasattr(seen, "_optimizer_step_pre_hooks"):
+            if type(seen).__name__.startswith("Lightning") and isinstance(
+                getattr(seen, "_optimizer", None), torch.optim.Optimizer
+            ):
+                return seen._optimizer
+            return seen
+        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer, or a wrapper that holds one as .optimizer (accelerate's "
+        f"AcceleratedOptimizer) or ._optimizer (Lightning's LightningOptimizer); got {type(optimizer).__name__}. "
+        "Or leave optimizer out: the Monitor then finds the steps of any torch optimizer that updates the model."
+    )
 
 
 @dataclass
@@ -154,6 +186,13 @@ class Monitor:
     Each logged step gives a ``FlowReport`` of the same ``LayerRecord``s a ``probe`` makes, merged over
     all the forward and backward passes of that step (gradient accumulation counts optimizer steps, not
     backward calls), plus each layer's update-to-weight ratio ||W_after - W_before|| / ||W_before||.
+
+    ``optimizer.step(closure)`` (LBFGS, Lightning's automatic optimization) runs the step's last forward and
+    backward inside ``step``: they belong to that step, and its statistics are taken when the closure returns,
+    before the update. An optimizer that evaluates the closure again at moved weights (LBFGS's line search) adds
+    nothing to the records. The closure's return value is the step's loss unless ``observe_loss`` was called.
+    A forward pass of the model in eval mode under ``torch.no_grad()`` (validation between steps) is not recorded.
+    After ``PASSES_WITHOUT_A_STEP`` recorded passes with no step closed, the Monitor warns once.
     Statistics accumulate on the device and reach the host once per logged step (twice when a layer met
     NaN/Inf and its statistics are recomputed with masking); on other steps the
     hooks return at once. NaN and Inf are counted per layer, never dropped silently, never a crash.
@@ -168,8 +207,10 @@ class Monitor:
         every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
         layers: which modules to record, as for ``probe``.
         sinks: where reports go besides ``history``: ``JsonlSink``, ``TensorBoardSink`` or your own.
-        optimizer: its steps delimit the monitor's steps (via step hooks). Without one, call
-            ``monitor.step()`` after the backward pass(es) and before ``optimizer.step()``.
+        optimizer: its steps delimit the monitor's steps (torch's step hooks); accelerate's and Lightning's
+            wrappers are unwrapped to the torch optimizer inside (``unwrap_optimizer``). Without one, the Monitor
+            follows the steps of the first ``torch.optim`` optimizer that updates the model's parameters (torch's
+            global optimizer step hooks), or, once you call ``monitor.step()``, your calls instead.
         scaler: a ``torch.amp.GradScaler``: its scale is divided out, so the records show true gradients.
         global_batch: under data parallelism, merge every rank's statistics into those of the global batch
             (the default); False records this rank's share alone, as ``probe`` does.
@@ -208,7 +249,7 @@ class Monitor:
         self.skipped = skipped_modules(measured, self.layers) if layers is None else {}
         self.history = HistorySink()
         self.sinks: list[Sink] = [self.history, *sinks]
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.scaler = scaler
         self.global_batch = global_batch
         structure = describe(measured)
@@ -222,14 +263,32 @@ class Monitor:
         self._taps: _Taps = _EAGER  # how the next logged step's statistics are taken, chosen in _arm
         self._loss: torch.Tensor | None = None
         self._attached = False
+        # finding the steps: the optimizer the global hooks follow (weakly: a finished run's optimizer may go), which
+        # optimizers hold the model's parameters (by id, each with a weak reference that tells a reused id), whether
+        # the user closes steps by hand, the optimizer whose step() is running (a wrapper's step that calls an inner
+        # optimizer's is one step), and whether that step's closure has run yet (None: it was given none)
+        self._followed: weakref.ref | None = None
+        self._holds: dict[int, tuple[weakref.ref, bool]] = {}
+        self._model_parameters: set[int] | None = None
+        self._manual = False
+        self._stepping = None
+        self._closure_ran: bool | None = None
+        self._reevaluating = False
+        self._passes = 0  # forward passes recorded into the step being accumulated
+        self._warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self) -> Monitor:
         if self._attached:
             return self
         if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()))
-            self._handles.append(self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_step_begin))
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_step_end))
+        else:
+            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+            self._handles.append(register_optimizer_step_pre_hook(self._on_step_begin))
+            self._handles.append(register_optimizer_step_post_hook(self._on_step_end))
         self._attached = True
         self._arm(self.schedule(self.step_count + 1))
         return self
@@ -300,14 +359,132 @@ class Monitor:
         self._loss = None
 
     def step(self) -> FlowReport | None:
-        """Close the current step by hand (when no optimizer was given); returns its report if logged."""
-        self._before_step(snapshot=False)  # no update happens in between: the ratio is NaN
+        """Close the current step by hand; returns its report if logged. Call it after the backward pass(es) and
+        before the update: the update ratio is NaN, since no update happens in between. Without ``optimizer=``, the
+        first call makes your calls the steps: the optimizers' steps are no longer followed."""
+        if self.optimizer is None and not self._manual:
+            self._manual = True
+            if self._following() is not None:
+                self._warn_once(
+                    "manual",
+                    "monitor.step() was called while the Monitor was following the steps of "
+                    f"{type(self._following()).__name__}: from now on your calls close the steps, and the "
+                    "optimizer's do not. Call monitor.step() only when the weights are updated without a torch "
+                    "optimizer.",
+                )
+        self._before_step(snapshot=False)
         return self._after_step()
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        if not in_backward():  # a checkpointed model's recompute is no new pass
-            self._recorder.new_pass()
+        if in_backward() or self._reevaluating:  # a checkpointed model's recompute is no new pass
+            return
+        evaluating = not torch.is_grad_enabled() and not module.training  # validation between steps
+        self._recorder.pause(evaluating)
+        if evaluating:
+            return
+        self._recorder.new_pass()
+        self._passes += 1
+        if self._passes == PASSES_WITHOUT_A_STEP:
+            self._warn_once(
+                "no step",
+                f"Monitor: {self._passes} forward passes of {self.label} went into one step and no step has "
+                "closed, so no report has come out. The Monitor closes a step when a torch.optim optimizer "
+                "that updates the model's parameters steps (or the optimizer= you give it): if you update the "
+                "weights yourself, or through an optimizer that holds copies of them, call monitor.step() after "
+                "each backward pass and before the update.",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _following(self):
+        """The optimizer whose steps the global hooks follow, if it is still alive."""
+        return self._followed() if self._followed is not None else None
+
+    def _updates_model(self, optimizer) -> bool:
+        """Whether ``optimizer`` holds any of the model's parameters (computed once per optimizer)."""
+        known = self._holds.get(id(optimizer))
+        if known is not None and known[0]() is optimizer:
+            return known[1]
+        if self._model_parameters is None:
+            self._model_parameters = {id(p) for p in compile_support.unwrap(self.model).parameters()}
+        holds = any(id(p) in self._model_parameters for group in optimizer.param_groups for p in group["params"])
+        self._holds[id(optimizer)] = (weakref.ref(optimizer), holds)
+        return holds
+
+    def _follows(self, optimizer) -> bool:
+        """Whether ``optimizer``'s step is a step of this monitor. The given optimizer's always is (its own hooks);
+        otherwise the first optimizer seen updating the model is followed, until it is gone (a new run's optimizer
+        then takes its place). A second one updating the model at the same time is ignored, with a warning."""
+        if self.optimizer is not None:
+            return optimizer is self.optimizer
+        if self._manual:
+            return False
+        followed = self._following()
+        if followed is optimizer:
+            return True
+        if not self._updates_model(optimizer):
+            return False
+        if followed is None:
+            self._followed = weakref.ref(optimizer)
+            return True
+        self._warn_once(
+            "second optimizer",
+            f"Two optimizers update {self.label}'s parameters ({type(followed).__name__} and "
+            f"{type(optimizer).__name__}): the Monitor closes its steps on the first one's steps only. Give the one "
+            "you mean as Monitor(model, optimizer=...).",
+        )
+        return False
+
+    def _on_step_begin(self, optimizer, args, kwargs):
+        """torch's pre-step hook: the step's statistics, or, when ``step`` was given a closure, a closure that takes
+        them once the step's own forward and backward have run (returned to torch as the step's new arguments)."""
+        if self._stepping not in (None, optimizer) or not self._follows(optimizer):
+            return None  # a wrapper's step calling its inner optimizer's is the same step (the same one again: the
+            # last step raised before its end)
+        self._stepping = optimizer
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            self._closure_ran = None
+            self._before_step()
+            return None
+        self._closure_ran = False
+        measured = self._measuring(closure)
+        if len(args) > 1:
+            return (args[0], measured, *args[2:]), kwargs
+        return args, {**kwargs, "closure": measured}
+
+    def _measuring(self, closure):
+        def closure_of_the_step():
+            if self._closure_ran:  # evaluated again at moved weights (a line search): not this step's measurement
+                self._reevaluating = True
+                paused = self._recorder.paused
+                self._recorder.pause()
+                try:
+                    return closure()
+                finally:
+                    self._recorder.pause(paused)
+                    self._reevaluating = False
+            self._closure_ran = True
+            loss = closure()
+            if self._loss is None and isinstance(loss, torch.Tensor):
+                self.observe_loss(loss)
+            self._before_step()
+            return loss
+
+        return closure_of_the_step
+
+    def _on_step_end(self, optimizer, args, kwargs) -> None:
+        if self._stepping is not optimizer:
+            return
+        self._stepping = None
+        if self._closure_ran is False:  # given a closure it never called: what was recorded before the step counts
+            self._before_step(snapshot=False)
+        self._closure_ran = None
+        self._after_step()
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
@@ -343,7 +520,8 @@ class Monitor:
                 sink.write(report, self.layers)
         self._pending = None
         self._loss = None
-        self._recorder.reset()  # and its gradient scale
+        self._passes = 0
+        self._recorder.reset()  # and its gradient scale, and a pause
         self._arm(self.schedule(self.step_count + 1))
         return report
 
