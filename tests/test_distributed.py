@@ -200,3 +200,78 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     for key, value in a["model"].items():
         if value.is_floating_point():
             torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _fsdp_model() -> torch.nn.Module:
+    # fully_shard splits dim 0: 16 rows go 8 + 8, 5 go 3 + 2 (uneven), 1 goes 1 + 0 (one process holds nothing)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 5),
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 1),
+    )
+
+
+def _fsdp_train(model, rank=None, counted=None) -> list:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # momentum: step 2's update is not the gradient
+    with Monitor(model) as monitor:  # its steps found through torch's global optimizer hooks
+        for step in range(2):
+            g = torch.Generator().manual_seed(5 + step)
+            x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+            if rank is not None:
+                x, y = x[rank::WORLD], y[rank::WORLD]
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            if counted is not None:
+                counted.clear()
+            opt.step()
+    return [[r.to_dict() for r in report.records] for report in monitor.history.reports]
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    _init(rank, init_file)
+    from torch.distributed.fsdp import fully_shard
+
+    model = _fsdp_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    calls = []  # the parameters' sums: one all_reduce per logged step, whatever the number of layers
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        records = _fsdp_train(model, rank, counted=calls)
+    finally:
+        dist.all_reduce = real
+    torch.save({"records": records, "calls": calls}, f"{out_dir}/f{rank}.pt")
+    del model
+    teardown()
+
+
+def test_monitor_reports_whole_model_figures_under_fsdp(tmp_path):
+    """FSDP's fully_shard leaves each process a shard of every weight and gradient (DTensors): the Monitor's
+    weight, gradient and update figures must be the whole model's, equal to one process on the whole batch."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    expected = _fsdp_train(_fsdp_model())
+    fields = ("act_mean", "act_std", "grad_norm", "weight_grad_norm", "bias_grad_norm", "weight_var", "update_ratio")
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"f{rank}.pt")
+        assert len(got["records"]) == len(expected) == 2
+        for step_got, step_expected in zip(got["records"], expected, strict=True):
+            for a, b in zip(step_got, step_expected, strict=True):
+                for field in fields:
+                    if b[field] is None or b[field] != b[field]:
+                        continue  # the activations' rows have no weight
+                    assert a[field] == pytest.approx(b[field], rel=1e-5, abs=1e-8), (a["name"], field)
+        # the last step's optimizer.step(): the Monitor's one all_reduce of every layer's sums (layers x 7)
+        assert got["calls"] == [(7, 7)]

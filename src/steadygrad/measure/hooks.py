@@ -38,6 +38,7 @@ from steadygrad.kinds import parameter_role
 from steadygrad.losses import first_tensor
 from steadygrad.measure.records import LayerRecord
 from steadygrad.measure.stats import (
+    DTensor,
     activation_kind,
     activation_moments,
     fast_activation_moments,
@@ -45,6 +46,7 @@ from steadygrad.measure.stats import (
     gradient_moments,
     layer_parameters,
     merge_activations,
+    parameter_sums,
     primary_layer,
     unit_moments,
     weight_sums,
@@ -281,6 +283,9 @@ class Recorder:
             first = weights[0] if weights and weights[0].numel() > 1 else None
             self._parameter_roles[id(module)] = (weights, biases, first)
         self.watched_parameters = [p for named in self.parameters.values() for _, p in named]  # all, in order
+        # FSDP's fully_shard (torch's DTensor parameters): each process holds a part of each parameter and of its
+        # gradient; the weight statistics are then merged across processes (``parameter_sums``)
+        self.sharded = any(isinstance(p, DTensor) for p in self.watched_parameters)
         self._gradient_scale = 1.0  # a GradScaler's scale: gradients are divided by it
         self._handles: list = []  # one per hook of the plan while attached
         self._attached = False
@@ -581,6 +586,14 @@ class Recorder:
             slot.activations, slot.unit_counts = merged.activations, merged.unit_counts
             slot.unit_active, slot.gradients = merged.unit_active, merged.gradients
 
+    def parameter_sums(self, device: torch.device) -> torch.Tensor:
+        """Per selected layer, ``stats.parameter_sums`` of this process's part of its parameters: a (layers, 5)
+        float64 tensor on ``device`` whose sum over the processes (one all_reduce) is the whole model's."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return torch.stack([parameter_sums(self.parameters[id(m)], device, world) for _, m in self.selected])
+
     def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
         """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
         ``_GROUPS`` order, which tiles the layout (checked at import)."""
@@ -592,7 +605,10 @@ class Recorder:
             size = slot.unit_active.numel()
             units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])  # units, dead
         gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
-        weights = weight_sums(self.parameters[id(slot.module)], device)
+        if self.sharded:  # filled in with the merged figures by the Monitor (_EagerTaps.rows)
+            weights = torch.full((_width(SUMS_PARAMETERS),), math.nan, **f64)
+        else:
+            weights = weight_sums(self.parameters[id(slot.module)], device)
         return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
 
     def finalize(self, device: torch.device | None = None, repair: bool = True) -> tuple[list[_Slot], torch.Tensor]:

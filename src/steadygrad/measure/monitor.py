@@ -13,7 +13,7 @@ from torch import nn
 
 from steadygrad import _keras
 from steadygrad._autograd import in_backward
-from steadygrad._layout import REPAIRED, SUMS_WIDTH
+from steadygrad._layout import REPAIRED, SUMS_PARAMETERS, SUMS_WIDTH
 from steadygrad.measure import compiled as compile_support
 from steadygrad.measure.hooks import (
     Recorder,
@@ -25,6 +25,7 @@ from steadygrad.measure.hooks import (
 from steadygrad.measure.layers import LayerSelector, select_layers, skipped_modules
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import HistorySink, Sink
+from steadygrad.measure.stats import local_part, weight_sums_from
 from steadygrad.structure import describe
 
 __all__ = ["PASSES_WITHOUT_A_STEP", "Monitor", "unwrap_optimizer"]
@@ -69,13 +70,15 @@ class _PendingStep:
 
     ``taps`` made ``table`` and turn it into rows: the compiled ones copied the first weights into their own
     buffers when ``snapshot``; for the eager ones ``weights_before`` holds a copy of each watched layer's first
-    weight (None where it has none, or without ``snapshot``)."""
+    weight (None where it has none, or without ``snapshot``; of a sharded weight, this process's part), and, for a
+    sharded model, ``parameters`` this process's part of each layer's parameter sums (``Recorder.parameter_sums``)."""
 
     slots: list
     table: torch.Tensor
     taps: _Taps
     snapshot: bool
     weights_before: list[torch.Tensor | None] = field(default_factory=list)
+    parameters: torch.Tensor | None = None
 
 
 def _per_slot(recorder: Recorder, slots: list, values: list) -> list:
@@ -112,21 +115,33 @@ class _EagerTaps(_Taps):
         if self.global_batch and is_distributed():  # statistics of the global batch, not of this rank's share
             recorder.all_reduce()
         slots, table = recorder.finalize(repair=False)  # checked on the host copy, see rows
-        before = [w.detach().clone() if w is not None and snapshot else None for w in recorder.first_weights()]
-        return _PendingStep(slots, table, self, snapshot=snapshot, weights_before=before)
+        weights = recorder.first_weights()
+        before = [local_part(w.detach()).clone() if w is not None and snapshot else None for w in weights]
+        parts = recorder.parameter_sums(table.device) if recorder.sharded else None  # merged in rows
+        return _PendingStep(slots, table, self, snapshot=snapshot, weights_before=before, parameters=parts)
 
     def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
         slots, table = pending.slots, pending.table
         device = table.device
-        ratios = []
+        norms = []  # per layer: ||W_after - W_before||^2, ||W_before||^2 (of this process's part when sharded)
         for old, new in zip(pending.weights_before, recorder.first_weights(), strict=True):
             if old is None or new is None:
-                ratios.append(torch.tensor(float("nan"), dtype=torch.float64, device=device))
+                norms.append(torch.full((2,), math.nan, dtype=torch.float64, device=device))
             else:
-                change = torch.linalg.vector_norm(new.detach() - old, dtype=torch.float64) / torch.linalg.vector_norm(
-                    old, dtype=torch.float64
-                )
-                ratios.append(change.to(device))
+                change = torch.linalg.vector_norm(local_part(new.detach()) - old, dtype=torch.float64)
+                norms.append(torch.stack([change, torch.linalg.vector_norm(old, dtype=torch.float64)]).to(device))
+        norms = torch.stack(norms).square()
+        if pending.parameters is not None:  # sharded: one all_reduce merges every layer's parameter and update sums
+            import torch.distributed as dist
+
+            merged = torch.cat([pending.parameters, norms], dim=1)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(merged)  # (a part held by several processes was divided by their number)
+            table = table.clone()
+            rows_of = [recorder.layer_index(slot.module) for slot in slots]
+            table[:, SUMS_PARAMETERS] = weight_sums_from(merged[rows_of, :-2])
+            norms = merged[:, -2:]
+        ratios = list((norms[:, 0].sqrt() / norms[:, 1].sqrt()).unbind())
         column = torch.stack(_per_slot(recorder, slots, ratios))  # a pending step has slots (Monitor._before_step)
         loss = loss.double().reshape(1).to(device) if loss is not None else table.new_full((1,), math.nan)
         # the one host copy of a healthy step: each slot's sums, then its update ratio and the loss (_RATIO, _LOSS)
@@ -319,7 +334,7 @@ class Monitor:
             # deferred: the compiled taps sum each tensor as it arrives (float32 CPU models; the eager statistics
             # stay exact in float64 and run on the device elsewhere), chosen anew for each logged step
             merge = self.global_batch and is_distributed()
-            compiled = fast.enabled() and not merge and self._float32_cpu()
+            compiled = fast.enabled() and not merge and not self._recorder.sharded and self._float32_cpu()
             self._taps = _COMPILED if compiled else (_EAGER if merge or not is_distributed() else _LOCAL_EAGER)
             self._recorder.arm(deferred=self._taps.deferred)
             if self._pass_hook is None:

@@ -20,15 +20,23 @@ from torch import nn
 
 from steadygrad import _keras, kinds
 
+try:  # torch's sharded tensor: FSDP's fully_shard makes every parameter and its gradient one
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build without torch.distributed
+    DTensor = ()
+
 __all__ = [
     "activation_kind",
     "activation_moments",
     "gradient_moments",
     "layer_parameters",
+    "local_part",
     "merge_activations",
+    "parameter_sums",
     "primary_layer",
     "unit_moments",
     "weight_sums",
+    "weight_sums_from",
 ]
 
 TANH_SATURATION = 0.99  # |tanh(x)| > 0.99: the derivative 1 - y^2 is below 0.02
@@ -157,29 +165,60 @@ def gradient_moments(grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(finite, grad, 0.0).square().sum(), (~finite).sum().double()])
 
 
-def weight_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] of a layer's own
-    (name, parameter) pairs, on ``device``: NaN for gradients it lacks, n = 0 where it has no weight of more
-    than one value. Every parameter whose ``kinds.parameter_role`` is weight (or bias) counts: an LSTM's gates,
-    Keras' kernel. M2 is one-pass, sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing
-    cancels)."""
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a DTensor's local shard, read without communication); any other
+    tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _copies(p: torch.Tensor, world: int) -> int:
+    """How many of the ``world`` processes hold the same part of ``p``: a DTensor's mesh sizes along the dimensions it
+    is not sharded on (1 under FSDP; HSDP's replicas); a plain tensor is whole on every process."""
+    if not isinstance(p, DTensor):
+        return world
+    return math.prod(p.device_mesh.size(i) for i, how in enumerate(p.placements) if not how.is_shard())
+
+
+def parameter_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device, world: int = 1) -> torch.Tensor:
+    """[weight-gradient sum of squares, bias-gradient sum of squares, first weight's n, its sum of squares, its sum]
+    over this process's part of a layer's own (name, parameter) pairs, on ``device``: NaN for gradients it lacks,
+    n = 0 where it has no weight of more than one value. With ``world`` > 1 (sharded parameters) each part is divided
+    by the number of processes holding it, so that these sums add up, over the processes, to the whole layer's."""
     nan = torch.tensor(_NAN, dtype=torch.float64, device=device)
     weights = [p for name, p in parameters if kinds.parameter_role(name) == "weight"]
     biases = [p for name, p in parameters if kinds.parameter_role(name) == "bias"]
 
+    def share(p) -> float:
+        return 1.0 if world == 1 else 1.0 / _copies(p, world)
+
     def grad_squares(params):
-        norms = [
-            torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).to(device)
+        squares = [
+            torch.linalg.vector_norm(local_part(p.grad.detach()), dtype=torch.float64).to(device).square() * share(p)
             for p in params
             if p.grad is not None
         ]
-        return torch.stack(norms).square().sum() if norms else nan
+        return torch.stack(squares).sum() if squares else nan
 
-    count, m2 = nan.new_zeros(()), nan.new_zeros(())
-    if weights and weights[0].numel() > 1:
-        w = weights[0].detach()
-        n = w.numel()
-        total = w.sum(dtype=torch.float64)
-        squares = torch.linalg.vector_norm(w, dtype=torch.float64).square()
-        count, m2 = count + n, (squares - total * total / n).clamp(min=0.0).to(device)
-    return torch.stack([grad_squares(weights), grad_squares(biases), count, m2])
+    count = squares = total = nan.new_zeros(())
+    if weights and weights[0].numel() > 1:  # the whole weight's size: the same choice on every process
+        w, part = local_part(weights[0].detach()), share(weights[0])
+        count = count + w.numel() * part
+        total = w.sum(dtype=torch.float64).to(device) * part
+        squares = torch.linalg.vector_norm(w, dtype=torch.float64).to(device).square() * part
+    return torch.stack([grad_squares(weights), grad_squares(biases), count, squares, total])
+
+
+def weight_sums_from(sums: torch.Tensor) -> torch.Tensor:
+    """``weight_sums``' columns from ``parameter_sums``' (the last dimension; summed over processes or not). M2 is
+    one-pass, sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing cancels)."""
+    weight_grad, bias_grad, count, squares, total = sums.unbind(-1)
+    m2 = (squares - total * total / count.clamp(min=1)).clamp(min=0.0)
+    return torch.stack([weight_grad, bias_grad, count, m2], dim=-1)
+
+
+def weight_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] of a layer's own
+    (name, parameter) pairs, on ``device``: NaN for gradients it lacks, n = 0 where it has no weight of more
+    than one value. Every parameter whose ``kinds.parameter_role`` is weight (or bias) counts: an LSTM's gates,
+    Keras' kernel. Of sharded parameters, this process's part only (``Recorder.parameter_sums`` merges them)."""
+    return weight_sums_from(parameter_sums(parameters, device))
