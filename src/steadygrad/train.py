@@ -315,12 +315,9 @@ class Trainer:
         """Where non-finite values first appear on this batch: a layer's output (forward order), a layer's
         gradient (backward order), or else the loss itself."""
         report = probe(self.model, x, y, task=self.data.task, theory_prediction=False)
-        for record in report.records:  # the forward pass runs first to last
-            if record.nonfinite_act:
-                return f"the output of {record.label}"
-        for record in reversed(report.records):  # the backward pass runs last to first
-            if record.nonfinite_grad:
-                return f"the gradient of {record.label}"
+        where = report.first_nonfinite()
+        if where is not None:
+            return where
         largest = max(
             (max(abs(r.act_min), abs(r.act_max)) for r in report.records if math.isfinite(r.act_max)), default=math.nan
         )

@@ -13,6 +13,7 @@ from steadygrad import distributed
 from steadygrad.cli._errors import UsageError, handle_errors
 from steadygrad.cli._options import network_options
 from steadygrad.cli._output import console
+from steadygrad.diagnose import findings_text
 from steadygrad.nets import build, expand_specs
 from steadygrad.train import TrainConfig, Trainer
 
@@ -121,12 +122,8 @@ def train_command(
         console.print(table)
     if result.findings:
         console.print("[bold]Findings[/]")
-        for finding in result.findings:
-            console.print(f"- {escape(str(finding))}")
-            if finding.fixes:
-                console.print(f"  try: {escape(', '.join(str(f) for f in finding.fixes))}")
-    else:
-        console.print("No findings: gradients and activations looked healthy at every logged step.")
+    for line in findings_text(result.findings):
+        console.print(escape(line))
     console.print(
         f"Wrote {logdir}/summary.json, history.jsonl, monitor.jsonl, checkpoint.pt"
         f"{' and tensorboard/' if tensorboard else ''}."

@@ -34,6 +34,7 @@ from steadygrad.diagnose._core import (
     LAYER_GAIN_HIGH,
     LAYER_GAIN_LOW,
     LOSS_AT_INIT,
+    NO_FINDINGS,
     NONCENTERED_NOISE,
     NONCENTERED_RATIO,
     SATURATION_FRACTION,
@@ -47,6 +48,7 @@ from steadygrad.diagnose._core import (
     VANISHING_RATIO,
     Finding,
     Fix,
+    findings_text,
 )
 from steadygrad.diagnose._flow import exploding, layer_gain, signal, vanishing, zero_gradients
 from steadygrad.diagnose._model import (
@@ -74,6 +76,7 @@ __all__ = [
     "LOSS_AT_INIT",
     "NONCENTERED_NOISE",
     "NONCENTERED_RATIO",
+    "NO_FINDINGS",
     "REUSED_CALLS",
     "SATURATION_FRACTION",
     "SEVERITIES",
@@ -89,6 +92,7 @@ __all__ = [
     "Series",
     "architecture_findings",
     "diagnose",
+    "findings_text",
     "layer_gain",
     "recurrent_findings",
     "series",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from steadygrad.measure.records import FlowReport, LayerRecord
@@ -106,6 +106,22 @@ class Finding:
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message}"
+
+
+NO_FINDINGS = "No findings: gradients and activations looked healthy at every logged step."
+
+
+def findings_text(findings: Sequence[Finding]) -> list[str]:
+    """The findings as the CLI prints them, one line each with its fixes on the next: ``- [warning] ...`` and
+    ``  try: reinit(scheme=he), ...``; or the one line that says there is none."""
+    if not findings:
+        return [NO_FINDINGS]
+    lines = []
+    for finding in findings:
+        lines.append(f"- {finding}")
+        if finding.fixes:
+            lines.append("  try: " + ", ".join(str(fix) for fix in finding.fixes))
+    return lines
 
 
 def finite(values: Iterable[float]) -> list[float]:

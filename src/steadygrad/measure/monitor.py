@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -288,7 +289,7 @@ class Monitor:
         self._manual = False
         self._stepping = None
         self._closure_ran: bool | None = None
-        self._reevaluating = False
+        self._holding = False
         self._passes = 0  # forward passes recorded into the step being accumulated
         self._warned: set[str] = set()
 
@@ -367,6 +368,19 @@ class Monitor:
         if self._recorder.active:
             self._loss = loss.detach()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Passes run inside this block are not recorded (an extra forward and backward that is no part of
+        training: the step being accumulated keeps what it has)."""
+        held, paused = self._holding, self._recorder.paused
+        self._holding = True
+        self._recorder.pause()
+        try:
+            yield self
+        finally:
+            self._holding = held
+            self._recorder.pause(paused)
+
     def restart_step(self) -> None:
         """Forget what the step being accumulated recorded so far (a forward pass that failed half way and is run
         again), keeping the step's schedule."""
@@ -392,7 +406,7 @@ class Monitor:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        if in_backward() or self._reevaluating:  # a checkpointed model's recompute is no new pass
+        if in_backward() or self._holding:  # a checkpointed model's recompute is no new pass
             return
         evaluating = not torch.is_grad_enabled() and not module.training  # validation between steps
         self._recorder.pause(evaluating)
@@ -475,14 +489,8 @@ class Monitor:
     def _measuring(self, closure):
         def closure_of_the_step():
             if self._closure_ran:  # evaluated again at moved weights (a line search): not this step's measurement
-                self._reevaluating = True
-                paused = self._recorder.paused
-                self._recorder.pause()
-                try:
+                with self.paused():
                     return closure()
-                finally:
-                    self._recorder.pause(paused)
-                    self._reevaluating = False
             self._closure_ran = True
             loss = closure()
             if self._loss is None and isinstance(loss, torch.Tensor):

@@ -132,6 +132,17 @@ class FlowReport:
             head = f"Gradient {'shrinks' if ratio < 1 else 'grows'} about {factor:.2f}x per {unit} over {n} {unit}s; "
         return head + where.format(ratio=ratio, size=size) + "."
 
+    def first_nonfinite(self) -> str | None:
+        """Where non-finite values first appear, in words: a layer's output (the forward pass runs first to last),
+        else a layer's gradient (the backward pass runs last to first); None when every value was finite."""
+        for record in self.records:
+            if record.nonfinite_act:
+                return f"the output of {record.label}"
+        for record in reversed(self.records):
+            if record.nonfinite_grad:
+                return f"the gradient of {record.label}"
+        return None
+
     def summary(self) -> str:
         """What happened, in plain words."""
         layers = self._with_gradient()
@@ -155,11 +166,9 @@ class FlowReport:
                     f"{len(bad)} layer(s) have most units {what} (worst: {worst.label}, "
                     f"{100 * getattr(worst, attr):.0f}%)."
                 )
-        broken = [r for r in self.records if r.nonfinite_act or r.nonfinite_grad]
-        if broken:
-            first = broken[0]
-            where = "output" if first.nonfinite_act else "gradient"
-            lines.append(f"Non-finite values first appear in the {where} of {first.label}.")
+        where = self.first_nonfinite()
+        if where is not None:
+            lines.append(f"Non-finite values first appear in {where}.")
         if math.isfinite(self.input_grad_norm):
             lines.append(f"Gradient norm with respect to the input: {self.input_grad_norm:.3g}.")
         predicted = [r for r in layers if math.isfinite(r.predicted_grad_norm)]

@@ -14,7 +14,7 @@ from steadygrad.kinds import parameter_role
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.stats import layer_parameters, primary_layer
 
-__all__ = ["HistorySink", "JsonlSink", "Sink", "TensorBoardSink"]
+__all__ = ["SCALARS", "HistorySink", "JsonlSink", "Sink", "TensorBoardSink", "write_histograms"]
 
 
 class Sink(Protocol):
@@ -85,6 +85,24 @@ SCALARS = (
 )
 
 
+def write_histograms(writer, layers: list[tuple[str, nn.Module]], step: int, prefix: str = "") -> None:
+    """Histograms of each layer's weight and weight gradient (``{prefix}{layer}/weight``, ``.../weight_grad``) through
+    a TensorBoard ``SummaryWriter``'s ``add_histogram``; NaN and Inf left out (TensorBoard cannot draw them)."""
+    for name, module in layers:
+        layer = primary_layer(module)
+        named = layer_parameters(layer) if layer is not None else []
+        weight = next((p for n, p in named if parameter_role(n) == "weight"), None)  # Keras' kernel too
+        if not isinstance(weight, torch.Tensor):
+            continue
+        for tag, values in ((f"{prefix}{name}/weight", weight), (f"{prefix}{name}/weight_grad", weight.grad)):
+            if values is None:
+                continue
+            values = values.detach().flatten()
+            finite = values[torch.isfinite(values)]
+            if finite.numel():
+                writer.add_histogram(tag, finite.cpu(), step)
+
+
 class TensorBoardSink:
     """Scalars per layer (``layer/grad_norm``, ``layer/act_std``, ...) and histograms of each layer's
     weight and weight gradient, through ``torch.utils.tensorboard`` (``pip install steadygrad[tensorboard]``).
@@ -112,19 +130,7 @@ class TensorBoardSink:
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(f"{record.label}/{name}", value, step)
         if self.histograms:
-            for name, module in layers:
-                layer = primary_layer(module)
-                named = layer_parameters(layer) if layer is not None else []
-                weight = next((p for n, p in named if parameter_role(n) == "weight"), None)  # Keras' kernel too
-                if not isinstance(weight, torch.Tensor):
-                    continue
-                for tag, values in ((f"{name}/weight", weight), (f"{name}/weight_grad", weight.grad)):
-                    if values is None:
-                        continue
-                    values = values.detach().flatten()
-                    finite = values[torch.isfinite(values)]
-                    if finite.numel():
-                        self.writer.add_histogram(tag, finite.cpu(), step)
+            write_histograms(self.writer, layers, step)
         self.writer.flush()
 
     def close(self) -> None:
