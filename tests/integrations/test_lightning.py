@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("lightning")
-import lightning as L  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from steadygrad.integrations.lightning import SteadygradCallback  # noqa: E402
-from tests.integrations.lightning_models import Classifier, dataset, loader, quiet_trainer  # noqa: E402
+from steadygrad.integrations.lightning import SteadygradCallback
+from tests.integrations.lightning_models import Classifier, dataset, loader, quiet_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

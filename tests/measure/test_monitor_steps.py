@@ -221,7 +221,7 @@ def test_no_warning_when_steps_close():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with Monitor(model, every=1000) as monitor:  # one logged step, then hooks off
+        with Monitor(model, every=1000):  # one logged step, then hooks off
             for _ in range(monitor_module.PASSES_WITHOUT_A_STEP + 5):
                 opt.zero_grad()
                 model(X[:2]).sum().backward()

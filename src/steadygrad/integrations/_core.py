@@ -74,7 +74,7 @@ class Watch:
     framework's hooks into ``start``, ``observe_loss``, ``check_step``, ``finish`` and ``stop``.
 
     Args:
-        every: log every k-th optimizer step (steps 1, 1 + k, ...).
+        every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
         layers: which layers to record, as for ``probe``.
         prefix: the scalars' names start with it.
         nonfinite: None, or ``"stop"``: a step whose loss or gradient is NaN/Inf is not applied (its gradients are
@@ -95,7 +95,7 @@ class Watch:
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}.")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not callable(every) and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive integer (log every k-th optimizer step); got {every!r}.")
         self.every = every
         self.layers = layers
@@ -141,7 +141,7 @@ class Watch:
         loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
         if loss_finite and _gradients_finite(parameters):
             return True
-        where = self._locate(run_pass, parameters)
+        where = self.locate(run_pass)
         what = "loss" if not loss_finite else "gradient norm"
         self.stopped = (
             f"Training stopped at step {step}: the {what} is not finite; non-finite values first appear in {where}."
@@ -150,7 +150,10 @@ class Watch:
             p.grad = None
         return False
 
-    def _locate(self, run_pass, parameters) -> str:
+    def locate(self, run_pass) -> str:
+        """Where non-finite values first appear when ``run_pass`` (a forward returning the loss; its backward is run
+        here) runs under a one-step Monitor of its own, the run's Monitor paused and the gradients kept."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
         if run_pass is None:
             return "a layer this callback could not run again"
         saved = [p.grad for p in parameters]

@@ -368,6 +368,11 @@ class Monitor:
         if self._recorder.active:
             self._loss = loss.detach()
 
+    def watched_weights(self) -> list[tuple[str, torch.Tensor | None]]:
+        """Each watched layer's name and the weight whose variance and update ratio its records report (None where
+        it has none)."""
+        return [(name, w) for (name, _), w in zip(self.layers, self._recorder.first_weights(), strict=True)]
+
     @contextlib.contextmanager
     def paused(self):
         """Passes run inside this block are not recorded (an extra forward and backward that is no part of
