@@ -19,9 +19,6 @@ from steadygrad.measure.sinks import SCALARS, mlflow_key
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-# MLflow 3's SQLite store uses a loader strategy that SQLAlchemy 2.1 deprecates: theirs to change, not ours
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

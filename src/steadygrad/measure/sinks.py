@@ -196,7 +196,7 @@ class MLflowSink:
     takes; None means ``$MLFLOW_TRACKING_URI`` when set, else a SQLite store ``mlflow.db`` in the current
     directory, with the artifacts in MLflow's default ``./mlruns`` (``mlflow ui`` run there shows both; MLflow
     3 refuses the old ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``). ``artifact_location``
-    is where a new experiment keeps its artifacts.
+    is where a new experiment keeps its artifacts; ``tags`` are set on the run.
 
     Layer labels become keys through ``mlflow_key`` (MLflow refuses ``(``, ``[``, ``*``...); two labels that
     would share a key get ``_2``, ``_3``... in the order they are first seen. NaN and Inf are never sent: such a
@@ -212,9 +212,10 @@ class MLflowSink:
         run_id: str | None = None,
         *,
         artifact_location: str | Path | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         mlflow = _import_mlflow()
-        self._metric, self._param = mlflow.entities.Metric, mlflow.entities.Param
+        self._metric, self._param, self._tag = mlflow.entities.Metric, mlflow.entities.Param, mlflow.entities.RunTag
         if tracking_uri is None:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri("mlflow.db")
         self.tracking_uri = str(tracking_uri)
@@ -223,9 +224,12 @@ class MLflowSink:
         try:
             self.client = mlflow.MlflowClient(self.tracking_uri)
             if run_id is None:
-                run = self.client.create_run(self._experiment_id(experiment, artifact_location), run_name=run_name)
+                experiment_id = self._experiment_id(experiment, artifact_location)
+                run = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {})
             else:
                 run = self.client.get_run(run_id)
+                if tags:
+                    self.client.log_batch(run_id, tags=[self._tag(k, str(v)) for k, v in tags.items()])
         except (mlflow.exceptions.MlflowException, OSError) as error:
             what = f"the run {run_id!r}" if run_id is not None else f"a run in experiment {experiment!r}"
             raise ValueError(f"MLflow could not start {what} at {self.tracking_uri}: {_first_line(error)}") from error
