@@ -227,9 +227,11 @@ def test_bad_config(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_mlflow_run_of_a_diverged_training_is_failed_with_its_findings(digits, tmp_path):
+def test_mlflow_run_of_a_diverged_training_is_failed_with_its_findings(digits, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the findings.json go to MLflow's default artifact root, ./mlruns
 
     uri = f"sqlite:///{tmp_path.as_posix()}/shared.db"  # no logdir: the run goes to the URI given
     config = quiet(epochs=1, lr=1e6, optimizer="sgd", mlflow=True, mlflow_uri=uri)
@@ -240,6 +242,7 @@ def test_mlflow_run_of_a_diverged_training_is_failed_with_its_findings(digits, t
     assert run.info.status == "FAILED" and run.data.tags["steadygrad.findings"] == str(len(result.findings))
     assert run.data.tags["steadygrad.resumed"] == "false" and run.data.params["on_nonfinite"] == "stop"
     assert all(math.isfinite(v) for v in run.data.metrics.values())
+    assert list(tmp_path.glob("mlruns/*/*/artifacts/findings.json"))
 
 
 def test_mlflow_run_of_a_crashed_training_is_failed(digits, tmp_path):

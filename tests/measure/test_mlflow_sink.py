@@ -27,6 +27,12 @@ def store(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow').as_posix()}/mlflow.db"
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """A run's artifacts go where MLflow puts them by default, ./mlruns: here, not in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def train(sink: MLflowSink, steps: int = 3) -> Monitor:
     """A small nn.Sequential (its labels, ``1 (Tanh)``, need sanitizing) trained for ``steps`` logged steps."""
     torch.manual_seed(0)
@@ -148,7 +154,6 @@ def test_close_ends_the_run_with_the_status_given(store):
 
 
 def test_the_default_store_is_sqlite_in_the_current_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sink = MLflowSink()
     assert sink.tracking_uri == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
