@@ -1,5 +1,6 @@
 """MLflowSink: what a Monitor writes is what MLflow's own client reads back."""
 
+import getpass
 import json
 import math
 import os
@@ -74,6 +75,7 @@ def test_logged_metrics_are_the_monitors_records(store):
     assert checked > 3 * 3 * 5  # grad_norm, act_std, nonfinite counts... of 3 layers at 3 steps
     assert "1 _Tanh_/act_std" in run.data.metrics  # the parentheses sanitized
     assert mlflow.active_run() is None  # the sink never touched the fluent API's global run
+    assert run.info.user_id == getpass.getuser()  # as mlflow.start_run records it
 
 
 def test_nan_and_inf_are_not_sent_but_counted(store):
@@ -118,8 +120,8 @@ def test_log_findings_writes_findings_json_and_a_count_tag(store, tmp_path):
         ),
         Finding("dead_units", "info", ["block02"], {}, "Dead units."),
     ]
-    sink.log_findings(findings)
     sink.close()
+    sink.log_findings(findings)  # after the Monitor has ended the run, as with a Monitor: MLflow takes it
     client = MlflowClient(store)
     run = client.get_run(sink.run_id)
     assert run.data.tags["steadygrad.findings"] == "2" and run.info.status == "FINISHED"

@@ -172,6 +172,16 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:300] if lines else type(error).__name__
 
 
+def _user_tag() -> dict[str, str]:
+    """Who started the run, as MLflow's own ``mlflow.start_run`` records it (an ``MlflowClient`` run is 'unknown')."""
+    import getpass
+
+    try:
+        return {"mlflow.user": getpass.getuser()}
+    except (OSError, KeyError, ImportError):  # no login name in this environment
+        return {}
+
+
 def _finite_json(value):
     """``value`` with every NaN or infinity as None, so that ``json.dumps`` writes valid JSON."""
     if isinstance(value, float):
@@ -225,7 +235,7 @@ class MLflowSink:
             self.client = mlflow.MlflowClient(self.tracking_uri)
             if run_id is None:
                 experiment_id = self._experiment_id(experiment, artifact_location)
-                run = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+                run = self.client.create_run(experiment_id, run_name=run_name, tags={**_user_tag(), **(tags or {})})
             else:
                 run = self.client.get_run(run_id)
                 if tags:
@@ -314,7 +324,8 @@ class MLflowSink:
 
     def log_findings(self, findings) -> None:
         """Record ``findings`` (objects with ``to_dict()``, such as ``steadygrad.diagnose.Finding``) as the run's
-        artifact ``findings.json`` (a JSON list, NaN as null) and their count as the tag ``steadygrad.findings``."""
+        artifact ``findings.json`` (a JSON list, NaN as null) and their count as the tag ``steadygrad.findings``.
+        Also after ``close()`` (MLflow takes artifacts and tags in an ended run), so after leaving a Monitor."""
         payload = json.dumps([_finite_json(f.to_dict()) for f in findings], indent=2, default=str)
         self._send("findings.json", self.client.log_text, self.run_id, payload, "findings.json")
         self._send("the findings tag", self.client.set_tag, self.run_id, "steadygrad.findings", str(len(findings)))
