@@ -163,6 +163,11 @@ def test_the_default_store_is_sqlite_in_the_current_directory(tmp_path, monkeypa
     sink.log_findings([])
     sink.close()
     assert list(tmp_path.glob("mlruns/*/*/artifacts/findings.json"))  # MLflow's default artifact root, ./mlruns
+    elsewhere = f"sqlite:///{tmp_path.resolve().as_posix()}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)  # the URI given to MLflow itself comes first
+    sink = MLflowSink()
+    sink.close()
+    assert sink.tracking_uri == elsewhere and MlflowClient(elsewhere).get_run(sink.run_id).info.status == "FINISHED"
 
 
 def test_metric_keys_are_sanitized_deterministically():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -162,6 +161,7 @@ def _import_mlflow():
         import mlflow
         import mlflow.entities
         import mlflow.exceptions
+        import mlflow.tracking
     except ImportError:
         raise ImportError("MLflow logging needs the mlflow package: pip install 'steadygrad[mlflow]'.") from None
     return mlflow
@@ -203,9 +203,10 @@ class MLflowSink:
     leaves it open.
 
     ``tracking_uri``: a server (``http://host:5000``), a database (``sqlite:///mlflow.db``) or any URI MLflow
-    takes; None means ``$MLFLOW_TRACKING_URI`` when set, else a SQLite store ``mlflow.db`` in the current
-    directory, with the artifacts in MLflow's default ``./mlruns`` (``mlflow ui`` run there shows both; MLflow
-    3 refuses the old ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``). ``artifact_location``
+    takes; None means the URI you gave MLflow (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``), else a
+    SQLite store ``mlflow.db`` in the current directory, with the artifacts in MLflow's default ``./mlruns``
+    (``mlflow ui`` run there shows both; MLflow 3 refuses the old ``./mlruns`` file store unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``). ``artifact_location``
     is where a new experiment keeps its artifacts; ``tags`` are set on the run.
 
     Layer labels become keys through ``mlflow_key`` (MLflow refuses ``(``, ``[``, ``*``...); two labels that
@@ -227,7 +228,8 @@ class MLflowSink:
         mlflow = _import_mlflow()
         self._metric, self._param, self._tag = mlflow.entities.Metric, mlflow.entities.Param, mlflow.entities.RunTag
         if tracking_uri is None:
-            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri("mlflow.db")
+            set_by_user = mlflow.tracking.is_tracking_uri_set()  # mlflow.set_tracking_uri or $MLFLOW_TRACKING_URI
+            tracking_uri = mlflow.get_tracking_uri() if set_by_user else sqlite_uri("mlflow.db")
         self.tracking_uri = str(tracking_uri)
         if isinstance(artifact_location, Path):
             artifact_location = artifact_location.resolve().as_uri()
