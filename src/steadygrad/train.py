@@ -451,11 +451,7 @@ class Trainer:
     def _sinks(self, state: RunState) -> list:
         """The Monitor's sinks, on rank 0 only: monitor.jsonl and TensorBoard under the logdir, and MLflow."""
         c, sinks = self.config, []
-        if self.logdir is not None and self.writes:
-            sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
-            if c.tensorboard:
-                sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
-        if c.mlflow and self.writes:
+        if c.mlflow and self.writes:  # first: a store MLflow cannot open leaves no file of the others open
             tags = {"steadygrad.resumed": str(state.resumed).lower()}
             if self.logdir is not None:
                 tags["steadygrad.logdir"] = str(self.logdir.resolve())
@@ -468,6 +464,10 @@ class Trainer:
             model = structure.label if structure is not None else type(self.model).__name__
             self.mlflow.log_params({**c.to_dict(), "data": self.data.name, "model": model})
             sinks.append(_LeftOpen(self.mlflow))
+        if self.logdir is not None and self.writes:
+            sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
+            if c.tensorboard:
+                sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
         return sinks
 
     def _end_mlflow(self, status: str, findings: list[Finding] | None = None) -> None:
