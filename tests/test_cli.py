@@ -310,6 +310,37 @@ def test_train_writes_its_log_directory(tmp_path):
     assert any((logdir / "tensorboard").iterdir())
 
 
+def test_train_mlflow_logs_a_run_into_the_logdir(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    logdir = tmp_path / "run"
+    args = ["train", "--depth", "3", "--width", "8", "--epochs", "1", "--monitor-every", "5", "--no-progress"]
+    result = runner.invoke(app, [*args, "--logdir", str(logdir), "--mlflow"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((logdir / "summary.json").read_text())
+    uri, run_id = summary["mlflow"]["tracking_uri"], summary["mlflow"]["run_id"]
+    assert uri == f"sqlite:///{logdir.resolve().as_posix()}/mlflow.db" and summary["config"]["mlflow"] is True
+    assert f"mlflow ui --backend-store-uri {uri}" in result.output
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.001" and run.data.params["data"] == "digits"
+    assert run.data.tags["steadygrad.findings"] == str(len(summary["findings"]))
+    assert (logdir / "mlartifacts" / run_id / "artifacts" / "findings.json").is_file()
+    rows = [json.loads(line) for line in (logdir / "monitor.jsonl").read_text().splitlines()]
+    grad = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "block01/grad_norm"))
+    assert grad == [(row["step"], row["grad_norm"]) for row in rows if row["name"] == "block01"]
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == sorted({(row["step"], row["loss"]) for row in rows}) and len(loss) == 5  # steps 1, 6, ..., 21
+
+
+def test_train_mlflow_without_mlflow_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+    result = runner.invoke(app, ["train", "--mlflow-uri", "sqlite:///x.db", "--logdir", str(tmp_path)])
+    assert result.exit_code == 2 and "pip install 'steadygrad[mlflow]'" in result.output
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_train_prints_findings_for_a_deep_sigmoid_net(tmp_path):
     result = runner.invoke(
         app,

@@ -1,5 +1,6 @@
 """Data parallelism with 2 CPU processes (gloo): synchronized BatchNorm, global monitor figures, torchrun training."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -154,6 +155,7 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
         [sys.executable, *TRAIN, "--logdir", str(single)], check=True, capture_output=True, env=env, timeout=300
     )
     double = tmp_path / "double"
+    mlflow = importlib.util.find_spec("mlflow") is not None  # then the one MLflow run is rank 0's too
     done = subprocess.run(
         [
             sys.executable,
@@ -165,6 +167,7 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
             *TRAIN,
             "--logdir",
             str(double),
+            *(["--mlflow"] if mlflow else []),
         ],
         capture_output=True,
         text=True,
@@ -181,6 +184,12 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
     assert summary["status"] == "completed"
     assert done.stdout.count("Held-out metrics per epoch") == 2  # each rank prints; only rank 0 writes files
     assert len((double / "history.jsonl").read_text().splitlines()) == 1
+    if mlflow:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(summary["mlflow"]["tracking_uri"])
+        runs = client.search_runs([client.get_experiment_by_name("steadygrad").experiment_id])
+        assert [run.info.run_id for run in runs] == [summary["mlflow"]["run_id"]]  # one run: rank 0's
 
 
 def test_torchrun_resume_ends_where_an_uninterrupted_run_does(tmp_path):

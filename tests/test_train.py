@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -216,11 +217,49 @@ def test_clip_spec_parsing():
         ({"lr": -1.0}, "lr must be a finite number > 0"),
         ({"on_nonfinite": "ignore"}, "Unknown on_nonfinite"),
         ({"tensorboard": True}, "needs a logdir"),
+        ({"mlflow": True}, "needs a logdir"),
+        ({"mlflow_uri": "sqlite:///m.db"}, "mlflow_uri is set but mlflow=False"),
+        ({"mlflow": True, "mlflow_uri": ""}, "must be an MLflow tracking URI"),
     ],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_mlflow_run_of_a_diverged_training_is_failed_with_its_findings(digits, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the findings.json go to MLflow's default artifact root, ./mlruns
+
+    uri = f"sqlite:///{tmp_path.as_posix()}/shared.db"  # no logdir: the run goes to the URI given
+    config = quiet(epochs=1, lr=1e6, optimizer="sgd", mlflow=True, mlflow_uri=uri)
+    trainer = Trainer(net(), digits, config)
+    result = trainer.fit()
+    assert result.status == "stopped_nonfinite"
+    run = MlflowClient(uri).get_run(trainer.mlflow.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["steadygrad.findings"] == str(len(result.findings))
+    assert run.data.tags["steadygrad.resumed"] == "false" and run.data.params["on_nonfinite"] == "stop"
+    assert all(math.isfinite(v) for v in run.data.metrics.values())
+    assert list(tmp_path.glob("mlruns/*/*/artifacts/findings.json"))
+
+
+def test_mlflow_run_of_a_crashed_training_is_failed(digits, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer, state, output):
+            if state.step == 3:
+                raise RuntimeError("a bug in a callback")
+
+    trainer = Trainer(net(), digits, quiet(epochs=1, logdir=tmp_path, mlflow=True), callbacks=[Crash()])
+    with pytest.raises(RuntimeError, match="a bug in a callback"):
+        trainer.fit()
+    run = MlflowClient(trainer.mlflow.tracking_uri).get_run(trainer.mlflow.run_id)
+    assert run.info.status == "FAILED" and "steadygrad.findings" not in run.data.tags
+    assert run.data.metrics["loss"] > 0  # step 1 was logged before the crash
 
 
 # ---- the real thing: kill -9 in the middle of a run, resume, compare ------------------------------------

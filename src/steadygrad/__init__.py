@@ -23,7 +23,7 @@ from steadygrad.clip import clip_grads_
 from steadygrad.diagnose import diagnose
 from steadygrad.doctor import doctor
 from steadygrad.init import init_model
-from steadygrad.measure import FlowReport, LayerRecord, Monitor, probe
+from steadygrad.measure import FlowReport, LayerRecord, MLflowSink, Monitor, probe
 from steadygrad.nets import NetSpec, build
 from steadygrad.train import TrainConfig, Trainer
 
@@ -35,6 +35,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "FlowReport",
     "LayerRecord",
+    "MLflowSink",
     "Monitor",
     "NetSpec",
     "TrainConfig",

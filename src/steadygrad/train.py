@@ -22,7 +22,8 @@ from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
 from steadygrad.losses import resolve_loss_named
-from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
+from steadygrad.measure import JsonlSink, MLflowSink, Monitor, TensorBoardSink, probe
+from steadygrad.measure.sinks import sqlite_uri
 from steadygrad.norm.convert import convert_sync_batchnorm
 from steadygrad.optimizers import OPTIMIZERS, make_optimizer
 from steadygrad.structure import describe
@@ -100,6 +101,10 @@ class TrainConfig:
     max_rollbacks: int = 5  # then stop anyway
     logdir: str | Path | None = None  # history, checkpoint, monitor records, summary; None keeps all in memory
     tensorboard: bool = False  # also write TensorBoard events under logdir/tensorboard
+    # also log to MLflow (MLflowSink): scalars, the config as params, findings.json; into mlflow_uri, or by default
+    # a SQLite store logdir/mlflow.db with the artifacts in logdir/mlartifacts (a run's files stay together)
+    mlflow: bool = False
+    mlflow_uri: str | None = None  # an MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); needs mlflow=True
     progress: bool = True  # a progress bar on the terminal
 
     def __post_init__(self) -> None:
@@ -114,6 +119,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
         if self.tensorboard and self.logdir is None:
             raise ValueError("tensorboard=True needs a logdir to write the event files into.")
+        if self.mlflow_uri is not None and (not isinstance(self.mlflow_uri, str) or not self.mlflow_uri.strip()):
+            raise ValueError(f"mlflow_uri must be an MLflow tracking URI (text); got {self.mlflow_uri!r}.")
+        if self.mlflow_uri is not None and not self.mlflow:
+            raise ValueError("mlflow_uri is set but mlflow=False: pass mlflow=True to log to it.")
+        if self.mlflow and self.logdir is None and self.mlflow_uri is None:
+            raise ValueError("mlflow=True needs a logdir (for its store, logdir/mlflow.db) or an mlflow_uri.")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -155,6 +166,20 @@ class TrainResult:
 # -- the trainer --------------------------------------------------------------------------------------
 
 
+class _LeftOpen:
+    """A sink the Monitor writes to but does not close: the trainer ends the MLflow run itself, after the
+    findings and with the run's status (the Monitor's exit would end it FINISHED, a crash included)."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def write(self, report, layers) -> None:
+        self.sink.write(report, layers)
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     """Train ``model`` on ``data`` as ``config`` says.
 
@@ -190,6 +215,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(model)
         self.optimizer = self._make_optimizer()
         self.monitor: Monitor | None = None  # the run's Monitor, while fit runs and after
+        self.mlflow: MLflowSink | None = None  # with config.mlflow on rank 0: its run_id and tracking_uri
         self.loss_name = ""  # which loss the steps take, in words, once one has run
         for callback in callbacks:
             if not isinstance(callback, Callback):
@@ -339,6 +365,8 @@ class Trainer:
         structure = describe(self.model)
         if structure is not None and hasattr(structure.spec, "to_dict"):
             summary["spec"] = structure.spec.to_dict()
+        if self.mlflow is not None:
+            summary["mlflow"] = {"tracking_uri": self.mlflow.tracking_uri, "run_id": self.mlflow.run_id}
         return summary
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -379,39 +407,73 @@ class Trainer:
         batch, ends the epoch. A rollback moves the position back, and the loop simply goes on from there."""
         c = self.config
         state = RunState(started=time.perf_counter())
+        self.mlflow = None  # this fit's own run, when it logs to MLflow
         torch.manual_seed(c.seed)
         if resume:
             self._resume(state)
         try:
             self._call("on_train_start", state)  # the run files are ready before the Monitor's sink opens them
-            sinks = []
-            if self.logdir is not None and self.writes:
-                sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
-                if c.tensorboard:
-                    sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
-            self.monitor = Monitor(self.model, every=c.monitor_every, optimizer=self.optimizer, sinks=sinks)
+            self.monitor = Monitor(
+                self.model, every=c.monitor_every, optimizer=self.optimizer, sinks=self._sinks(state)
+            )
             self.monitor.step_count = state.step
             self.model.train()
             with self.monitor:
                 self._loop(state)
         except BaseException as error:
+            self._end_mlflow("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             self._call("on_exception", state, error)
             raise
-        reports = self.monitor.history.reports
-        inputs = self._inputs(self.data.x_train[:256])
-        findings = diagnose(reports, model=self.model, inputs=inputs) if reports else []
-        result = TrainResult(
-            state.status,
-            state.message or "Training completed.",
-            state.epochs,
-            findings,
-            state.step,
-            state.rollbacks,
-            time.perf_counter() - state.started,
-            reports,
-        )
-        self._call("on_train_end", state, result)
+        try:
+            reports = self.monitor.history.reports
+            inputs = self._inputs(self.data.x_train[:256])
+            findings = diagnose(reports, model=self.model, inputs=inputs) if reports else []
+            result = TrainResult(
+                state.status,
+                state.message or "Training completed.",
+                state.epochs,
+                findings,
+                state.step,
+                state.rollbacks,
+                time.perf_counter() - state.started,
+                reports,
+            )
+            self._call("on_train_end", state, result)  # a callback may still log into self.mlflow's run here
+        except BaseException:
+            self._end_mlflow("FAILED")
+            raise
+        self._end_mlflow("FINISHED" if result.status == "completed" else "FAILED", findings)
         return result
+
+    def _sinks(self, state: RunState) -> list:
+        """The Monitor's sinks, on rank 0 only: monitor.jsonl and TensorBoard under the logdir, and MLflow."""
+        c, sinks = self.config, []
+        if c.mlflow and self.writes:  # first: a store MLflow cannot open leaves no file of the others open
+            tags = {"steadygrad.resumed": str(state.resumed).lower()}
+            if self.logdir is not None:
+                tags["steadygrad.logdir"] = str(self.logdir.resolve())
+            if c.mlflow_uri is not None:
+                self.mlflow = MLflowSink(c.mlflow_uri, tags=tags)
+            else:  # the run's own store, beside its other files
+                store, artifacts = self.logdir / "mlflow.db", self.logdir / "mlartifacts"
+                self.mlflow = MLflowSink(sqlite_uri(store), artifact_location=artifacts, tags=tags)
+            structure = describe(self.model)
+            model = structure.label if structure is not None else type(self.model).__name__
+            self.mlflow.log_params({**c.to_dict(), "data": self.data.name, "model": model})
+            sinks.append(_LeftOpen(self.mlflow))
+        if self.logdir is not None and self.writes:
+            sinks.append(JsonlSink(self.logdir / "monitor.jsonl"))
+            if c.tensorboard:
+                sinks.append(TensorBoardSink(self.logdir / "tensorboard"))
+        return sinks
+
+    def _end_mlflow(self, status: str, findings: list[Finding] | None = None) -> None:
+        """Give the MLflow run the findings and end it (FAILED for a run the non-finite guard stopped)."""
+        if self.mlflow is None:
+            return
+        if findings is not None:
+            self.mlflow.log_findings(findings)
+        self.mlflow.close(status)
 
     def _loop(self, state: RunState) -> None:
         epoch, batches = None, []

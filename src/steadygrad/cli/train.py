@@ -1,5 +1,6 @@
 """``steadygrad train``: build a network from options, train it with guard rails, report findings."""
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
@@ -48,6 +49,22 @@ def train_command(
         "runs/train"
     ),
     tensorboard: Annotated[bool, _opt("Also write TensorBoard events to LOGDIR/tensorboard.")] = False,
+    mlflow: Annotated[
+        bool,
+        _opt(
+            "Also log to MLflow: per-layer scalars and the loss at every logged step, the options as params, the "
+            "findings as findings.json. The store is LOGDIR/mlflow.db (SQLite; artifacts in LOGDIR/mlartifacts), "
+            "so a run's files stay together: mlflow ui --backend-store-uri sqlite:///LOGDIR/mlflow.db shows it. "
+            "Needs pip install 'steadygrad[mlflow]'."
+        ),
+    ] = False,
+    mlflow_uri: Annotated[
+        str | None,
+        _opt(
+            "Log to this MLflow tracking URI instead of LOGDIR/mlflow.db: a server (http://localhost:5000) or one "
+            "store for every run (sqlite:///mlflow.db). Implies --mlflow."
+        ),
+    ] = None,
     resume: Annotated[
         bool, _opt("Continue from LOGDIR/checkpoint.pt, with the same options as the run that wrote it.")
     ] = False,
@@ -75,10 +92,15 @@ def train_command(
 
       steadygrad train --data my.csv --target label --clip norm:1.0 --tensorboard
 
+      steadygrad train --depth 20 --norm batch --mlflow --logdir runs/bn
+
     Exit code 0: trained; 1: stopped by the non-finite guard (or a bug in steadygrad, with its traceback);
     2: bad options or files.
     """
     torch.set_flush_denormal(True)  # denormals make near-zero activations 5-10x slower on CPU
+    mlflow = mlflow or mlflow_uri is not None
+    if mlflow and importlib.util.find_spec("mlflow") is None:
+        raise UsageError("--mlflow needs the mlflow package: pip install 'steadygrad[mlflow]'.")
     specs = expand_specs(network)
     if len(specs) != 1:
         raise UsageError(
@@ -100,6 +122,8 @@ def train_command(
         checkpoint_every=checkpoint_every,
         logdir=logdir,
         tensorboard=tensorboard,
+        mlflow=mlflow,
+        mlflow_uri=mlflow_uri,
         progress=progress,
     )
     model = build(spec, torch.Generator().manual_seed(seed))
@@ -108,7 +132,8 @@ def train_command(
         f"({len(dataset.x_train)} train / {len(dataset.x_test)} test, {dataset.task})."
     )
     try:
-        result = Trainer(model, dataset, config).fit(resume=resume)  # a CheckpointError is a ValueError: exit 2
+        trainer = Trainer(model, dataset, config)
+        result = trainer.fit(resume=resume)  # a CheckpointError is a ValueError: exit 2
     except OSError as error:  # the run's files: an unwritable or full --logdir is the user's to fix
         raise UsageError(f"Could not write the run's files to {logdir}: {error}. Choose a writable --logdir.") from None
     distributed.teardown()  # under torchrun: every rank got here (they take every branch together)
@@ -128,6 +153,13 @@ def train_command(
         f"Wrote {logdir}/summary.json, history.jsonl, monitor.jsonl, checkpoint.pt"
         f"{' and tensorboard/' if tensorboard else ''}."
     )
+    if trainer.mlflow is not None:
+        uri = trainer.mlflow.tracking_uri
+        console.print(
+            f"Logged to MLflow run {trainer.mlflow.run_id} at {escape(uri)}"
+            + (f"; see it with: mlflow ui --backend-store-uri {escape(uri)}" if uri.startswith("sqlite:") else "."),
+            soft_wrap=True,  # the command stays on one line, to be copied
+        )
     if result.status != "completed":
         console.print(f"[bold red]{escape(result.message)}[/]")
         raise typer.Exit(DIVERGED)

@@ -7,13 +7,14 @@ from steadygrad.measure.layers import select_layers
 from steadygrad.measure.monitor import Monitor
 from steadygrad.measure.probe import probe
 from steadygrad.measure.records import FlowReport, LayerRecord
-from steadygrad.measure.sinks import HistorySink, JsonlSink, TensorBoardSink
+from steadygrad.measure.sinks import HistorySink, JsonlSink, MLflowSink, TensorBoardSink
 
 __all__ = [
     "FlowReport",
     "HistorySink",
     "JsonlSink",
     "LayerRecord",
+    "MLflowSink",
     "Monitor",
     "TensorBoardSink",
     "probe",
