@@ -18,11 +18,19 @@ sys.path.insert(0, str(HERE))
 
 import clip  # noqa: E402
 import doctor  # noqa: E402
+import integrations  # noqa: E402
 import monitor  # noqa: E402
 import norm  # noqa: E402
 import probe  # noqa: E402
 
-BENCHMARKS = {"clip": clip, "norm": norm, "monitor": monitor, "probe": probe, "doctor": doctor}
+BENCHMARKS = {
+    "clip": clip,
+    "norm": norm,
+    "monitor": monitor,
+    "probe": probe,
+    "doctor": doctor,
+    "integrations": integrations,
+}
 DOC = HERE.parent / "BENCHMARKS.md"
 
 
