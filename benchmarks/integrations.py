@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import compare, machine
 
-STEPS, BATCH, WIDTH, DEPTH = 100, 64, 256, 8
+STEPS, BATCH, WIDTH, DEPTH = 300, 64, 256, 8
 
 
 def _net() -> nn.Sequential:
@@ -126,10 +126,10 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     print(f"Machine: {machine()}")
     print(f"{STEPS} optimizer steps of a {DEPTH}-layer ReLU MLP, width {WIDTH}, batch {BATCH}; the callback logs every")
-    print("10th step. Whole fits, bare and with the callback alternating round by round; median of 5 rounds.\n")
+    print("10th step. Whole fits, bare and with the callback alternating round by round; median of 7 rounds.\n")
     print(f"{'run':<28}{'bare':>22}{'with callback':>22}{'ratio':>8}")
     for name, make in (("Lightning fit", lightning_fit), ("HF Trainer.train", trainer_run)):
-        bare, watched, ratio = compare(make(False), make(True), repeats=5, warmup=1)
+        bare, watched, ratio = compare(make(False), make(True), repeats=7, warmup=1)
         print(f"{name:<28}{bare!s:>22}{watched!s:>22}{ratio:>7.3f}x")
 
 

@@ -50,6 +50,7 @@ from steadygrad.measure.stats import (
     primary_layer,
     unit_moments,
     weight_sums,
+    weight_sums_from,
 )
 
 __all__ = [
@@ -594,7 +595,37 @@ class Recorder:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return torch.stack([parameter_sums(self.parameters[id(m)], device, world) for _, m in self.selected])
 
-    def _slot_sums(self, slot: _Slot, device: torch.device) -> torch.Tensor:
+    def _parameter_table(self, device: torch.device) -> torch.Tensor:
+        """Per selected layer, ``stats.parameter_sums``' five sums of its own parameters (weight- and bias-gradient
+        sums of squares, NaN where it has none; its first weight's n, sum of squares and sum), as a (layers, 5)
+        float64 tensor on ``device``: the squares in one multi-tensor pass per group (``torch._foreach_norm``, as
+        ``clip_grad_norm_`` takes them) instead of a reduction and a copy per tensor."""
+        f64 = {"dtype": torch.float64, "device": device}
+        layers = len(self.selected)
+        table = torch.zeros((layers, 5), **f64)
+        roles = [self._parameter_roles[id(module)] for _, module in self.selected]
+        for column in (0, 1):  # weights' and biases' gradients
+            owners = [i for i, role in enumerate(roles) for p in role[column] if p.grad is not None]
+            grads = [p.grad.detach() for role in roles for p in role[column] if p.grad is not None]
+            if not grads:
+                table[:, column] = math.nan
+                continue
+            index = torch.tensor(owners, device=device)
+            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(device).square()
+            summed = table[:, column].index_add(0, index, squares)
+            has = torch.zeros(layers, dtype=torch.bool, device=device).index_fill_(0, index, True)
+            table[:, column] = torch.where(has, summed, math.nan)
+        firsts = [(i, role[2].detach()) for i, role in enumerate(roles) if role[2] is not None]
+        if firsts:
+            index = torch.tensor([i for i, _ in firsts], device=device)
+            weights = [w for _, w in firsts]
+            squares = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float64)).to(device).square()
+            totals = torch.stack([w.sum(dtype=torch.float64).to(device) for w in weights])
+            counts = torch.tensor([float(w.numel()) for w in weights], **f64)
+            table[index, 2], table[index, 3], table[index, 4] = counts, squares, totals
+        return table
+
+    def _slot_sums(self, slot: _Slot, device: torch.device, parameters: torch.Tensor | None = None) -> torch.Tensor:
         """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
         ``_GROUPS`` order, which tiles the layout (checked at import)."""
         f64 = {"dtype": torch.float64, "device": device}
@@ -607,6 +638,8 @@ class Recorder:
         gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
         if self.sharded:  # filled in with the merged figures by the Monitor (_EagerTaps.rows)
             weights = torch.full((_width(SUMS_PARAMETERS),), math.nan, **f64)
+        elif parameters is not None:
+            weights = weight_sums_from(parameters[self._layer_index[id(slot.module)]])
         else:
             weights = weight_sums(self.parameters[id(slot.module)], device)
         return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
@@ -628,7 +661,8 @@ class Recorder:
             self._repair_nonfinite(slots, device)
         if not slots:
             return slots, torch.zeros((0, SUMS_WIDTH), dtype=torch.float64, device=device)
-        return slots, torch.stack([self._slot_sums(slot, device) for slot in slots])
+        parameters = None if self.sharded else self._parameter_table(device)
+        return slots, torch.stack([self._slot_sums(slot, device, parameters) for slot in slots])
 
 
 # the activation kinds of the compiled taps: the codes of steadygrad/fast/csrc/stats.h
