@@ -127,10 +127,17 @@ def main() -> None:
     print(f"Machine: {machine()}")
     print(f"{STEPS} optimizer steps of a {DEPTH}-layer ReLU MLP, width {WIDTH}, batch {BATCH}; the callback logs every")
     print("10th step. Whole fits, bare and with the callback alternating round by round; median of 7 rounds.\n")
-    print(f"{'run':<28}{'bare':>22}{'with callback':>22}{'ratio':>8}")
-    for name, make in (("Lightning fit", lightning_fit), ("HF Trainer.train", trainer_run)):
-        bare, watched, ratio = compare(make(False), make(True), repeats=7, warmup=1)
-        print(f"{name:<28}{bare!s:>22}{watched!s:>22}{ratio:>7.3f}x")
+    print(f"{'run':<34}{'bare':>22}{'with callback':>22}{'ratio':>8}")
+    from steadygrad import fast
+
+    for taps in ("eager", "compiled"):
+        if taps == "compiled" and not fast.enable():
+            print("compiled taps: no steadygrad.fast backend could be built here")
+            break
+        for name, make in (("Lightning fit", lightning_fit), ("HF Trainer.train", trainer_run)):
+            bare, watched, ratio = compare(make(False), make(True), repeats=7, warmup=1)
+            print(f"{f'{name}, {taps} taps':<34}{bare!s:>22}{watched!s:>22}{ratio:>7.3f}x")
+    fast.disable()
 
 
 if __name__ == "__main__":
