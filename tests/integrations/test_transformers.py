@@ -157,10 +157,11 @@ def test_the_nonfinite_policy_stops_training_and_names_the_layer(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_plain_accelerate_loop(tmp_path):
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_plain_accelerate_loop(tmp_path, broken):
     accelerate = pytest.importorskip("accelerate")
     accelerator = accelerate.Accelerator(cpu=True)
-    model = MLP()
+    model = MLP(depth=12, width=32, activation=nn.Sigmoid) if broken else MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(Rows(), batch_size=32)
     prepared, wrapped, loader = accelerator.prepare(model, optimizer, loader)
@@ -175,3 +176,7 @@ def test_a_plain_accelerate_loop(tmp_path):
     assert [r.step for r in monitor.history.reports] == [1, 3]
     assert all(math.isfinite(r.loss) for r in monitor.history.reports)
     assert all(math.isfinite(rec.update_ratio) for rec in monitor.history.reports[1].records if rec.kind == "Linear")
+    from steadygrad import diagnose
+
+    kinds = {f.kind for f in diagnose(monitor.history.reports, model=model)}
+    assert ("vanishing_gradients" in kinds) == broken, kinds
