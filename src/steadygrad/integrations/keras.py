@@ -66,6 +66,7 @@ class SteadygradCallback(keras.callbacks.Callback):
         self._before: dict[str, torch.Tensor] = {}
         self._validation = None
         self._compute_loss = None
+        self._loss_owner = None
 
     @property
     def monitor(self):
@@ -85,6 +86,7 @@ class SteadygradCallback(keras.callbacks.Callback):
 
     # -- Keras' hooks ----------------------------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
+        self._unwrap_loss()  # a fit that raised left its loss hook (Keras has no exception event): gone now
         if self.every == "epoch":
             steps = (self.params or {}).get("steps") or 1
             self.watch.every = lambda step: (step - 1) % steps == 0
@@ -161,10 +163,10 @@ class SteadygradCallback(keras.callbacks.Callback):
                     self._bad = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
             return loss
 
-        self._compute_loss = original
+        self._compute_loss, self._loss_owner = original, model
         object.__setattr__(model, "compute_loss", compute_loss)
 
     def _unwrap_loss(self) -> None:
         if self._compute_loss is not None:
-            object.__delattr__(self.model, "compute_loss")
-            self._compute_loss = None
+            object.__delattr__(self._loss_owner, "compute_loss")
+            self._compute_loss = self._loss_owner = None

@@ -106,6 +106,7 @@ class SteadygradCallback(transformers.TrainerCallback):
 
     # -- the Trainer's events --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._close()  # a run that raised left its hook (the Trainer has no exception event): gone now
         self._state, self._losses, self._last_call = state, [], None
         monitor = self.watch.start(model, optimizer=optimizer, write=self._log)
         monitor.step_count = state.global_step  # resumed from a checkpoint: the Trainer's step numbers
