@@ -131,3 +131,33 @@ def test_ddp_on_two_cpu_processes_reports_the_global_batch(tmp_path):
                 if got[field] is None:
                     continue
                 assert got[field] == pytest.approx(getattr(want, field), rel=1e-4, abs=1e-7), (got["name"], field)
+
+
+def test_a_gradscalers_skipped_steps_are_counted_not_merged(tmp_path):
+    """16-mixed (a CPU GradScaler here): the scaler skips the steps whose scaled gradients overflow, by design.
+    They must neither stop the run under the non-finite policy nor fold their Inf gradients into the next step;
+    the recorded loss is the true one, the scale divided out."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    true_losses = []
+
+    class Regression(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, _ = batch
+            loss = F.mse_loss(self.net(x).float()[:, :1], x.sum(1, keepdim=True) * 100)
+            true_losses.append(loss.item())
+            return loss
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)  # the first steps overflow, as large losses do on GPUs
+    callback = SteadygradCallback(every=1, nonfinite="stop")
+    trainer = quiet_trainer(
+        tmp_path, callbacks=[callback], logger=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    )
+    trainer.fit(Regression(), loader())
+    assert callback.stopped is None and trainer.global_step == 8
+    reports = callback.reports
+    assert 0 < len(reports) < 8 and reports[0].step > 1, [r.step for r in reports]  # skipped steps: no report
+    assert callback.monitor.step_count == trainer.global_step
+    for report in reports:
+        assert all(rec.call == 1 and rec.nonfinite_grad == 0 for rec in report.records)
+        assert report.loss == pytest.approx(true_losses[report.step - 1], rel=1e-5)

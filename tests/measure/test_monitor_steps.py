@@ -226,3 +226,35 @@ def test_no_warning_when_steps_close():
                 opt.zero_grad()
                 model(X[:2]).sum().backward()
                 opt.step()
+
+
+def test_a_gradscalers_skipped_steps_end_without_a_report():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**130 / 2**8)  # the first steps' scaled gradients overflow
+    taken = []
+    opt.register_step_post_hook(lambda *_: taken.append(True))
+    with Monitor(model, scaler=scaler) as monitor:
+        for _ in range(12):
+            opt.zero_grad()
+            scaler.scale(_loss(model)).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert 0 < len(taken) < 12  # some steps were skipped by the scaler
+    assert monitor.step_count == 12
+    assert len(monitor.history.reports) == len(taken)
+    for report in monitor.history.reports:
+        assert all(r.call == 1 and r.nonfinite_grad == 0 for r in report.records)
+    assert "update" not in vars(scaler)  # unwrapped on detach
+
+
+def test_a_frozen_layer_has_no_update_ratio():
+    model = _model()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with Monitor(model, optimizer=opt) as monitor:
+        _loss(model).backward()
+        opt.step()
+    records = {r.name: r for r in monitor.history.reports[0].records}
+    assert math.isnan(records["0"].update_ratio) and records["2"].update_ratio > 0
+    assert any("not updated by SGD" in note for note in monitor.history.reports[0].notes)

@@ -118,17 +118,24 @@ def update_ratio(history: Sequence[FlowReport]) -> list[Finding]:
     its init this way; that is said at info level. A layer whose ratio was infinite had all-zero weights before
     that update (a zero-initialized head, a residual block's zero norm gain): its weights are the sum of its own
     updates, its ratio about 1/t after t steps whatever the rate, and it is left out.
+
+    A norm's gain starts at 1 and its shift at 0 and both stay near there in a healthy run: a small relative update
+    of its gain (Adam's step is about lr per value, lr / 1 of the gain's scale, and a fine-tuning rate of 5e-5 moves
+    it less) says nothing about the learning rate, so norms are not said to "barely change".
     """
     by_layer: dict[str, list[float]] = {}
     from_zero: set[str] = set()
+    norms: set[str] = set()
     for report in history:
         for r in report.records:
+            if "norm" in r.kind.lower():
+                norms.add(r.label)
             if math.isfinite(r.update_ratio):
                 by_layer.setdefault(r.label, []).append(r.update_ratio)
             elif r.update_ratio == math.inf:
                 from_zero.add(r.label)
     medians = {name: statistics.median(values) for name, values in by_layer.items() if name not in from_zero}
-    low = {n: v for n, v in medians.items() if v < UPDATE_RATIO_LOW}
+    low = {n: v for n, v in medians.items() if v < UPDATE_RATIO_LOW and n not in norms}
     high = {n: v for n, v in medians.items() if v > UPDATE_RATIO_HIGH}
     findings = []
     if high:

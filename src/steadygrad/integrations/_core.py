@@ -17,7 +17,7 @@ from steadygrad.measure import Monitor
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import SCALARS
 
-__all__ = ["FINDINGS_FILE", "NONFINITE_POLICIES", "Watch", "report_scalars", "require"]
+__all__ = ["FINDINGS_FILE", "NONFINITE_POLICIES", "Watch", "nonfinite_inputs", "report_scalars", "require"]
 
 FINDINGS_FILE = "steadygrad_findings.json"
 NONFINITE_POLICIES = (None, "stop")
@@ -63,10 +63,30 @@ class _CallSink:
 
 
 def _gradients_finite(parameters: Sequence[nn.Parameter]) -> bool:
-    grads = [p.grad for p in parameters if p.grad is not None]
+    """Whether every gradient value is finite: the largest |g| of each (``_foreach_norm`` with ord=inf, one pass), not
+    a 2-norm, which overflows in the gradients' own dtype (float16's 65504) while every value is finite."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+    return bool(torch.isfinite(torch.stack([m.float() for m in torch._foreach_norm(grads, math.inf)])).all())
+
+
+def _first_nonfinite_gradient(model: nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None
+
+
+def nonfinite_inputs(inputs) -> bool:
+    """Whether any floating-point tensor in a batch (tensors, sequences and mappings of them) holds NaN/Inf."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.is_floating_point() and not bool(torch.isfinite(inputs).all())
+    if isinstance(inputs, dict):
+        return any(nonfinite_inputs(v) for v in inputs.values())
+    if isinstance(inputs, list | tuple):
+        return any(nonfinite_inputs(v) for v in inputs)
+    return False
 
 
 class Watch:
@@ -129,30 +149,49 @@ class Watch:
         if self.monitor is not None and isinstance(loss, torch.Tensor):
             self.monitor.observe_loss(loss)
 
-    def check_step(self, loss: torch.Tensor | None, step: int, run_pass: Callable[[], torch.Tensor] | None) -> bool:
+    def check_step(
+        self,
+        loss: torch.Tensor | None,
+        step: int,
+        run_pass: Callable[[], torch.Tensor] | None,
+        *,
+        inputs=None,
+        scaled: bool = False,
+    ) -> bool:
         """Under the ``stop`` policy, before the update: whether the step's loss and gradients are finite. When they
         are not, the gradients are dropped (the optimizer skips parameters without one, so the weights stay those
         of the last good step), ``run_pass`` (the step's forward and backward again, unrecorded by the run's
         Monitor) names where non-finite values first appear, and ``stopped`` holds the message.
-        Returns True to go on."""
+        Returns True to go on.
+
+        With ``scaled`` (a GradScaler at work) Inf gradients are the scaler's to handle (it skips that step and
+        lowers its scale): only a non-finite loss stops. ``inputs``, the batch, is checked first: a NaN in the data
+        is named as such, not as the first layer's output."""
         if self.nonfinite is None or self.model is None:
             return True
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
-        if loss_finite and _gradients_finite(parameters):
+        if loss_finite and (scaled or _gradients_finite(parameters)):
             return True
-        where = self.locate(run_pass)
-        what = "loss" if not loss_finite else "gradient norm"
-        self.stopped = (
-            f"Training stopped at step {step}: the {what} is not finite; non-finite values first appear in {where}."
-        )
+        bad_data = nonfinite_inputs(inputs)
+        where = "the batch's inputs (the data holds NaN or Inf)" if bad_data else self.locate(run_pass)
+        if where is None:  # every output and output gradient finite: the parameters' gradients hold them
+            name = _first_nonfinite_gradient(self.model)
+            where = f"the gradient of the parameter {name}" if name else "the loss itself"
+        self.stopped = self.stop_message(step, "loss" if not loss_finite else "gradient", where)
+
         for p in parameters:
             p.grad = None
         return False
 
-    def locate(self, run_pass) -> str:
+    @staticmethod
+    def stop_message(step: int, what: str, where: str) -> str:
+        return f"Training stopped at step {step}: the {what} is not finite; non-finite values first appear in {where}."
+
+    def locate(self, run_pass) -> str | None:
         """Where non-finite values first appear when ``run_pass`` (a forward returning the loss; its backward is run
-        here) runs under a one-step Monitor of its own, the run's Monitor paused and the gradients kept."""
+        here) runs under a one-step Monitor of its own, the run's Monitor paused and the gradients kept; None when
+        every layer's output and output gradient was finite."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         if run_pass is None:
             return "a layer this callback could not run again"
@@ -173,8 +212,7 @@ class Watch:
             probe.detach()
             for p, grad in zip(parameters, saved, strict=True):
                 p.grad = grad
-        where = report.first_nonfinite() if report is not None else None
-        return where or "the loss itself: every layer's output and gradient was finite"
+        return report.first_nonfinite() if report is not None else None
 
     def finish(
         self,
@@ -190,10 +228,15 @@ class Watch:
         if self.print_findings and write is not None:
             label = reports[0].label if reports else type(model).__name__
             write(f"steadygrad: {len(reports)} logged step(s) of {label}")
-            if self.stopped:
-                write(self.stopped)
-            for line in findings_text(self.findings):
-                write(line)
+            if self.findings:
+                for line in findings_text(self.findings):
+                    write(line)
+            elif not reports:
+                write("No step was logged, so there is nothing to diagnose.")
+            elif self.stopped:
+                write("No findings on the logged steps before the non-finite stop.")
+            else:
+                write(findings_text([])[0])
         if directory is not None and self.findings_file:
             path = Path(directory) / self.findings_file
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from steadygrad.integrations._core import FINDINGS_FILE, Watch, require
+from steadygrad.integrations._core import FINDINGS_FILE, Watch, nonfinite_inputs, require
 
 keras = require("keras", "keras", "steadygrad.integrations.keras")
 
@@ -123,15 +123,14 @@ class SteadygradCallback(keras.callbacks.Callback):
         def run_pass():
             return self._compute_loss(**{**kwargs, "y_pred": model(kwargs["x"], training=True)})
 
-        where = self.watch.locate(run_pass)
+        data = nonfinite_inputs(kwargs.get("x"))
+        where = "the batch's inputs (the data holds NaN or Inf)" if data else self.watch.locate(run_pass)
+        where = where or "the loss itself: every layer's output and gradient was finite"
         with torch.no_grad():
             for variable, good in zip(model.trainable_weights, self._good, strict=True):
                 variable.value.copy_(good)
         step = self.monitor.step_count if self.monitor is not None else batch + 1
-        self.watch.stopped = (
-            f"Training stopped at step {step}: the loss is not finite; non-finite values first appear in {where}. "
-            "The weights are those before that batch."
-        )
+        self.watch.stopped = self.watch.stop_message(step, "loss", where) + " The weights are those before that batch."
         model.stop_training = True
         print(self.watch.stopped)
 

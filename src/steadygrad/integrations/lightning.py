@@ -61,6 +61,7 @@ class SteadygradCallback(pl.Callback):
         self._trainer = None
         self._step_loss = None  # the sum of the step's normalized micro-batch losses: their mean
         self._batch = None
+        self._scaler = None
 
     @property
     def monitor(self):
@@ -87,14 +88,17 @@ class SteadygradCallback(pl.Callback):
         # one optimizer: its steps; several (a GAN's): any torch optimizer's step that updates the module
         optimizer = optimizers[0] if len(optimizers) == 1 else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": its scale is divided out
-        self._trainer, self._step_loss, self._batch = trainer, None, None
-        self.watch.start(pl_module, optimizer=optimizer, scaler=scaler, write=self._log)
+        self._trainer, self._step_loss, self._batch, self._scaler = trainer, None, None, scaler
+        monitor = self.watch.start(pl_module, optimizer=optimizer, scaler=scaler, write=self._log)
+        monitor.step_count = trainer.global_step  # a second fit goes on counting as Lightning does
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch = (batch, batch_idx)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         loss = loss.detach()
+        if self._scaled():  # "16-mixed": Lightning hands over the loss its GradScaler multiplied
+            loss = loss / self._scaler.get_scale()
         if not pl_module.automatic_optimization:  # manual optimization: the loss as the user backpropagates it
             self._step_loss = loss
         else:
@@ -105,7 +109,10 @@ class SteadygradCallback(pl.Callback):
         if loss is not None:
             self.watch.observe_loss(loss)
         step = (self.monitor.step_count if self.monitor is not None else trainer.global_step) + 1
-        if not self.watch.check_step(loss, step, self._run_again(trainer, pl_module)):
+        batch = self._batch[0] if self._batch is not None else None
+        if not self.watch.check_step(
+            loss, step, self._run_again(trainer, pl_module), inputs=batch, scaled=self._scaled()
+        ):
             trainer.should_stop = True
             if trainer.is_global_zero:
                 print(self.watch.stopped)
@@ -120,6 +127,9 @@ class SteadygradCallback(pl.Callback):
         self.watch.stop()  # whatever happened, nothing stays attached
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def _scaled(self) -> bool:
+        return self._scaler is not None and self._scaler.is_enabled()
+
     def _finish(self, trainer) -> None:
         zero = trainer.is_global_zero
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask

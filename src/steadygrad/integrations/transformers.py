@@ -115,7 +115,8 @@ class SteadygradCallback(transformers.TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         loss = self._step_loss()
-        if not self.watch.check_step(loss, state.global_step + 1, self._run_again()):
+        inputs = self._last_call
+        if not self.watch.check_step(loss, state.global_step + 1, self._run_again(), inputs=inputs):
             control.should_training_stop = True
             if state.is_world_process_zero:
                 print(self.watch.stopped)
@@ -143,7 +144,7 @@ class SteadygradCallback(transformers.TrainerCallback):
             return
         self._last_call = (args, kwargs)
         loss = _model_loss(output)
-        if loss is not None and self.monitor is not None and self.monitor.logging:
+        if loss is not None and self.monitor is not None and (self.monitor.logging or self.watch.nonfinite):
             self._losses.append(loss.detach())
             self._summed = "num_items_in_batch" in kwargs
             self.watch.observe_loss(self._step_loss())

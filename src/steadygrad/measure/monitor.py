@@ -291,6 +291,9 @@ class Monitor:
         self._closure_ran: bool | None = None
         self._holding = False
         self._passes = 0  # forward passes recorded into the step being accumulated
+        self._held: dict[int, tuple[weakref.ref, set[int]]] = {}  # per optimizer, the ids of its parameters
+        self._closed_since_update = False  # a GradScaler's update() came after a closed step, or a skipped one
+        self._scaler_update = None
         self._warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -305,9 +308,38 @@ class Monitor:
 
             self._handles.append(register_optimizer_step_pre_hook(self._on_step_begin))
             self._handles.append(register_optimizer_step_post_hook(self._on_step_end))
+        if self.scaler is not None and hasattr(self.scaler, "update"):
+            self._wrap_scaler_update()
         self._attached = True
         self._arm(self.schedule(self.step_count + 1))
         return self
+
+    def _wrap_scaler_update(self) -> None:
+        """A GradScaler skips ``optimizer.step()`` when the scaled gradients overflowed (by design, not a fault), so
+        no step hook fires: its ``update()`` is then where that step ends. It is closed as a skipped step (counted,
+        as the training frameworks count it, and its records dropped), so the overflow's passes and Inf gradients
+        are not merged into the next step's records."""
+        scaler, original = self.scaler, self.scaler.update
+        self._closed_since_update = False
+
+        def update(*args, **kwargs):
+            if self._attached and not self._closed_since_update:
+                self._skip_step()
+            self._closed_since_update = False
+            return original(*args, **kwargs)
+
+        object.__setattr__(scaler, "update", update)
+        self._scaler_update = original
+
+    def _skip_step(self) -> None:
+        """End the step being accumulated without a report: its update did not happen."""
+        self.step_count += 1
+        self._pending = None
+        self._loss = None
+        self._passes = 0
+        self._stepping, self._closure_ran = None, None
+        self._recorder.reset()
+        self._arm(self.schedule(self.step_count + 1))
 
     def detach(self) -> None:
         """Remove every hook this monitor added and close its sinks."""
@@ -316,6 +348,9 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if getattr(self, "_scaler_update", None) is not None:
+            del self.scaler.update  # the instance attribute: the class's method shows again
+            self._scaler_update = None
         for sink in self.sinks:
             sink.close()
         self._attached = False
@@ -512,7 +547,7 @@ class Monitor:
         if self._closure_ran is False:  # given a closure it never called: what was recorded before the step counts
             self._before_step(snapshot=False)
         self._closure_ran = None
-        self._after_step()
+        self._after_step(optimizer)
 
     def _before_step(self, snapshot: bool = True) -> None:
         if not self._recorder.active or self._recorder.empty:
@@ -524,8 +559,9 @@ class Monitor:
             self._recorder.set_gradient_scale(self.scaler.get_scale())
         self._pending = self._taps.before_update(self._recorder, snapshot)
 
-    def _after_step(self) -> FlowReport | None:
+    def _after_step(self, optimizer=None) -> FlowReport | None:
         self.step_count += 1
+        self._closed_since_update = True
         report = None
         if self._pending is not None:
             pending = self._pending
@@ -544,6 +580,8 @@ class Monitor:
                 report.notes.append(
                     "used through its weights, not its forward (so it has no record): " + ", ".join(functional)
                 )
+            if optimizer is not None:
+                self._not_updated_by(optimizer, report)
             for sink in self.sinks:
                 sink.write(report, self.layers)
         self._pending = None
@@ -552,6 +590,24 @@ class Monitor:
         self._recorder.reset()  # and its gradient scale, and a pause
         self._arm(self.schedule(self.step_count + 1))
         return report
+
+    def _not_updated_by(self, optimizer, report: FlowReport) -> None:
+        """A layer whose weight the step's optimizer does not hold (frozen, or another optimizer's) was not updated
+        by this step: its update ratio is NaN, not a measured 0 that would read as "barely changes"."""
+        held = self._held.get(id(optimizer))
+        if held is None or held[0]() is not optimizer:
+            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            held = (weakref.ref(optimizer), ids)
+            self._held[id(optimizer)] = held
+        outside = {name for name, w in self.watched_weights() if w is not None and id(w) not in held[1]}
+        if outside:
+            for record in report.records:
+                if record.name in outside:
+                    record.update_ratio = math.nan
+            report.notes.append(
+                f"not updated by {type(optimizer).__name__} (frozen, or another optimizer's), so no update ratio: "
+                + ", ".join(sorted(outside))
+            )
 
     def _never_called(self) -> tuple[list[str], list[str]]:
         """The selected layers whose forward never ran this step: (unused, used functionally). A layer whose
