@@ -231,13 +231,15 @@ def test_no_warning_when_steps_close():
 def test_a_gradscalers_skipped_steps_end_without_a_report():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**130 / 2**8)  # the first steps' scaled gradients overflow
+    # The largest gradient of 1000 x the loss is ~127: scaled by 2^127 it overflows float32 (max ~2^128) until the
+    # scaler has halved its scale about six times.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     taken = []
     opt.register_step_post_hook(lambda *_: taken.append(True))
     with Monitor(model, scaler=scaler) as monitor:
         for _ in range(12):
             opt.zero_grad()
-            scaler.scale(_loss(model)).backward()
+            scaler.scale(1000 * _loss(model)).backward()
             scaler.step(opt)
             scaler.update()
     assert 0 < len(taken) < 12  # some steps were skipped by the scaler
