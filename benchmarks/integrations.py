@@ -115,7 +115,9 @@ def trainer_run(with_callback: bool):
             seed=0,
         )
         callbacks = [SteadygradCallback(every=10, print_findings=False)] if with_callback else []
-        transformers.Trainer(model=Model(), args=args, train_dataset=Rows(), callbacks=callbacks).train()
+        trainer = transformers.Trainer(model=Model(), args=args, train_dataset=Rows(), callbacks=callbacks)
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # its log lines, not the timing
+        trainer.train()
 
     return run
 

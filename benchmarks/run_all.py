@@ -41,12 +41,17 @@ def run(name: str, module) -> str:
     output = buffer.getvalue().rstrip()
     print(output + "\n")
     today = datetime.date.today().isoformat()
-    return f"Command: `.venv/bin/python benchmarks/{name}.py` ({today}, via `make bench`)\n\n```\n{output}\n```"
+    return f"Command: `.venv/bin/python benchmarks/{name}.py` ({today}, via `benchmarks/run_all.py`)\n\n```\n{output}\n```"
 
 
 def main() -> None:
     text = DOC.read_text()
-    for name, module in BENCHMARKS.items():
+    chosen = sys.argv[1:] or list(BENCHMARKS)  # e.g. `run_all.py integrations` rewrites that section only
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for name in chosen:
+        module = BENCHMARKS[name]
         block = run(name, module)
         pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
         replacement = f"<!-- bench:{name} -->\n{block}\n<!-- /bench:{name} -->"
