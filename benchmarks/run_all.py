@@ -41,7 +41,8 @@ def run(name: str, module) -> str:
     output = buffer.getvalue().rstrip()
     print(output + "\n")
     today = datetime.date.today().isoformat()
-    return f"Command: `.venv/bin/python benchmarks/{name}.py` ({today}, via `benchmarks/run_all.py`)\n\n```\n{output}\n```"
+    header = f"Command: `.venv/bin/python benchmarks/{name}.py` ({today}, via `benchmarks/run_all.py`)"
+    return f"{header}\n\n```\n{output}\n```"
 
 
 def main() -> None:
