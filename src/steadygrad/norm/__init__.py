@@ -1,4 +1,4 @@
-"""Normalization: batch, layer, instance and group norm on one statistics core with a hand-derived
+"""Normalization: batch, layer, instance, group and RMS norm on one statistics core with a hand-derived
 backward, drop-in for torch.nn; model conversion both ways; BatchNorm folding for inference.
 
     from steadygrad import norm
@@ -19,6 +19,7 @@ from steadygrad.norm.modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    RMSNorm,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "RMSNorm",
     "convert_norms",
     "convert_sync_batchnorm",
     "fold_batchnorm",

@@ -21,10 +21,13 @@ _PAIRS = [
     (nn.InstanceNorm3d, sg.InstanceNorm3d),
     (nn.LayerNorm, sg.LayerNorm),
     (nn.GroupNorm, sg.GroupNorm),
+    (nn.RMSNorm, sg.RMSNorm),
 ]
 
 
 def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
+    if isinstance(module, (nn.RMSNorm, sg.RMSNorm)):
+        return (module.normalized_shape,), {"eps": module.eps, "elementwise_affine": module.elementwise_affine}
     # bias=False only when it matters: torch before 2.13 has no `bias` argument for BN, IN and GN
     no_bias = {"bias": False} if getattr(module, "weight", None) is not None and module.bias is None else {}
     if isinstance(module, (nn.LayerNorm, sg.LayerNorm)):
@@ -59,7 +62,7 @@ def _convert_one(module: nn.Module, target: type[nn.Module]) -> nn.Module:
 
 
 def convert_norms(model: nn.Module, to: str = "steadygrad", inplace: bool = False) -> nn.Module:
-    """Replace every batch, instance, layer and group norm of ``model`` by its counterpart.
+    """Replace every batch, instance, layer, group and RMS norm of ``model`` by its counterpart.
 
     ``to="steadygrad"`` swaps torch.nn's norms for steadygrad's (hand-derived backward), ``to="torch"``
     the reverse. Weights, running statistics, ``num_batches_tracked`` and train/eval mode are kept, so

@@ -9,6 +9,7 @@ Batch, layer, instance and group normalization differ only in the set R of axes 
     instance    (N, C, *)           the spatial axes: one mean per (sample, channel)
     group       (N, G, C/G, *)      channels of a group and spatial: per (sample, group)
     layer       (*, *shape)         the trailing ``normalized_shape`` axes
+    rms         (*, *shape)         the trailing axes, and no mean is subtracted
     ==========  ==================  ==================================================
 
 Forward, with m = |R| elements per statistic (Ioffe & Szegedy 2015, alg. 1):
@@ -23,6 +24,10 @@ Backward (derived in ``normalize_backward``), with g = dL/dy * gamma:
 
 For batch norm gamma is constant over R and this is the seed material's
 dx = (gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat)).
+
+RMS normalization (Zhang & Sennrich 2019) is the same core uncentred: mu is taken as 0, so "var" is the mean
+square mean_R(x^2), x_hat = x / sqrt(mean_R(x^2) + eps), and the backward loses its mean_R(g) term:
+dL/dx = inv_rms * (g - x_hat * mean_R(g * x_hat)).
 
 Numerics: statistics are reduced in float32 at least (float16/bfloat16 inputs are computed in float32 and
 returned in their own dtype), by a shifted two-pass algorithm that stays accurate where the one-pass
@@ -55,6 +60,7 @@ __all__ = [
     "layer_norm",
     "normalize_backward",
     "normalize_forward",
+    "rms_norm",
     "sync_batch_norm",
 ]
 
@@ -67,9 +73,12 @@ Dims = tuple[int, ...]
 
 
 def normalize_forward(
-    x: torch.Tensor, dims: Dims, eps: float
+    x: torch.Tensor, dims: Dims, eps: float, centered: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize ``x`` over ``dims`` with its own statistics.
+
+    ``centered=False`` is RMS normalization: no mean is subtracted, ``var`` is the mean square mean(x^2) (taken
+    directly: there is no difference of large numbers to cancel) and the mean returned is 0.
 
     Shifted-data algorithm (Chan, Golub, LeVeque 1983): subtract one sample K of each group first,
     d = x - K (exact when x and K are within a factor 2 of each other, Sterbenz' lemma), then
@@ -82,6 +91,10 @@ def normalize_forward(
         ``(x_hat, mean, var, inv_std)``; the statistics keep their reduced axes (size 1) so they
         broadcast against ``x``. ``var`` is the biased variance.
     """
+    if not centered:
+        mean_square = x.square().mean(dim=dims, keepdim=True)
+        inv_rms = torch.rsqrt(mean_square + eps)
+        return x * inv_rms, torch.zeros_like(mean_square), mean_square, inv_rms
     shift = x
     for dim in dims:
         shift = shift.narrow(dim, 0, 1)  # K: the first sample of each group
@@ -104,6 +117,7 @@ def normalize_backward(
     weight: torch.Tensor | None,
     dims: Dims,
     batch_stats: bool = True,
+    centered: bool = True,
 ) -> torch.Tensor:
     """dL/dx of y = gamma * (x - mu) * inv_std + beta, where mu and inv_std are statistics over ``dims``.
 
@@ -117,10 +131,16 @@ def normalize_backward(
 
     With ``batch_stats=False`` the statistics are constants (eval mode with running averages):
     only term (1) remains, dL/dx = g * inv_std.
+
+    Uncentred (RMS norm, ``centered=False``): mu = 0 is no function of x, so term (3) is gone and (2) reads
+    dL/dms = -(inv_rms^2 / 2) * sum_R(g * x_hat) through ms = mean_R(x^2), giving
+    dL/dx = inv_rms * (g - x_hat * mean_R(g * x_hat)).
     """
     g = grad_out if weight is None else grad_out * weight  # (1)
     if not batch_stats:
         return g * inv_std
+    if not centered:
+        return torch.addcmul(g * inv_std, x_hat, -inv_std * (g * x_hat).mean(dim=dims, keepdim=True))
     mean_g = g.mean(dim=dims, keepdim=True)  # (3), divided by m
     mean_g_xhat = (g * x_hat).mean(dim=dims, keepdim=True)  # (2), divided by m
     # (4) as g * inv_std + x_hat * (-inv_std mean(g x_hat)) + (-inv_std mean(g)): two passes, not four
@@ -154,16 +174,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Normalize(torch.autograd.Function):
     """y = weight * normalize(x over dims) + bias; also returns the batch statistics (not differentiable).
 
-    With ``mean``/``var`` given, those constants normalize instead (eval mode with running averages).
+    With ``mean``/``var`` given, those constants normalize instead (eval mode with running averages);
+    ``centered=False`` normalizes by the root mean square (RMS norm).
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x, weight, bias, dims, eps, mean=None, var=None):
+    def forward(ctx: FunctionCtx, x, weight, bias, dims, eps, mean=None, var=None, centered=True):
         compute = _compute_dtype(x.dtype)
         x_c = x.to(compute)
         batch_stats = mean is None
         if batch_stats:
-            x_hat, mean, var, inv_std = normalize_forward(x_c, dims, eps)
+            x_hat, mean, var, inv_std = normalize_forward(x_c, dims, eps, centered)
         else:
             inv_std = torch.rsqrt(var.to(compute) + eps)
             x_hat = (x_c - mean.to(compute)) * inv_std
@@ -173,7 +194,7 @@ class _Normalize(torch.autograd.Function):
             y = x_hat if weight is None else x_hat * weight.to(compute)
             y = y if bias is None else y + bias.to(compute)
         ctx.save_for_backward(x_hat, inv_std, weight)
-        ctx.dims, ctx.batch_stats = dims, batch_stats
+        ctx.dims, ctx.batch_stats, ctx.centered = dims, batch_stats, centered
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean, var
@@ -186,12 +207,13 @@ class _Normalize(torch.autograd.Function):
         constant = _constant_over(weight, x_hat.dim(), ctx.dims) and _constant_over(
             ctx.bias_shape, x_hat.dim(), ctx.dims
         )
-        if ctx.batch_stats and ctx.needs_input_grad[0] and constant:
+        if ctx.batch_stats and ctx.centered and ctx.needs_input_grad[0] and constant:
             return _constant_affine_backward(ctx, g, x_hat, inv_std, weight, grad_y.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = None if weight is None else weight.to(x_hat.dtype)
-            grad_x = normalize_backward(g, x_hat, inv_std, w, ctx.dims, ctx.batch_stats).to(grad_y.dtype)
+            grad_x = normalize_backward(g, x_hat, inv_std, w, ctx.dims, ctx.batch_stats, ctx.centered)
+            grad_x = grad_x.to(grad_y.dtype)
         weight_shape = weight.shape if weight is not None and ctx.needs_input_grad[1] else None
         bias_shape = ctx.bias_shape if ctx.needs_input_grad[2] else None
         grad_weight, grad_bias = affine_backward(g, x_hat, weight_shape, bias_shape)
@@ -199,7 +221,7 @@ class _Normalize(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(grad_y.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _constant_over(param: torch.Tensor | torch.Size | None, ndim: int, dims: Dims) -> bool:
@@ -225,7 +247,7 @@ def _constant_affine_backward(ctx, dy, x_hat, inv_std, weight, out_dtype):
         grad_weight = sum_dy_xhat.sum_to_size(weight.shape).to(weight.dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = sum_dy.sum_to_size(ctx.bias_shape).to(out_dtype)
-    return grad_x.to(out_dtype), grad_weight, grad_bias, None, None, None, None
+    return grad_x.to(out_dtype), grad_weight, grad_bias, None, None, None, None, None
 
 
 def _fast(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -469,15 +491,17 @@ def instance_norm(
     return y
 
 
-def _check_layer_shape(input: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:
+def _check_layer_shape(
+    input: torch.Tensor, normalized_shape: Sequence[int], what: str = "layer_norm", module: str = "LayerNorm"
+) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or tuple(input.shape[-k:]) != shape:
         trailing = tuple(input.shape[-k:]) if 0 < k <= input.dim() else tuple(input.shape)
         raise ValueError(
-            f"layer_norm normalizes over the trailing dimensions {shape}, but the input has shape "
+            f"{what} normalizes over the trailing dimensions {shape}, but the input has shape "
             f"{tuple(input.shape)} (its last {k} dimension(s): {trailing}). Set normalized_shape to the "
-            "trailing shape of your input, e.g. LayerNorm(x.shape[-1])."
+            f"trailing shape of your input, e.g. {module}(x.shape[-1])."
         )
     return shape
 
@@ -505,6 +529,24 @@ def layer_norm(
         return y.view(input.shape)
     dims = tuple(range(input.dim() - len(shape), input.dim()))
     y, _, _ = _Normalize.apply(input, weight, bias, dims, eps)
+    return y
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Root-mean-square normalization over the trailing ``normalized_shape`` axes (Zhang & Sennrich 2019);
+    ``F.rms_norm``'s signature: y = x / sqrt(mean(x^2) + eps) * gamma, with ``eps=None`` meaning the machine
+    epsilon of the input's dtype, as torch's. Always the formulas as written (``_Normalize``): the compiled and
+    streamed routes are layer norm's."""
+    shape = _check_layer_shape(input, normalized_shape, "rms_norm", "RMSNorm")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    dims = tuple(range(input.dim() - len(shape), input.dim()))
+    y, _, _ = _Normalize.apply(input, weight, None, dims, eps, None, None, False)
     return y
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "RMSNorm",
 ]
 
 
@@ -341,6 +342,52 @@ class LayerNorm(nn.Module):
         )
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dimensions (Zhang & Sennrich 2019).
+
+    y = x / sqrt(mean(x^2) + eps) * gamma: layer norm without the centring and without beta, as in T5 and
+    Llama. Its backward, dL/dx = inv_rms * (g - x_hat * mean(g * x_hat)) with g = dL/dy * gamma, is the
+    statistics core's (``functional.normalize_backward`` with ``centered=False``). Same arguments, defaults and
+    state_dict keys as ``torch.nn.RMSNorm``; ``eps=None`` is the machine epsilon of the input's dtype.
+
+    Example:
+        >>> RMSNorm(64)(torch.randn(8, 10, 64)).shape
+        torch.Size([8, 10, 64])
+    """
+
+    normalized_shape: tuple[int, ...]
+    eps: float | None
+    elementwise_affine: bool
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(d) for d in normalized_shape)
+        if not self.normalized_shape or any(d < 1 for d in self.normalized_shape):
+            raise ValueError(f"normalized_shape must be positive sizes; got {normalized_shape!r}.")
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        _affine_parameters(self, self.normalized_shape, elementwise_affine, False, {"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset_affine(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
 class GroupNorm(nn.Module):
     """Group normalization (Wu & He 2018): channels split into groups, each sample's each group normalized
     over its channels and spatial axes; independent of the batch, so it works at batch size 1 or 2.
@@ -397,5 +444,11 @@ class GroupNorm(nn.Module):
 
 
 # steadygrad's norms are norms to every instrument and rule (steadygrad.kinds)
-for _cls, _family in ((_BatchNorm, "batch"), (_InstanceNorm, "instance"), (LayerNorm, "layer"), (GroupNorm, "group")):
+for _cls, _family in (
+    (_BatchNorm, "batch"),
+    (_InstanceNorm, "instance"),
+    (LayerNorm, "layer"),
+    (GroupNorm, "group"),
+    (RMSNorm, "rms"),
+):
     kinds.register_norm(_cls, _family)
