@@ -109,15 +109,16 @@ def test_network_options_come_from_netspec_fields():
     sets; both print the field's own help text."""
     from steadygrad.nets import SPEC_OPTIONS, spec_cli_options
 
-    probe_help = " ".join(runner.invoke(app, ["probe", "--help"]).output.split())
-    train_help = " ".join(runner.invoke(app, ["train", "--help"]).output.split())
+    # the help as words, without rich's box borders between wrapped lines
+    probe_help = " ".join(runner.invoke(app, ["probe", "--help"]).output.replace("│", " ").split())
+    train_help = " ".join(runner.invoke(app, ["train", "--help"]).output.replace("│", " ").split())
     for name, field, option in spec_cli_options():
         assert f"--{name} " in probe_help, name
         assert (f"--{name} " in train_help) is (not option.from_data), name
         assert SPEC_OPTIONS[name] == field.name
     assert "Hidden blocks (weight layers before the head). [default: 10]" in probe_help
     assert "Hidden blocks (weight layers before the head). [default: 10]" in train_help
-    assert "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu, or tanh for kind rnn]" in probe_help
+    assert "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu; tanh for kind rnn; gelu for kind transformer]" in probe_help
     assert "Comma-separated values compare several networks" not in train_help
     for option in ("--kind", "--act", "--norm-position", "--residual-scale", "--norm-groups", "--bias", "--cell"):
         assert f"{option} " in train_help

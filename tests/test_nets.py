@@ -96,7 +96,7 @@ def test_spec_names_are_normalized_and_replace_validates():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kind": "transformer"}, r"Unknown NetSpec.kind 'transformer'. Accepted: mlp, cnn, rnn"),
+        ({"kind": "vit"}, r"Unknown NetSpec.kind 'vit'. Accepted: mlp, cnn, rnn, transformer"),
         ({"activation": "swish"}, r"Unknown NetSpec.activation 'swish'. Accepted: sigmoid, tanh, relu"),
         ({"norm": "weight"}, r"Unknown NetSpec.norm 'weight'. Accepted: none, batch, layer, group, instance"),
         ({"skip": "highway"}, r"Unknown NetSpec.skip 'highway'. Accepted: none, residual, dense"),

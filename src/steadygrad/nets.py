@@ -22,9 +22,10 @@ from torch import nn
 
 from steadygrad import kinds
 from steadygrad._checks import check_choice
+from steadygrad.attention import CausalSelfAttention
 from steadygrad.init import get as get_init
 from steadygrad.init import init_model
-from steadygrad.norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
+from steadygrad.norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm, RMSNorm
 from steadygrad.structure import Structure
 
 __all__ = [
@@ -33,22 +34,31 @@ __all__ = [
     "KINDS",
     "NORMS",
     "NORM_POSITIONS",
+    "RESIDUALS",
     "SKIPS",
     "SPEC_OPTIONS",
+    "TRANSFORMER_INITS",
     "DeepNet",
     "NetSpec",
     "SpecOption",
+    "TransformerBlock",
+    "TransformerNet",
     "build",
     "expand_specs",
     "spec_cli_options",
     "spec_options",
 ]
 
-KINDS = ("mlp", "cnn", "rnn")
+KINDS = ("mlp", "cnn", "rnn", "transformer")
 CELLS = ("rnn", "lstm", "gru")
-NORMS = ("none", "batch", "layer", "group", "instance")
-NORM_POSITIONS = ("before", "after")
+NORMS = ("none", "batch", "layer", "group", "instance", "rms")
+# before/after the activation (mlp, cnn, rnn); pre/post the residual addition (transformer)
+NORM_POSITIONS = ("before", "after", "pre", "post")
 SKIPS = ("none", "residual", "dense")
+# How a transformer block adds its sublayers to the stream (see TransformerBlock)
+RESIDUALS = ("plain", "deepnorm", "rezero", "skipinit")
+# Initializations that are whole-transformer recipes rather than per-layer schemes (see _transformer_init)
+TRANSFORMER_INITS = ("t_fixup", "small_init")
 # The activations a built net offers, by name; their classes, families and gains come from steadygrad.kinds.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     name: kinds.activation(name).module
@@ -91,7 +101,7 @@ class NetSpec:
         default="mlp",
         metadata=_cli(
             "Network kind (mlp: Linear blocks; cnn: 3x3 convolution blocks, on image data; rnn: stacked recurrent "
-            "layers)",
+            "layers; transformer: a causal language model of attention + MLP blocks, on token sequences)",
             choices=KINDS,
         ),
     )
@@ -104,23 +114,41 @@ class NetSpec:
     out_features: int = dataclasses.field(
         default=10, metadata=_cli("Outputs (classes) of the linear head", from_data=True)
     )
-    # None: relu, or tanh for rnn
+    # None: relu, tanh for rnn, gelu for transformer
     activation: str | None = dataclasses.field(
         default=None,
         metadata=_cli(
-            "Activation (for rnn: the cell's nonlinearity)",
+            "Activation (for rnn: the cell's nonlinearity; for transformer: the MLP's)",
             name="act",
             choices=tuple(ACTIVATIONS),
-            shown_default="relu, or tanh for kind rnn",
+            shown_default="relu; tanh for kind rnn; gelu for kind transformer",
         ),
     )
-    # an init registry name (the bad ones included), or in Python a callable
-    init: str | Callable = dataclasses.field(
-        default="he_uniform", metadata=_cli("Initialization scheme (see `steadygrad inits`)")
+    # an init registry name (the bad ones included), a transformer recipe, or in Python a callable; None: per kind
+    init: str | Callable | None = dataclasses.field(
+        default=None,
+        metadata=_cli(
+            "Initialization scheme (see `steadygrad inits`; for kind transformer also t_fixup or small_init)",
+            shown_default="he_uniform; glorot_uniform for kind transformer",
+        ),
     )
-    norm: str = dataclasses.field(default="none", metadata=_cli("Normalization in every block", choices=NORMS))
-    norm_position: str = dataclasses.field(
-        default="before", metadata=_cli("The norm before or after the activation", choices=NORM_POSITIONS)
+    # None: per kind (see __post_init__)
+    norm: str | None = dataclasses.field(
+        default=None,
+        metadata=_cli(
+            "Normalization in every block (rms: RMSNorm; instance needs cnn)",
+            choices=NORMS,
+            shown_default="none; layer for kind transformer (none with residual rezero or init t_fixup)",
+        ),
+    )
+    norm_position: str | None = dataclasses.field(
+        default=None,
+        metadata=_cli(
+            "The norm before or after the activation (mlp, cnn), or for a transformer pre (on each sublayer's "
+            "input, as GPT-2) or post (on the stream after each addition, as the original Transformer)",
+            choices=NORM_POSITIONS,
+            shown_default="before; pre for kind transformer, post with residual deepnorm",
+        ),
     )
     skip: str = dataclasses.field(
         default="none",
@@ -148,15 +176,42 @@ class NetSpec:
     seq_len: int = dataclasses.field(default=20, metadata=_cli("Time steps of the input for kind rnn", from_data=True))
     image_size: int = dataclasses.field(default=8, metadata=_cli("Input height and width for kind cnn", from_data=True))
     norm_groups: int = dataclasses.field(default=8, metadata=_cli("Groups for group norm (must divide the width)"))
+    heads: int = dataclasses.field(default=4, metadata=_cli("Attention heads for kind transformer (divide the width)"))
+    vocab: int = dataclasses.field(
+        default=64, metadata=_cli("Token vocabulary (inputs and outputs) for kind transformer", from_data=True)
+    )
+    residual: str = dataclasses.field(
+        default="plain",
+        metadata=_cli(
+            "How a transformer block adds its sublayers to the stream (plain: x + f(x); deepnorm: "
+            "LN(alpha x + f(x)), Wang et al. 2022; rezero: x + g f(x) with a zero-initialized gate g and no norm, "
+            "Bachlechner et al. 2020; skipinit: the same gate keeping the norm, De and Smith 2020)",
+            choices=RESIDUALS,
+        ),
+    )
+    qk_norm: bool = dataclasses.field(
+        default=False,
+        metadata=_cli("Normalize queries and keys per head before attention (Dehghani et al. 2023): yes or no"),
+    )
 
     def __post_init__(self) -> None:
         def choose(field: str, accepted) -> None:
             object.__setattr__(self, field, check_choice(f"NetSpec.{field}", getattr(self, field), accepted))
 
         choose("kind", KINDS)
+        transformer = self.kind == "transformer"
         if self.activation is None:
-            object.__setattr__(self, "activation", "tanh" if self.kind == "rnn" else "relu")
+            object.__setattr__(self, "activation", {"rnn": "tanh", "transformer": "gelu"}.get(self.kind, "relu"))
         choose("activation", ACTIVATIONS)
+        choose("residual", RESIDUALS)
+        if self.init is None:
+            object.__setattr__(self, "init", "glorot_uniform" if transformer else "he_uniform")
+        if self.norm is None:
+            unnormalized = self.residual == "rezero" or self.init == "t_fixup"
+            object.__setattr__(self, "norm", "layer" if transformer and not unnormalized else "none")
+        if self.norm_position is None:
+            position = ("post" if self.residual == "deepnorm" else "pre") if transformer else "before"
+            object.__setattr__(self, "norm_position", position)
         choose("norm", NORMS)
         choose("norm_position", NORM_POSITIONS)
         choose("skip", SKIPS)
@@ -170,6 +225,8 @@ class NetSpec:
             "image_size",
             "norm_groups",
             "branch_layers",
+            "heads",
+            "vocab",
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -178,7 +235,14 @@ class NetSpec:
             raise ValueError(f"NetSpec.bias must be True or False; got {self.bias!r}.")
         if not (isinstance(self.residual_scale, (int, float)) and math.isfinite(self.residual_scale)):
             raise ValueError(f"NetSpec.residual_scale must be a finite number; got {self.residual_scale!r}.")
-        get_init(self.init)  # raises, listing the registry's names, on an unknown scheme
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"NetSpec.qk_norm must be True or False; got {self.qk_norm!r}.")
+        if transformer:
+            self._check_transformer()
+        else:
+            self._check_not_transformer()
+        if self.init not in TRANSFORMER_INITS:
+            get_init(self.init)  # raises, listing the registry's names, on an unknown scheme
         if self.norm == "group" and self.width % self.norm_groups:
             raise ValueError(
                 f"NetSpec.norm_groups ({self.norm_groups}) must divide NetSpec.width ({self.width}) for group norm."
@@ -203,9 +267,68 @@ class NetSpec:
                     f"(LSTM and GRU have fixed sigmoid gates and tanh candidates); got {self.activation!r}."
                 )
 
+    def _check_transformer(self) -> None:
+        if self.norm not in ("none", "layer", "rms"):
+            raise ValueError(f"NetSpec.norm for kind='transformer' must be none, layer or rms; got {self.norm!r}.")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(
+                f"NetSpec.norm_position for kind='transformer' is pre or post (the residual addition's side); "
+                f"got {self.norm_position!r}."
+            )
+        if self.skip != "none" or self.branch_layers != 1:
+            raise ValueError(
+                "A transformer's blocks are residual by construction: leave NetSpec.skip and branch_layers at "
+                "their defaults and choose NetSpec.residual (plain, deepnorm, rezero or skipinit)."
+            )
+        if self.width % self.heads:
+            raise ValueError(f"NetSpec.heads ({self.heads}) must divide NetSpec.width ({self.width}).")
+        if self.residual == "deepnorm" and (self.norm == "none" or self.norm_position != "post"):
+            raise ValueError(
+                "NetSpec.residual='deepnorm' is a post-norm recipe, x <- LN(alpha x + f(x)) (Wang et al. 2022): "
+                "it needs norm layer or rms and norm_position post."
+            )
+        if self.init == "t_fixup" and (self.norm != "none" or self.residual != "plain"):
+            raise ValueError(
+                "NetSpec.init='t_fixup' replaces layer normalization (Huang et al. 2020): it needs norm none and "
+                "residual plain."
+            )
+
+    def _check_not_transformer(self) -> None:
+        if self.norm_position not in ("before", "after"):
+            raise ValueError(
+                f"NetSpec.norm_position for kind={self.kind!r} is before or after the activation; got "
+                f"{self.norm_position!r} (pre and post are for kind transformer)."
+            )
+        if self.norm == "rms" and self.kind == "cnn":
+            raise ValueError("NetSpec.norm='rms' normalizes features; for kind='cnn' use layer, group or batch.")
+        for field, default in (("residual", "plain"), ("qk_norm", False)):
+            if getattr(self, field) != default:
+                raise ValueError(f"NetSpec.{field} is an option of kind='transformer'; got kind={self.kind!r}.")
+        if self.init in TRANSFORMER_INITS:
+            raise ValueError(
+                f"NetSpec.init={self.init!r} is a transformer recipe; for kind={self.kind!r} use a registry scheme "
+                "(see `steadygrad inits`)."
+            )
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The inputs' dtype: token ids (int64) for a transformer, float32 otherwise."""
+        return torch.long if self.kind == "transformer" else torch.float32
+
+    def example_batch(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random (inputs, targets) batch of this network's shapes: N(0, 1) features and class targets, or for
+        a transformer uniform token ids (N, seq_len) and next-token targets (the inputs shifted by one)."""
+        if self.kind == "transformer":
+            tokens = torch.randint(0, self.vocab, (batch, self.seq_len + 1), generator=generator)
+            return tokens[:, :-1], tokens[:, 1:]
+        x = torch.randn(batch, *self.input_shape, generator=generator)
+        return x, torch.randint(0, self.out_features, (batch,), generator=generator)
+
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input example: (in_features,), (C, H, W) or (seq_len, in_features)."""
+        """Shape of one input example: (in_features,), (C, H, W), (seq_len, in_features) or (seq_len,) tokens."""
+        if self.kind == "transformer":
+            return (self.seq_len,)
         if self.kind == "cnn":
             return (self.in_features, self.image_size, self.image_size)
         if self.kind == "rnn":
@@ -227,6 +350,12 @@ class NetSpec:
         init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "custom")
         kind = self.kind if self.kind != "rnn" else f"{self.cell}-T{self.seq_len}"
         parts = [f"{kind}-{self.depth}x{self.width}", self.activation, init]
+        if self.kind == "transformer":
+            parts[0] += f"h{self.heads}"
+            parts += [f"{self.norm}norm-{self.norm_position}" if self.norm != "none" else "nonorm"]
+            parts += [self.residual] if self.residual != "plain" else []
+            parts += ["qknorm"] if self.qk_norm else []
+            return " ".join(parts)
         if self.norm != "none":
             parts.append(f"{self.norm}norm-{self.norm_position}")
         if self.skip != "none":
@@ -267,6 +396,7 @@ def _norm(spec: NetSpec) -> nn.Module:
         "batch": lambda: BatchNorm1d(width),
         "layer": lambda: LayerNorm(width),
         "group": lambda: GroupNorm(spec.norm_groups, width),
+        "rms": lambda: RMSNorm(width),
     }[spec.norm]()
 
 
@@ -373,7 +503,173 @@ class DeepNet(nn.Module):
         return f"spec: {self.spec.label()}"
 
 
-def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet:
+class ResidualGate(nn.Module):
+    """y = alpha * x with one learned scalar alpha, zero at initialization: the residual gate of ReZero
+    (Bachlechner et al. 2020) and SkipInit (De and Smith 2020). At init every block is the identity, so the
+    signal and the gradient pass through a stack of any depth unchanged, and each block grows into use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * x
+
+
+class TransformerBlock(nn.Module):
+    """One decoder block: causal self-attention then an MLP (width -> 4 width -> width), each a residual sublayer.
+
+    With f a sublayer (``attn`` or ``mlp``), by ``spec.residual`` and ``spec.norm_position``:
+
+    - plain, pre-norm (GPT-2; Xiong et al. 2020): x <- x + f(norm(x));
+    - plain, post-norm (Vaswani et al. 2017): x <- norm(x + f(x));
+    - deepnorm (Wang et al. 2022): x <- norm(alpha x + f(x)), alpha = (2 N)^(1/4) for N blocks, with the
+      weights of v, the output projection and the MLP scaled by beta = (8 N)^(-1/4) at initialization;
+    - rezero / skipinit: x <- x + g f(x) (pre-norm: x + g f(norm(x)); post-norm: norm(x + g f(x))), g a
+      ``ResidualGate`` starting at 0.
+
+    Children: ``norm1``, ``attn``, ``norm2``, ``mlp`` (``fc1``, ``act``, ``fc2``), and with a gate
+    ``attn_gate`` and ``mlp_gate``. Without normalization the norms are absent, not identities.
+    """
+
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        width = spec.width
+        self.pre = spec.norm_position == "pre"
+        self.alpha = (2 * spec.depth) ** 0.25 if spec.residual == "deepnorm" else 1.0
+        normed = spec.norm != "none"
+        if normed:
+            self.norm1 = _norm(spec)
+        self.attn = CausalSelfAttention(
+            width, spec.heads, bias=spec.bias, qk_norm=spec.qk_norm and ("rms" if spec.norm == "rms" else "layer")
+        )
+        if normed:
+            self.norm2 = _norm(spec)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(width, 4 * width, bias=spec.bias),
+                act=ACTIVATIONS[spec.activation](),
+                fc2=nn.Linear(4 * width, width, bias=spec.bias),
+            )
+        )
+        if spec.residual in ("rezero", "skipinit"):
+            self.attn_gate, self.mlp_gate = ResidualGate(), ResidualGate()
+
+    def _sublayer(self, x: torch.Tensor, f: nn.Module, norm: str, gate: str) -> torch.Tensor:
+        norm, gate = getattr(self, norm, None), getattr(self, gate, None)
+        if self.pre:
+            branch = f(norm(x) if norm is not None else x)
+            return x + (gate(branch) if gate is not None else branch)
+        branch = f(x)
+        out = self.alpha * x + (gate(branch) if gate is not None else branch)
+        return norm(out) if norm is not None else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._sublayer(x, self.attn, "norm1", "attn_gate")
+        return self._sublayer(x, self.mlp, "norm2", "mlp_gate")
+
+
+class TransformerNet(nn.Module):
+    """The causal language model ``build`` returns for ``kind="transformer"``: token ids (N, T) in, next-token
+    logits (N, T, vocab) out.
+
+    Children in forward order: ``embed`` (token embedding), ``pos_embed`` (learned positions), ``block01`` ...
+    ``blockNN`` (``TransformerBlock``), ``norm`` (the final norm, pre-norm stacks only, as GPT-2's ``ln_f``),
+    ``head`` (Linear to the vocabulary, untied).
+    """
+
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab, spec.width)
+        self.pos_embed = nn.Embedding(spec.seq_len, spec.width)
+        digits = max(2, len(str(spec.depth)))
+        for i in range(spec.depth):
+            self.add_module(f"block{i + 1:0{digits}d}", TransformerBlock(spec))
+        if spec.norm != "none" and spec.norm_position == "pre":
+            self.norm = _norm(spec)
+        self.head = nn.Linear(spec.width, spec.vocab)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [m for name, m in self.named_children() if name.startswith("block")]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(
+                f"A built transformer takes token ids of shape (batch, sequence), integers below vocab "
+                f"{self.spec.vocab}; got a {tokens.dtype} tensor of shape {tuple(tokens.shape)}."
+            )
+        if tokens.shape[1] > self.spec.seq_len:
+            raise ValueError(
+                f"The sequence ({tokens.shape[1]} tokens) is longer than the positions the net was built for "
+                f"(seq_len {self.spec.seq_len}); build it with a larger seq_len."
+            )
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos_embed(positions)
+        for block in self.blocks:
+            x = block(x)
+        norm = getattr(self, "norm", None)
+        return self.head(norm(x) if norm is not None else x)
+
+    def steadygrad_structure(self) -> Structure:
+        """This network's description for the remedies and instruments (``steadygrad.structure``)."""
+        spec = self.spec
+        return Structure(
+            label=spec.label(),
+            kind="transformer",
+            skip="residual",
+            normalized=spec.norm != "none",
+            blocks=list(self.named_children()),
+            head=self.head,
+            spec=spec,
+        )
+
+    def extra_repr(self) -> str:
+        return f"spec: {self.spec.label()}"
+
+
+def _scale_(weights, factor: float) -> None:
+    with torch.no_grad():
+        for weight in weights:
+            weight.mul_(factor)
+
+
+def _transformer_init(net: TransformerNet, generator: torch.Generator | None) -> None:
+    """Initialize a built transformer by its spec: a registry scheme on every weight layer, or one of the recipes.
+
+    - a registry scheme (``init_model``): embeddings N(0, 1), as torch's ``nn.Embedding``; then for deepnorm the
+      weights of v, the output projection and both MLP layers are multiplied by beta = (8 N)^(-1/4) (Wang et al.
+      2022, decoder-only; with ``glorot_normal`` this is the paper's ``xavier_normal_(w, gain=beta)``).
+    - ``small_init`` (Nguyen and Salazar 2019, "Transformers without Tears"): every weight N(0, 2 / (5 d)), d the
+      model width, embeddings included.
+    - ``t_fixup`` (Huang et al. 2020, decoder): Xavier uniform on every linear layer, embeddings N(0, d^(-1/2));
+      then v, the output projections, the MLP weights and the embeddings are scaled by (9 N)^(-1/4).
+    """
+    spec = net.spec
+    blocks = net.blocks
+    embeddings = [net.embed.weight, net.pos_embed.weight]
+    scaled = [
+        w for b in blocks for w in (b.attn.v_proj.weight, b.attn.out_proj.weight, b.mlp.fc1.weight, b.mlp.fc2.weight)
+    ]
+    if spec.init == "small_init":
+        std = math.sqrt(2 / (5 * spec.width))
+        init_model(net, "zeros", generator=generator, embedding=std)  # biases zero, embeddings drawn
+        for module in net.modules():
+            if isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+        return
+    if spec.init == "t_fixup":
+        init_model(net, "glorot_uniform", generator=generator, embedding=spec.width**-0.5)
+        _scale_(scaled + embeddings, (9 * spec.depth) ** -0.25)
+        return
+    init_model(net, spec.init, generator=generator)
+    if spec.residual == "deepnorm":
+        _scale_(scaled, (8 * spec.depth) ** -0.25)
+
+
+def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet | TransformerNet:
     """Build the network ``spec`` describes and initialize it with ``spec.init`` (biases zero).
 
     Args:
@@ -387,6 +683,10 @@ def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet:
     """
     if not isinstance(spec, NetSpec):
         raise TypeError(f"build takes a NetSpec; got {type(spec).__name__}.")
+    if spec.kind == "transformer":
+        net = TransformerNet(spec)
+        _transformer_init(net, generator)
+        return net
     net = DeepNet(spec)
     init_model(net, spec.init, generator=generator)
     return net

@@ -1,0 +1,164 @@
+"""Built transformers: each option is its paper's recipe, written out here independently of nets.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steadygrad.nets import NetSpec, build
+from steadygrad.structure import describe
+
+D, N = 128, 6
+
+
+def _spec(**changes) -> NetSpec:
+    return NetSpec(**{"kind": "transformer", "depth": N, "width": D, "heads": 4, "seq_len": 12, "vocab": 50, **changes})
+
+
+def _net(**changes):
+    return build(_spec(**changes), torch.Generator().manual_seed(0))
+
+
+def test_defaults_are_a_pre_ln_gelu_causal_lm():
+    spec = _spec()
+    assert (spec.norm, spec.norm_position, spec.activation, spec.init) == ("layer", "pre", "gelu", "glorot_uniform")
+    net = build(spec)
+    names = [name for name, _ in net.named_children()]
+    assert names == ["embed", "pos_embed", *(f"block0{i}" for i in range(1, N + 1)), "norm", "head"]
+    assert [n for n, _ in net.block01.named_children()] == ["norm1", "attn", "norm2", "mlp"]
+    tokens, targets = spec.example_batch(4, torch.Generator().manual_seed(1))
+    assert tokens.dtype == torch.long and tokens.shape == (4, 12)
+    torch.testing.assert_close(tokens[:, 1:], targets[:, :-1])
+    assert net(tokens).shape == (4, 12, 50)
+    structure = describe(net)
+    assert structure.kind == "transformer" and structure.skip == "residual" and structure.normalized
+
+
+def _layer_norm(x, norm):
+    return F.layer_norm(x, (D,), norm.weight, norm.bias, norm.eps)
+
+
+def test_pre_and_post_norm_blocks_compose_as_the_papers_write_them():
+    x = torch.randn(2, 12, D)
+    pre = _net().block01
+    h = x + pre.attn(_layer_norm(x, pre.norm1))
+    torch.testing.assert_close(pre(x), h + pre.mlp(_layer_norm(h, pre.norm2)))
+    post = _net(norm_position="post").block01
+    h = _layer_norm(x + post.attn(x), post.norm1)
+    torch.testing.assert_close(post(x), _layer_norm(h + post.mlp(h), post.norm2))
+
+
+def test_deepnorm_alpha_and_beta_are_wang_et_al_decoder_values():
+    net = _net(residual="deepnorm", init="glorot_normal")
+    alpha, beta = (2 * N) ** 0.25, (8 * N) ** -0.25
+    block = net.block02
+    x = torch.randn(2, 12, D)
+    h = _layer_norm(alpha * x + block.attn(x), block.norm1)
+    torch.testing.assert_close(block(x), _layer_norm(alpha * h + block.mlp(h), block.norm2))
+    xavier = math.sqrt(2 / (D + D))
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(xavier, rel=0.03)
+    assert block.attn.k_proj.weight.std().item() == pytest.approx(xavier, rel=0.03)
+    for weight in (block.attn.v_proj.weight, block.attn.out_proj.weight):
+        assert weight.std().item() == pytest.approx(beta * xavier, rel=0.03)
+    assert block.mlp.fc1.weight.std().item() == pytest.approx(beta * math.sqrt(2 / (D + 4 * D)), rel=0.03)
+    assert not hasattr(net, "norm")  # post-LN: the last block's norm is the last one
+
+
+@pytest.mark.parametrize("residual", ["rezero", "skipinit"])
+def test_a_zero_gate_makes_every_block_the_identity_at_init(residual):
+    net = _net(residual=residual)
+    assert (net.spec.norm != "none") == (residual == "skipinit")
+    tokens, targets = net.spec.example_batch(3)
+    x = net.embed(tokens) + net.pos_embed(torch.arange(12))
+    for block in net.blocks:
+        torch.testing.assert_close(block(x), x)
+    loss = F.cross_entropy(net(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    # the gate gets a gradient from the first step; the branch's own weights do not (their output is multiplied by 0)
+    assert net.block01.attn_gate.alpha.grad.abs().item() > 0
+    assert net.block01.mlp.fc2.weight.grad.abs().max().item() == 0
+
+
+def test_t_fixup_is_huang_et_al_decoder_recipe():
+    net = _net(init="t_fixup")
+    assert net.spec.norm == "none" and not hasattr(net.block01, "norm1")
+    factor = (9 * N) ** -0.25
+    assert net.embed.weight.std().item() == pytest.approx(D**-0.5 * factor, rel=0.05)
+    block = net.block03
+    xavier = math.sqrt(2 / (D + D))
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(xavier, rel=0.03)
+    assert block.attn.v_proj.weight.std().item() == pytest.approx(factor * xavier, rel=0.03)
+    assert block.mlp.fc2.weight.std().item() == pytest.approx(factor * math.sqrt(2 / (5 * D)), rel=0.03)
+
+
+def test_small_init_is_nguyen_and_salazar_normal():
+    net = _net(init="small_init")
+    std = math.sqrt(2 / (5 * D))
+    for weight in (net.embed.weight, net.block01.attn.q_proj.weight, net.block01.mlp.fc2.weight, net.head.weight):
+        assert weight.std().item() == pytest.approx(std, rel=0.05)
+        assert weight.mean().abs().item() < 0.1 * std
+    assert net.block01.attn.q_proj.bias.abs().max().item() == 0
+
+
+def test_rms_norm_and_qk_norm():
+    net = _net(norm="rms", qk_norm=True)
+    assert type(net.block01.norm1).__name__ == "RMSNorm" and net.block01.attn.qk_norm == "rms"
+    assert net.spec.label() == "transformer-6x128h4 gelu glorot_uniform rmsnorm-pre qknorm"
+
+
+def test_a_built_transformer_is_reproducible_and_learns_a_copy_task():
+    a, b = _net(), _net()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+    spec = NetSpec(kind="transformer", depth=2, width=32, heads=2, seq_len=8, vocab=8)
+    torch.manual_seed(0)
+    net = build(spec)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    tokens = torch.randint(0, 8, (64, 4))
+    x = torch.cat([tokens, tokens], 1)  # the second half repeats the first: learnable only through attention
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(net(x[:, :-1])[:, 4:].flatten(0, 1), x[:, 5:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"residual": "deepnorm", "norm_position": "pre"}, "post-norm recipe"),
+        ({"init": "t_fixup", "norm": "layer"}, "replaces layer normalization"),
+        ({"heads": 5}, "must divide"),
+        ({"skip": "residual"}, "residual by construction"),
+        ({"norm": "batch"}, "none, layer or rms"),
+        ({"norm_position": "before"}, "pre or post"),
+    ],
+)
+def test_bad_transformer_specs_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _spec(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"residual": "rezero"}, "option of kind='transformer'"),
+        ({"init": "t_fixup"}, "transformer recipe"),
+        ({"norm_position": "pre"}, "before or after"),
+    ],
+)
+def test_transformer_options_on_other_kinds_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        NetSpec(kind="mlp", **changes)
+
+
+def test_inputs_that_are_not_tokens_are_named():
+    net = _net()
+    with pytest.raises(ValueError, match="token ids"):
+        net(torch.randn(2, 12))
+    with pytest.raises(ValueError, match="seq_len 12"):
+        net(torch.zeros(2, 13, dtype=torch.long))
