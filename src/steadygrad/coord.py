@@ -1,25 +1,30 @@
 """The μP coordinate check: does every layer's output keep its size as the network gets wider?
 
 Yang et al. 2021, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer"
-(Appendix "coordinate check"; ``mup.coord_check.get_coord_data`` and ``plot_coord_data`` in microsoft/mup).
-The same model family is built at several widths n (``torch.manual_seed(seed)`` before each build), trained
-for a few steps on the same batches with the same optimizer and learning rate, and at every recorded step t
-each layer's coordinate size is measured,
+(arXiv:2203.03466), and its code, ``get_coord_data`` and ``plot_coord_data`` in microsoft/mup's
+``mup/coord_check.py``. The same model family is built at several widths n (``torch.manual_seed(seed)`` before
+each build), trained for a few steps on the same batches with the same optimizer and learning rate, and at
+every recorded step t each layer's coordinate size is measured,
 
     s_l(n, t) = mean_i |y_l,i|,
 
-the mean absolute value of the layer's output y_l over the batch and its units (the paper's l1 coordinate
-size; for a tuple or mapping output, its first floating-point tensor, ``losses.first_tensor``). Step t is the
-forward pass after t updates: t = 0 is the initialization (the forward of the first step), t = ``steps`` a
-forward after the last update. (mup records the forwards of steps 0..nsteps-1, so its last update is never
-seen; here every update is.)
+the mean absolute value of the layer's output y_l over the batch and its units (mup's ``l1``; for a tuple or
+mapping output, its first floating-point tensor, ``losses.first_tensor``; the mean over the calls of a module
+called more than once). Step t is the forward pass after t updates: t = 0 is the initialization (the forward
+of the first step), t = ``steps`` a forward after the last update. (mup numbers its forwards t = 1..nsteps,
+each taken before that step's update, so its t = 1 is the initialization and its last update is never
+measured; here every update is.)
 
 What it says. In a parametrization whose infinite-width limit is stable and learns features (μP), every
 s_l(n, t) tends to a constant as n grows: the curves against width are flat. In the standard parametrization
 (SP: PyTorch's default init, one learning rate) trained with Adam, every entry of an n-wide hidden or output
 weight matrix moves by about lr per step, in a direction correlated with the layer's input, so the layer's
-output moves by about lr * n: after one step those sizes grow like n, and a learning rate tuned at one width
-blows up at a larger one. (With SGD, SP's hidden layers grow like n^(1/2) and its output like n.)
+output moves by about lr * n: after one step those sizes grow like n (the output up to n^2, through the
+product of its own update and its input's), and a learning rate tuned at one width blows up at a larger one.
+With SGD, SP's output grows like n and its hidden layers like n^(1/2) (Yang & Hu 2021, Tensor Programs IV).
+These exponents are the large-width ones: while a layer's Θ(1) initial output still outweighs its update
+(small widths, a small lr, few steps) the measured slope is lower. Measured for SP's hidden layer under Adam
+at lr 1e-2: 0.42 over widths 32-256 after 3 steps, 0.9 over widths 256-2048 after one.
 
 The fit. Layers are grouped by role: their name with depth indices replaced by ``*``
 (``measure.series.template``), their class, and which side of them is width-sized (μP's classes, as mup's
@@ -142,6 +147,12 @@ class CoordCheck:
         """The groups with a non-finite size at some width and step."""
         return [g for g, s in self.sizes.items() if not np.isfinite(s).all()]
 
+    def slopes_at(self, step: int) -> dict[str, float]:
+        """Each group's slope of log size against log width at ``step`` (0..steps; ``slopes`` is the last)."""
+        if not 0 <= step <= self.steps:
+            raise ValueError(f"step must be between 0 and {self.steps} (the recorded steps); got {step}.")
+        return {g: fit_slope(self.widths, s[:, step]) for g, s in self.sizes.items()}
+
     def table(self) -> Table:
         """One row per (layer group, width): the size at every step and the group's slope."""
         columns = ["layer", "width", *[f"step {t}" for t in range(self.steps + 1)], "slope"]
@@ -168,21 +179,29 @@ class CoordCheck:
         from steadygrad.measure.plot import _pyplot, figure_png
 
         plt = _pyplot()
+        from matplotlib.ticker import NullFormatter
+
         shown_steps = sorted({round(i * self.steps / (MAX_PANELS - 1)) for i in range(MAX_PANELS)})
         if self.steps + 1 <= MAX_PANELS:
             shown_steps = list(range(self.steps + 1))
         drawn = self._drawn()
         fig, axes = plt.subplots(1, len(shown_steps), figsize=(2.6 * len(shown_steps) + 1.5, 2.8), squeeze=False)
         for panel, t in zip(axes[0], shown_steps, strict=True):
+            drawable = False
             for group in drawn:
                 y = self.sizes[group][:, t]
                 y = np.where(np.isfinite(y) & (y > 0), y, np.nan)  # a log axis shows neither 0 nor NaN
+                drawable |= bool(np.isfinite(y).any())
                 panel.plot(self.widths, y, marker="o", markersize=3, label=group)
             panel.set_xscale("log", base=2)
-            panel.set_yscale("log")
+            if drawable:
+                panel.set_yscale("log")
+            else:  # every size non-finite (a diverged step): a log axis has nothing to scale to
+                panel.text(0.5, 0.5, "no finite size", ha="center", va="center", transform=panel.transAxes)
             panel.set_title(f"step {t}", fontsize=9)
             panel.set_xlabel("width", fontsize=8)
-            panel.tick_params(labelsize=7)
+            panel.tick_params(which="both", labelsize=7)
+            panel.yaxis.set_minor_formatter(NullFormatter())  # the decades are labels enough
             panel.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("mean |y|", fontsize=8)
         axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -208,6 +227,9 @@ class CoordCheck:
             "recorded": "step t = the forward pass after t updates, t = 0..steps",
             "sizes": {g: [[_none_if_nan(v) for v in row] for row in s] for g, s in self.sizes.items()},
             "slopes": {g: _none_if_nan(a) for g, a in self.slopes.items()},
+            "slopes_by_step": [
+                {g: _none_if_nan(a) for g, a in self.slopes_at(t).items()} for t in range(self.steps + 1)
+            ],
             "layers": {g: list(names) for g, names in self.layers.items()},
             "roles": dict(self.roles),
             "threshold": self.threshold,
@@ -267,13 +289,16 @@ def _verdict(check: CoordCheck) -> tuple[str, bool]:
         shrinks = ", ".join(f"{g} ~ width^{check.slopes[g]:.2f}" for g in check.shrinking)
         parts.append(f"shrinks with width: {shrinks}: these layers' updates vanish at larger widths")
     if check.nonfinite:
-        where = []
-        for g in check.nonfinite:
-            bad = ~np.isfinite(check.sizes[g])
-            widths = [str(w) for w, row in zip(check.widths, bad, strict=True) if row.any()]
-            first = min(int(np.argmax(row)) for row in bad if row.any())
-            where.append(f"{g} (width {', '.join(widths)}, from step {first})")
-        parts.append(f"non-finite sizes (the run diverged) in {'; '.join(where)}; the fit used the finite ones only")
+        diverged = []  # (width, the first step with a non-finite size in any group)
+        for i, width in enumerate(check.widths):
+            bad = np.stack([~np.isfinite(check.sizes[g][i]) for g in check.nonfinite]).any(axis=0)
+            if bad.any():
+                diverged.append(f"{width} from step {int(np.argmax(bad))}")
+        groups = "every group" if len(check.nonfinite) == len(check.sizes) else ", ".join(check.nonfinite)
+        parts.append(
+            f"non-finite sizes (the run diverged) at width {', '.join(diverged)}, in {groups}; they are NaN here "
+            f"and the fit used the finite sizes only"
+        )
     if unfit:
         parts.append(f"too few finite, positive sizes at step {last} to fit: {', '.join(unfit)}")
     if not parts:
@@ -350,7 +375,7 @@ def _draw_batches(data, steps: int) -> list[tuple] | None:
     n = steps + 1
     if data is None:
         return None
-    if isinstance(data, tuple) or isinstance(data, (torch.Tensor, Mapping)):
+    if isinstance(data, (tuple, torch.Tensor, Mapping)):
         return [_batch(data, "data")] * n
     if callable(data):
         return [_batch(data(t), f"data({t})") for t in range(n)]
@@ -600,12 +625,17 @@ def _assemble(widths, steps, per_width, opt_words: str, loss_words: str) -> Coor
         notes.append(f"never called in the forward pass, so not measured: {', '.join(never)}")
     groups: dict[str, list[str]] = {}
     roles: dict[str, str] = {}
+    feeding = None  # the role of the last weight layer called so far, in forward order
     for name in called:
         shapes = [sizes.shapes.get(name) for sizes, _ in per_width]
         known = [s for s in shapes if s is not None]
         in_grows = len({s[0] for s in known}) > 1 and all(s[0] is not None for s in known)
         out_grows = len({s[1] for s in known}) > 1
         role = _ROLE[(in_grows, out_grows)]
+        if any(p.dim() >= 2 for p in modules[name].parameters()):
+            feeding = role
+        elif feeding is not None:
+            role = feeding  # an activation or a norm: the output of the weight layer that fed it
         label = f"{template(name)} ({kind_name(modules[name])}, {role})"
         groups.setdefault(label, []).append(name)
         roles[label] = role
@@ -617,10 +647,17 @@ def _assemble(widths, steps, per_width, opt_words: str, loss_words: str) -> Coor
         for label, names in groups.items()
     }
     slopes = {label: fit_slope(widths, s[:, -1]) for label, s in sizes.items()}
+    left_out = {}  # width -> the groups whose fit leaves it out
     for label, s in sizes.items():
-        left = int((~(np.isfinite(s[:, -1]) & (s[:, -1] > 0))).sum())
-        if left and math.isfinite(slopes[label]):
-            notes.append(f"the slope of {label} leaves out {left} width(s) with a non-finite or zero size")
+        if math.isfinite(slopes[label]):
+            for width, v in zip(widths, s[:, -1], strict=True):
+                if not (math.isfinite(v) and v > 0):
+                    left_out.setdefault(width, []).append(label)
+    if left_out:
+        where = "; ".join(
+            f"width {w} ({'every group' if len(gs) == len(sizes) else ', '.join(gs)})" for w, gs in left_out.items()
+        )
+        notes.append(f"the slopes at step {steps} leave out the sizes that are non-finite or zero there: {where}")
     check = CoordCheck(
         widths=list(widths),
         steps=steps,

@@ -173,12 +173,24 @@ class NetSpec:
     cell: str = dataclasses.field(
         default="rnn", metadata=_cli("Recurrent cell for kind rnn (rnn: Elman, tanh or relu)", choices=CELLS)
     )
-    seq_len: int = dataclasses.field(default=20, metadata=_cli("Time steps of the input for kind rnn", from_data=True))
+    seq_len: int = dataclasses.field(
+        default=20,
+        metadata=_cli(
+            "Sequence length: time steps for kind rnn, tokens for kind transformer (and for probe --model with "
+            "--input-dtype long)",
+            from_data=True,
+        ),
+    )
     image_size: int = dataclasses.field(default=8, metadata=_cli("Input height and width for kind cnn", from_data=True))
     norm_groups: int = dataclasses.field(default=8, metadata=_cli("Groups for group norm (must divide the width)"))
     heads: int = dataclasses.field(default=4, metadata=_cli("Attention heads for kind transformer (divide the width)"))
     vocab: int = dataclasses.field(
-        default=64, metadata=_cli("Token vocabulary (inputs and outputs) for kind transformer", from_data=True)
+        default=64,
+        metadata=_cli(
+            "Token vocabulary (inputs and outputs) for kind transformer (and for probe --model with --input-dtype "
+            "long)",
+            from_data=True,
+        ),
     )
     residual: str = dataclasses.field(
         default="plain",

@@ -123,8 +123,7 @@ def run_job(job: Job) -> dict:
             from steadygrad.measure import probe
 
             net = build(spec, generator)
-            x = torch.randn(job.batch, *spec.input_shape, generator=generator)
-            y = torch.randint(0, spec.out_features, (job.batch,), generator=generator)
+            x, y = spec.example_batch(job.batch, generator)
             report = probe(net, x, y, seed=job.seed)
             finite = [r for r in report.records if r.act_std == r.act_std]
             metrics = {

@@ -166,7 +166,6 @@ def probe_command(
     input_dtype: Annotated[
         str, typer.Option(help="With --model and no --data: float, or long for token ids (--vocab, --seq-len).")
     ] = "float",
-    vocab: Annotated[int | None, typer.Option(min=2, help="With --input-dtype long: the vocabulary size.")] = None,
 ) -> None:
     """Measure how signal and gradient travel through a deep network at initialization.
 
@@ -189,7 +188,15 @@ def probe_command(
     if mode not in ("train", "eval"):  # the probe's third mode, None (as the model is), is train for a fresh net
         raise UsageError(f"--mode must be train or eval; got {mode!r}.")
     if model is not None:
-        seq_len = (network or {}).get("seq-len")  # the built rnn's option, reused for token ids
+        # the built networks' options, reused for the user's model's synthetic token ids
+        seq_len, vocab = (network or {}).get("seq-len"), (network or {}).get("vocab")
+        if vocab is not None:
+            try:
+                vocab = int(vocab)
+            except ValueError:
+                raise UsageError(
+                    f"--vocab takes one integer (the vocabulary size) with --model; got {vocab!r}."
+                ) from None
         _probe_users_model(
             model,
             arg,
@@ -214,8 +221,7 @@ def probe_command(
         for spec in specs:
             generator = torch.Generator().manual_seed(seed)
             net = build(spec, generator)
-            x = torch.randn(batch, *spec.input_shape, generator=generator)
-            y = torch.randint(0, spec.out_features, (batch,), generator=generator)
+            x, y = spec.example_batch(batch, generator)
             reports.append(probe(net, x, y, layers=patterns, mode=mode, seed=seed, theory_prediction=show_theory))
             nets.append(net)
             progress.advance(task)

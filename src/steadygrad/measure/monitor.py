@@ -16,6 +16,7 @@ from steadygrad import _keras
 from steadygrad._autograd import in_backward
 from steadygrad._layout import REPAIRED, SUMS_PARAMETERS, SUMS_WIDTH
 from steadygrad.measure import compiled as compile_support
+from steadygrad.measure.attention import AttentionTap
 from steadygrad.measure.hooks import (
     Recorder,
     deferred_table,
@@ -273,6 +274,8 @@ class Monitor:
         self.step_count = 0  # optimizer steps seen so far
         self.loss_name = ""  # which loss the steps take, in words, as observe_loss was last told
         self._recorder = Recorder(self.layers)
+        # entropy and largest logit of each attention layer, on the passes the recorder records
+        self._attention = AttentionTap(measured, armed=lambda: self._recorder.active and not self._recorder.paused)
         self._handles: list = []
         self._pass_hook = None  # the model's forward pre-hook, only while a logged step runs
         self._pending: _PendingStep | None = None  # between the step hooks
@@ -310,6 +313,7 @@ class Monitor:
             self._handles.append(register_optimizer_step_post_hook(self._on_step_end))
         if self.scaler is not None and hasattr(self.scaler, "update"):
             self._wrap_scaler_update()
+        self._attention.attach()
         self._attached = True
         self._arm(self.schedule(self.step_count + 1))
         return self
@@ -339,12 +343,14 @@ class Monitor:
         self._passes = 0
         self._stepping, self._closure_ran = None, None
         self._recorder.reset()
+        self._attention.reset()
         self._arm(self.schedule(self.step_count + 1))
 
     def detach(self) -> None:
         """Remove every hook this monitor added and close its sinks."""
         self._arm(False)
         self._recorder.detach()
+        self._attention.detach()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -425,6 +431,7 @@ class Monitor:
         """Forget what the step being accumulated recorded so far (a forward pass that failed half way and is run
         again), keeping the step's schedule."""
         self._recorder.reset()
+        self._attention.reset()
         self._loss = None
 
     def step(self) -> FlowReport | None:
@@ -582,14 +589,37 @@ class Monitor:
                 )
             if optimizer is not None:
                 self._not_updated_by(optimizer, report)
+            self._attention_records(report)
             for sink in self.sinks:
                 sink.write(report, self.layers)
         self._pending = None
         self._loss = None
         self._passes = 0
         self._recorder.reset()  # and its gradient scale, and a pause
+        self._attention.reset()
         self._arm(self.schedule(self.step_count + 1))
         return report
+
+    def _attention_records(self, report: FlowReport) -> None:
+        """Each measured attention layer's statistics on the record that stands for it: its own, else the nearest
+        recorded module around it (a built transformer's block), else the last recorded one inside it (its
+        output projection); attention layers whose probabilities were fused away are named in a note."""
+        names = [r.name for r in report.records]
+        for layer, stats in self._attention.stats().items():
+            outer = [n for n in names if layer == n or layer.startswith(n + ".")]
+            inner = [n for n in names if n.startswith(layer + ".")]
+            target = max(outer, key=len) if outer else (inner[-1] if inner else None)
+            for record in report.records:
+                if record.name == target and math.isnan(record.attn_entropy):
+                    record.attn_entropy, record.attn_entropy_min = stats.entropy, stats.entropy_min
+                    record.attn_max_logit = stats.max_logit
+                    break
+        if self._attention.unmeasured:
+            report.notes.append(
+                "attention probabilities not measured (fused attention, e.g. SDPA, never computes them; load an HF "
+                "model with attn_implementation='eager' to measure them): "
+                + ", ".join(sorted(self._attention.unmeasured))
+            )
 
     def _not_updated_by(self, optimizer, report: FlowReport) -> None:
         """A layer whose weight the step's optimizer does not hold (frozen, or another optimizer's) was not updated

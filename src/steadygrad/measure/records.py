@@ -39,6 +39,11 @@ class LayerRecord:
     update_ratio: float = math.nan  # ||W_after - W_before|| / ||W_before|| over an optimizer step (Monitor)
     predicted_grad_norm: float = math.nan  # mean-field theory, where it applies
     predicted_second_moment: float = math.nan
+    # attention layers (measure.attention): mean row entropy in nats, averaged over heads and its lowest head,
+    # and the largest finite attention logit; NaN where the layer computes no attention or it was fused
+    attn_entropy: float = math.nan
+    attn_entropy_min: float = math.nan
+    attn_max_logit: float = math.nan
 
     @property
     def label(self) -> str:
@@ -176,6 +181,19 @@ class FlowReport:
             p = predicted[0].predicted_grad_norm / predicted[-1].predicted_grad_norm
             m = predicted[0].grad_norm / predicted[-1].grad_norm
             lines.append(f"Mean-field theory predicts a first/last gradient ratio of {p:.3g}; measured {m:.3g}.")
+        attention = [r for r in self.records if math.isfinite(r.attn_entropy)]
+        if attention:
+            low = min(attention, key=lambda r: r.attn_entropy_min)
+            sentence = (
+                f"Attention entropy over {len(attention)} attention layer(s): {attention[0].attn_entropy:.3g} nats at "
+                f"{attention[0].label} to {attention[-1].attn_entropy:.3g} at {attention[-1].label}; lowest head "
+                f"{low.attn_entropy_min:.3g} at {low.label}"
+            )
+            logits = [r for r in attention if math.isfinite(r.attn_max_logit)]
+            if logits:
+                top = max(logits, key=lambda r: r.attn_max_logit)
+                sentence += f"; largest attention logit {top.attn_max_logit:.3g} at {top.label}"
+            lines.append(sentence + ".")
         if self.unused:
             lines.append(f"Never called in the forward pass: {', '.join(self.unused)}.")
         return "\n".join(lines)
@@ -217,6 +235,7 @@ class FlowReport:
         table = Table(title=self.label or None, title_justify="left")
         columns = [c for c in _COLUMNS if not (compact and c in _DETAIL)]
         columns += ["predicted grad"] if theory and not compact else []
+        columns += ["attn H", "min H", "max logit"] if any(math.isfinite(r.attn_entropy) for r in self.records) else []
         for column in columns:
             # numbers are never cut ("0.0…" would say nothing): a narrow terminal folds the names instead
             text = column in ("layer", "kind")
@@ -235,6 +254,9 @@ class FlowReport:
                 "W grad": _fmt(r.weight_grad_norm),
                 "W var": _fmt(r.weight_var),
                 "predicted grad": _fmt(r.predicted_grad_norm),
+                "attn H": _fmt(r.attn_entropy),
+                "min H": _fmt(r.attn_entropy_min),
+                "max logit": _fmt(r.attn_max_logit),
             }
             style = "red" if (r.nonfinite_act or r.nonfinite_grad) else None
             table.add_row(*(cells[c] for c in columns), style=style)

@@ -1,0 +1,162 @@
+"""What attention did on a pass: per attention layer, the entropy of its rows per head and its largest logit.
+
+For an attention layer with probabilities P (batch, heads, queries, keys) and logits z:
+
+    H_h = mean over (batch, query) of  -sum_j P_ij log P_ij        (nats, one value per head h)
+    attn_entropy = mean_h H_h,   attn_entropy_min = min_h H_h,   attn_max_logit = max of the finite z
+
+Zhai et al. (2023, "Stabilizing Transformer Training by Preventing Attention Entropy Collapse") tie divergence
+to the collapse of H towards 0, and Dehghani et al. (2023) to the growth of the logits that drives it. The
+probabilities are read wherever they are computed in eager form:
+
+- steadygrad's ``CausalSelfAttention``: its ``AttentionSoftmax`` child's input (logits) and output (P);
+- ``nn.MultiheadAttention``: asked for per-head weights on measured passes (the caller's own return value is
+  rebuilt as they asked for it); no logits, so no largest logit;
+- Hugging Face attention modules (a class whose name ends in ``Attention`` that returns per-head weights as
+  its second output, as every HF model's eager attention does); no logits either.
+
+Under fused attention (SDPA, flash) the probabilities never exist: the layer is listed as not measured,
+which the report says, rather than a number that was never taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steadygrad._autograd import in_backward
+from steadygrad.attention import AttentionSoftmax, attention_entropy
+
+__all__ = ["AttentionStats", "AttentionTap", "attention_sites"]
+
+
+@dataclass
+class AttentionStats:
+    """One attention layer's measurement over the passes of a step (per-head entropies averaged over passes)."""
+
+    entropy_per_head: list[float]
+    max_logit: float = math.nan
+
+    @property
+    def entropy(self) -> float:
+        return sum(self.entropy_per_head) / len(self.entropy_per_head)
+
+    @property
+    def entropy_min(self) -> float:
+        return min(self.entropy_per_head)
+
+
+def _is_hf_attention(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention") and type(module).__module__.startswith("transformers.")
+
+
+def attention_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention layers whose probabilities can be read: (name, the module that computes them)."""
+    sites = []
+    for name, module in model.named_modules():
+        attention = isinstance(module, (AttentionSoftmax, nn.MultiheadAttention)) or _is_hf_attention(module)
+        if attention and not any(name.startswith(outer + ".") for outer, _ in sites):  # not an HF attention's inner
+            sites.append((name, module))
+    return sites
+
+
+def _per_head_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(N, H, T, S) probabilities -> (H,) mean row entropy per head, in float64."""
+    entropy = attention_entropy(probs.detach().double())
+    return entropy.mean(dim=tuple(d for d in range(entropy.dim()) if d != 1))
+
+
+class AttentionTap:
+    """Hooks on a model's attention layers, collecting ``AttentionStats`` on armed passes only.
+
+    ``site_of(name)`` maps a site to its layer's name (the ``CausalSelfAttention`` that owns an
+    ``AttentionSoftmax``, for instance).
+    """
+
+    def __init__(self, model: nn.Module, armed: Callable[[], bool] = lambda: True) -> None:
+        self.sites = attention_sites(model)
+        self._armed = armed  # whether this pass is measured (the Monitor's logged, unpaused passes)
+        self._handles: list = []
+        self._sums: dict[str, list] = {}  # name -> [entropy sums per head, passes, max logit]
+        self.unmeasured: set[str] = set()
+
+    @staticmethod
+    def layer_name(name: str, module: nn.Module) -> str:
+        """The attention layer a site belongs to: the softmax's parent, or the module itself."""
+        return name.rsplit(".", 1)[0] if isinstance(module, AttentionSoftmax) and "." in name else name
+
+    def attach(self) -> None:
+        for name, module in self.sites:
+            layer = self.layer_name(name, module)
+            if isinstance(module, nn.MultiheadAttention):
+                self._handles.append(module.register_forward_pre_hook(self._ask_for_weights, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._hook(layer, module), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self.unmeasured.clear()
+
+    def _ask_for_weights(self, module, args, kwargs):
+        if not self._measuring() or len(args) > 4:  # need_weights given positionally: leave the call as it is
+            return None
+        # what the caller asked for, so that the forward hook returns it in that form
+        module._steadygrad_asked = (kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True))
+        return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+    def _measuring(self) -> bool:
+        return self._armed() and not in_backward()  # a checkpointed layer's recomputation is not a second pass
+
+    def _add(self, layer: str, probs: torch.Tensor, logits: torch.Tensor | None) -> None:
+        heads = _per_head_entropy(probs)
+        sums = self._sums.setdefault(layer, [torch.zeros_like(heads), 0, -math.inf])
+        sums[0] += heads
+        sums[1] += 1
+        if logits is not None:
+            finite = logits.detach()[torch.isfinite(logits.detach())]
+            if finite.numel():
+                sums[2] = max(sums[2], float(finite.max()))
+
+    def _hook(self, layer: str, module: nn.Module):
+        def hook(mod, args, kwargs, output):
+            if not self._measuring():
+                return None
+            if isinstance(mod, AttentionSoftmax):
+                logits = args[0] if args else kwargs.get("logits")
+                self._add(layer, output, logits)
+                return None
+            if isinstance(mod, nn.MultiheadAttention):
+                need, average = getattr(mod, "_steadygrad_asked", (True, True))
+                attn_output, weights = output
+                if weights is None:
+                    self.unmeasured.add(layer)
+                    return None
+                self._add(layer, weights if weights.dim() == 4 else weights.unsqueeze(0), None)
+                if not need:
+                    return attn_output, None
+                return (attn_output, weights.mean(dim=1) if average else weights)
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if isinstance(weights, torch.Tensor) and weights.dim() == 4:
+                self._add(layer, weights, None)
+            else:
+                self.unmeasured.add(layer)
+            return None
+
+        return hook
+
+    def stats(self) -> dict[str, AttentionStats]:
+        """Per attention layer measured since the last reset."""
+        out = {}
+        for layer, (heads, passes, max_logit) in self._sums.items():
+            out[layer] = AttentionStats(
+                [float(h) / passes for h in heads], max_logit if max_logit > -math.inf else math.nan
+            )
+        return out
