@@ -118,7 +118,11 @@ def test_network_options_come_from_netspec_fields():
         assert SPEC_OPTIONS[name] == field.name
     assert "Hidden blocks (weight layers before the head). [default: 10]" in probe_help
     assert "Hidden blocks (weight layers before the head). [default: 10]" in train_help
-    assert "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. [default: relu; tanh for kind rnn; gelu for kind transformer]" in probe_help
+    assert (
+        "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. "
+        "[default: relu; tanh for kind rnn; gelu for kind transformer]"
+        in probe_help
+    )
     assert "Comma-separated values compare several networks" not in train_help
     for option in ("--kind", "--act", "--norm-position", "--residual-scale", "--norm-groups", "--bias", "--cell"):
         assert f"{option} " in train_help

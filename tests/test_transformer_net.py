@@ -162,3 +162,47 @@ def test_inputs_that_are_not_tokens_are_named():
         net(torch.randn(2, 12))
     with pytest.raises(ValueError, match="seq_len 12"):
         net(torch.zeros(2, 13, dtype=torch.long))
+
+
+def test_mup_mlp_groups_are_yang_et_al_table_3_for_adam():
+    from steadygrad.nets import NetSpec as Spec
+
+    spec = Spec(depth=3, width=256, in_features=20, parametrization="mup", base_width=64)
+    net = build(spec, torch.Generator().manual_seed(0))
+    assert net.head.weight.abs().max().item() == 0  # the output layer starts at zero
+    plain, scaled = net.steadygrad_param_groups(1e-2)
+    assert plain["lr"] == 1e-2 and scaled["lr"] == pytest.approx(1e-2 * 64 / 256)
+    ids = {id(p) for p in scaled["params"]}
+    assert ids == {id(net.block02.linear.weight), id(net.block03.linear.weight), id(net.head.weight)}
+    assert id(net.block01.linear.weight) not in ids and all(id(p) not in ids for p in (net.head.bias,))
+    assert len(plain["params"]) + len(scaled["params"]) == len(list(net.parameters()))
+    standard = build(Spec(depth=3, width=256, in_features=20))
+    (group,) = standard.steadygrad_param_groups(1e-3)
+    assert group["lr"] == 1e-3 and len(group["params"]) == len(list(standard.parameters()))
+    with pytest.raises(ValueError, match="kind='mlp'"):
+        _spec(parametrization="mup")
+
+
+def test_trainer_uses_the_nets_param_groups():
+    from steadygrad import data as sg_data
+    from steadygrad.nets import NetSpec as Spec
+    from steadygrad.train import TrainConfig, Trainer
+
+    net = build(Spec(depth=2, width=128, in_features=2, out_features=2, parametrization="mup"))
+    trainer = Trainer(net, sg_data.two_spirals(n=64), TrainConfig(epochs=1, lr=1e-2, progress=False))
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, pytest.approx(1e-2 * 64 / 128)]
+
+
+def test_python_source_text_is_the_standard_librarys_and_encodes_to_ascii():
+    import sysconfig
+    from pathlib import Path
+
+    from steadygrad.data import char_tokens, python_source_text
+
+    text = python_source_text(5000, seed=3)
+    assert len(text) == 5000 and text == python_source_text(5000, seed=3)
+    sources = "".join(p.read_text(errors="ignore") for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    assert text[:200] in sources
+    ids, vocab = char_tokens(text)
+    assert vocab == 128 and ids.dtype == torch.long and int(ids.max()) < 128
+    assert "".join(map(chr, ids[:50].tolist())) == text[:50]

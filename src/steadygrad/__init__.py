@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from steadygrad import clip, fast, init, norm, theory
 from steadygrad.clip import clip_grads_
+from steadygrad.coord import CoordCheck, coord_check
 
 # Last: binding the function replaces the attribute that importing the submodule ``steadygrad.diagnose`` set.
 from steadygrad.diagnose import diagnose
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "CoordCheck",
     "FlowReport",
     "LayerRecord",
     "MLflowSink",
@@ -44,6 +46,7 @@ __all__ = [
     "build",
     "clip",
     "clip_grads_",
+    "coord_check",
     "diagnose",
     "doctor",
     "fast",

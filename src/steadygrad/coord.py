@@ -31,19 +31,24 @@ The fit. Layers are grouped by role: their name with depth indices replaced by `
 ``infshape`` reads them off the shapes at two widths: ``input`` maps a fixed size to a width-sized one,
 ``hidden`` width to width, ``output`` width to a fixed size, ``fixed`` neither). An ``nn.Sequential``'s
 indices all read ``*``, so without the role its input, hidden and output layers, which μP scales differently,
-would be averaged into one curve. A group's size is the mean of its layers' sizes. At the last recorded step
+would be averaged into one curve. A layer without a weight of its own (an activation, a norm) takes the role
+of the weight layer that ran before it: the ReLU after an MLP's input layer is that layer's output, flat under
+SP where the hidden layers' ReLUs grow. A group's size is the mean of its layers' sizes. At the last recorded step
 each group gets the least-squares slope a of log s against log n: s grows like n^a. Only finite, positive
 sizes enter the fit; a diverged run's sizes are kept as NaN and reported.
 
-The verdict. A group is flat when |a| < ``FLAT_SLOPE`` = 0.25. The exponents that matter are 0 (μP) and the
-smallest blow-up the standard parametrization shows, 1/2 (its hidden layers under SGD; 1 under Adam); 0.25 is
-halfway, so finite-width noise of up to ±0.25 on a flat curve (measured: under ±0.1 for the μP MLP of the
-tests over widths 32-256) does not read as growth, and SP's 1/2 never reads as flat. Over a 2^3 range of
-widths a slope of 0.25 is a 1.7x change of size, 0.5 a 2.8x change. The check is ``flat`` when every group is
-flat and no size is non-finite; otherwise the verdict names the groups that grow (a >= 0.25: they blow up at
-larger widths, the parametrization is not μP), those that shrink (a <= -0.25: the layer's update vanishes
-with width, e.g. an output scaled by 1/n twice, by its multiplier and its learning rate) and those that
-diverged. A flat check over a few small widths is necessary for μP, not a proof of it.
+The verdict. A group is flat when |a| < ``FLAT_SLOPE`` = 0.25. The large-width exponents that matter are 0
+(μP) and the smallest blow-up of the standard parametrization, 1/2 (its hidden layers under SGD; 1 under
+Adam); 0.25 is halfway between, so finite-width wobble on a flat curve (under ±0.1 for the tests' μP MLP over
+widths 32-256) does not read as growth, and a layer reads as growing once it is halfway to n^(1/2). Over a
+2^3 range of widths a slope of 0.25 is a 1.7x change of size, 0.5 a 2.8x change. The check is ``flat`` when
+every group is flat and no size is non-finite; otherwise the verdict names the groups that grow (a >= 0.25:
+they blow up at larger widths, the parametrization is not μP), those that shrink (a <= -0.25: the layer's
+update vanishes with width, e.g. an output scaled by 1/n twice, by its multiplier and its learning rate) and
+those that diverged. Since measured slopes sit below their limits while the initial outputs dominate (above),
+a flat check is evidence only where the updates are visible: use the learning rate and the number of steps
+of real training, and widths as large as the machine allows. Flat over a few widths is necessary for μP, not
+a proof of it.
 
 Example::
 
@@ -179,8 +184,6 @@ class CoordCheck:
         from steadygrad.measure.plot import _pyplot, figure_png
 
         plt = _pyplot()
-        from matplotlib.ticker import NullFormatter
-
         shown_steps = sorted({round(i * self.steps / (MAX_PANELS - 1)) for i in range(MAX_PANELS)})
         if self.steps + 1 <= MAX_PANELS:
             shown_steps = list(range(self.steps + 1))
@@ -198,10 +201,11 @@ class CoordCheck:
                 panel.set_yscale("log")
             else:  # every size non-finite (a diverged step): a log axis has nothing to scale to
                 panel.text(0.5, 0.5, "no finite size", ha="center", va="center", transform=panel.transAxes)
+                panel.set_xlim(self.widths[0] / 1.2, self.widths[-1] * 1.2)
+                panel.set_yticks([])
             panel.set_title(f"step {t}", fontsize=9)
             panel.set_xlabel("width", fontsize=8)
             panel.tick_params(which="both", labelsize=7)
-            panel.yaxis.set_minor_formatter(NullFormatter())  # the decades are labels enough
             panel.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("mean |y|", fontsize=8)
         axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -564,7 +568,8 @@ def coord_check(
             ``model.parameters()``.
         lr: the learning rate, the same at every width.
         layers: which layers to record, as ``measure.select_layers`` takes it (None: its default selection).
-        seed: seeds every build and the data; the global random state is restored afterwards.
+        seed: seeds every build and the data; the global random state is restored afterwards. The models train
+            in training mode (dropout on), as mup's do.
         loss: ``loss(output, targets) -> scalar``; None resolves it by ``steadygrad.losses`` (cross-entropy for
             integer targets, mean squared error for floating ones).
 

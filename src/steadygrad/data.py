@@ -290,3 +290,33 @@ def load(
     if source in BUILTIN:
         return BUILTIN[source](test_fraction=test_fraction, standardize=standardize, seed=seed)
     return from_file(source, target=target, test_fraction=test_fraction, standardize=standardize, seed=seed)
+
+
+def python_source_text(max_chars: int = 200_000, seed: int = 0) -> str:
+    """Text that ships with every Python: the standard library's own ``.py`` sources, read at run time.
+
+    Files are taken in a seeded order (so runs are reproducible and not always the same few modules) until
+    ``max_chars`` characters are read; non-ASCII characters are dropped, so the vocabulary is at most 128.
+    """
+    import random
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file())
+    if not files:
+        raise DataError(f"No Python sources found under {root}; the character-level text needs them.")
+    random.Random(seed).shuffle(files)
+    parts, total = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="ignore").encode("ascii", "ignore").decode()
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
+def char_tokens(text: str) -> tuple[torch.Tensor, int]:
+    """A character-level encoding: (int64 token ids, vocabulary size = 128 for ASCII text)."""
+    ids = torch.frombuffer(bytearray(text.encode("ascii", "ignore")), dtype=torch.uint8).long()
+    return ids, 128

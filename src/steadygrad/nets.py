@@ -34,6 +34,7 @@ __all__ = [
     "KINDS",
     "NORMS",
     "NORM_POSITIONS",
+    "PARAMETRIZATIONS",
     "RESIDUALS",
     "SKIPS",
     "SPEC_OPTIONS",
@@ -59,6 +60,7 @@ SKIPS = ("none", "residual", "dense")
 RESIDUALS = ("plain", "deepnorm", "rezero", "skipinit")
 # Initializations that are whole-transformer recipes rather than per-layer schemes (see _transformer_init)
 TRANSFORMER_INITS = ("t_fixup", "small_init")
+PARAMETRIZATIONS = ("standard", "mup")
 # The activations a built net offers, by name; their classes, families and gains come from steadygrad.kinds.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     name: kinds.activation(name).module
@@ -201,6 +203,17 @@ class NetSpec:
             choices=RESIDUALS,
         ),
     )
+    parametrization: str = dataclasses.field(
+        default="standard",
+        metadata=_cli(
+            "standard, or mup for kind mlp: the maximal-update parametrization for Adam (Yang et al. 2021, Table 3: "
+            "a zero-initialized head, and learning rate lr * base_width / width for the hidden layers and the head)",
+            choices=PARAMETRIZATIONS,
+        ),
+    )
+    base_width: int = dataclasses.field(
+        default=64, metadata=_cli("mup's base width: where its learning rates equal the standard ones")
+    )
     qk_norm: bool = dataclasses.field(
         default=False,
         metadata=_cli("Normalize queries and keys per head before attention (Dehghani et al. 2023): yes or no"),
@@ -228,6 +241,12 @@ class NetSpec:
         choose("norm_position", NORM_POSITIONS)
         choose("skip", SKIPS)
         choose("cell", CELLS)
+        choose("parametrization", PARAMETRIZATIONS)
+        if self.parametrization == "mup" and (self.kind != "mlp" or self.skip == "dense"):
+            raise ValueError(
+                "NetSpec.parametrization='mup' is built for kind='mlp' without dense skips; for other kinds use "
+                "the standard parametrization (μP for built transformers is not provided yet)."
+            )
         for field in (
             "depth",
             "width",
@@ -239,6 +258,7 @@ class NetSpec:
             "branch_layers",
             "heads",
             "vocab",
+            "base_width",
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -495,6 +515,25 @@ class DeepNet(nn.Module):
             x = x[:, -1]  # the last time step
         return self.head(x)
 
+    def steadygrad_param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups at learning rate ``lr``: one group, or under ``parametrization="mup"``
+        μP's per-layer rates for Adam (Yang et al. 2021, Table 3; microsoft/mup's ``MuAdam``): the weights whose
+        fan-in is the width (hidden layers and the head) at ``lr * base_width / width``, the input layer's weight,
+        the biases and the norms' parameters at ``lr``."""
+        if self.spec.parametrization != "mup":
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        first = self.blocks[0]
+        scaled, plain = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                width_fan_in = (
+                    name == "weight" and isinstance(module, nn.Linear) and module.in_features == self.spec.width
+                )
+                (scaled if width_fan_in and not any(module is m for m in first.modules()) else plain).append(p)
+        return [{"params": plain, "lr": lr}, {"params": scaled, "lr": lr * self.spec.base_width / self.spec.width}]
+
     def steadygrad_structure(self) -> Structure:
         """This network's description for the remedies and instruments (``steadygrad.structure``)."""
         spec, blocks = self.spec, self.blocks
@@ -701,6 +740,9 @@ def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet | 
         return net
     net = DeepNet(spec)
     init_model(net, spec.init, generator=generator)
+    if spec.parametrization == "mup":
+        with torch.no_grad():
+            net.head.weight.zero_()  # μP's output layer starts at 0 (Yang et al. 2021, Table 3 and its D.2)
     return net
 
 

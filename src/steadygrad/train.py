@@ -228,7 +228,8 @@ class Trainer:
     # -- pieces ----------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c, params = self.config, [p for p in self.model.parameters() if p.requires_grad]
-        return make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
+        groups = getattr(self.model, "steadygrad_param_groups", None)  # per-layer learning rates (μP's)
+        return make_optimizer(c.optimizer, groups(c.lr) if callable(groups) else params, c.lr, c.weight_decay)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return self.data.inputs_for(self.kind, x)

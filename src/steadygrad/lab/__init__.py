@@ -41,6 +41,11 @@ _MODULES = (
     "c17_fixup",
     "c18_bn_scale_invariance",
     "c19_edge_of_chaos",
+    "c20_warmup",
+    "c21_deepnorm",
+    "c22_rezero",
+    "c23_mup",
+    "c24_qk_norm",
 )
 EXPERIMENTS = [importlib.import_module(f"steadygrad.lab.{name}") for name in _MODULES]
 ERROR = "error"
