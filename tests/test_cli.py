@@ -120,8 +120,7 @@ def test_network_options_come_from_netspec_fields():
     assert "Hidden blocks (weight layers before the head). [default: 10]" in train_help
     assert (
         "sigmoid, tanh, relu, leaky_relu, gelu, selu, identity. "
-        "[default: relu; tanh for kind rnn; gelu for kind transformer]"
-        in probe_help
+        "[default: relu; tanh for kind rnn; gelu for kind transformer]" in probe_help
     )
     assert "Comma-separated values compare several networks" not in train_help
     for option in ("--kind", "--act", "--norm-position", "--residual-scale", "--norm-groups", "--bias", "--cell"):

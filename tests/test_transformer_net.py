@@ -206,3 +206,13 @@ def test_python_source_text_is_the_standard_librarys_and_encodes_to_ascii():
     ids, vocab = char_tokens(text)
     assert vocab == 128 and ids.dtype == torch.long and int(ids.max()) < 128
     assert "".join(map(chr, ids[:50].tolist())) == text[:50]
+
+
+def test_replace_lets_defaulted_fields_follow_the_new_spec():
+    pre = _spec()
+    assert pre.replace(residual="deepnorm").norm_position == "post"
+    assert pre.replace(init="t_fixup").norm == "none"
+    assert pre.replace(residual="rezero").norm == "none"
+    chosen = _spec(norm="rms")
+    assert chosen.replace(residual="skipinit").norm == "rms"  # a value the user chose stays
+    assert NetSpec(kind="mlp").replace(kind="transformer").activation == "gelu"

@@ -68,6 +68,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+# NetSpec fields whose None default is resolved from the others (kind, residual, init)
+_PER_KIND_DEFAULTS = ("activation", "norm", "norm_position", "init")
+
+
 @dataclass(frozen=True)
 class SpecOption:
     """How a NetSpec field is typed on the command line (``steadygrad probe``, ``train`` and ``sweep --grid``):
@@ -368,8 +372,15 @@ class NetSpec:
         return (self.in_features,)
 
     def replace(self, **changes) -> NetSpec:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again). A field whose default depends on others (activation,
+        norm, norm_position, init) and that holds that default follows the copy's: a pre-LN transformer replaced
+        with ``residual="deepnorm"`` becomes post-LN, with ``init="t_fixup"`` loses its norms."""
+        following = {
+            name: None
+            for name in _PER_KIND_DEFAULTS
+            if name not in changes and getattr(self, name) == getattr(dataclasses.replace(self, **{name: None}), name)
+        }
+        return dataclasses.replace(self, **following, **changes)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

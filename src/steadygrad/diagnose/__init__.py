@@ -24,8 +24,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from steadygrad.diagnose._attention import attention_collapse, attention_logit_growth
 from steadygrad.diagnose._core import (
     ACTIONS,
+    ATTENTION_COLLAPSE_FRACTION,
+    ATTENTION_LOGIT_GROWTH,
+    ATTENTION_LOGIT_LARGE,
     DEAD_FRACTION,
     DEEP_WITHOUT_SKIPS,
     EXPLODING_GROWTH,
@@ -66,6 +70,9 @@ from steadygrad.measure.series import Series, series, template
 
 __all__ = [
     "ACTIONS",
+    "ATTENTION_COLLAPSE_FRACTION",
+    "ATTENTION_LOGIT_GROWTH",
+    "ATTENTION_LOGIT_LARGE",
     "DEAD_FRACTION",
     "DEEP_WITHOUT_SKIPS",
     "EXPLODING_GROWTH",
@@ -125,6 +132,7 @@ def diagnose(
     findings += vanishing(history[-1], model) + exploding(history, model) + zero_gradients(history[-1], model)
     findings += saturated(history) + dead(history) + signal(history, model) + update_ratio(history)
     findings += reused(history[-1]) + loss_at_init(history)
+    findings += attention_collapse(history) + attention_logit_growth(history)
     if model is not None:
         findings += symmetric(model) + bias_before_norm(model)
     if inputs is not None:

@@ -46,6 +46,12 @@ def vanishing_in_time(ratio: float, steps: int) -> bool:
 # scaled up by a too-large init (or a missing 1/sqrt(d) somewhere) make it confidently wrong at 3x that.
 LOSS_AT_INIT = 3.0
 
+# a layer's attention entropy, averaged over heads, below 10% of uniform attention's: rows attend as over n^0.1 keys
+ATTENTION_COLLAPSE_FRACTION = 0.1
+# the largest attention logit grew 10x between the first and last logged steps, ending above 30 (e^30: one-hot rows)
+ATTENTION_LOGIT_GROWTH = 10.0
+ATTENTION_LOGIT_LARGE = 30.0
+
 SEVERITIES = ("info", "warning", "critical")
 # What a ``Fix`` may ask for. The doctor registers one candidate builder per action
 # (``steadygrad.doctor._BUILDERS``); a new fix is a name here plus one ``@candidate(name)`` there.
@@ -63,6 +69,7 @@ ACTIONS = (
     "agc",
     "change_optimizer",
     "scale_residual",
+    "rebuild",
 )
 
 

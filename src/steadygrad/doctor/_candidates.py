@@ -371,6 +371,32 @@ def _add_skips(fix: Fix, ctx: Context) -> list[Candidate]:
     ]
 
 
+@candidate("rebuild")
+def _rebuild(fix: Fix, ctx: Context) -> list[Candidate]:
+    """A built network rebuilt with some spec fields changed (``Fix("rebuild", {"qk_norm": True})``): the
+    transformer recipes (pre-LN, DeepNorm, a residual gate, QK norm) are spec fields, so trying one is a rebuild."""
+    structure = describe(ctx.model)
+    spec = structure.spec if structure is not None else None
+    if not isinstance(spec, NetSpec):
+        raise NotApplicable(
+            f"rebuilding with {fix.params}: the model is not a steadygrad.build network; make the same change in "
+            "its code"
+        )
+    try:
+        changed = spec.replace(**fix.params)
+    except ValueError as error:
+        raise NotApplicable(f"rebuilding with {fix.params}: {error}") from None
+    changes = ", ".join(f"{k}={v!r}" for k, v in fix.params.items())
+    return [
+        Candidate(
+            f"rebuilt with {changes}",
+            fix,
+            lambda m: build(changed, ctx.generator()),
+            f"model = steadygrad.build(spec.replace({changes}))",
+        )
+    ]
+
+
 @candidate("standardize_inputs")
 def _standardize_inputs(fix: Fix, ctx: Context) -> list[Candidate]:
     inputs = ctx.tensor_inputs("standardizing the inputs")

@@ -4,6 +4,10 @@ For an attention layer with probabilities P (batch, heads, queries, keys) and lo
 
     H_h = mean over (batch, query) of  -sum_j P_ij log P_ij        (nats, one value per head h)
     attn_entropy = mean_h H_h,   attn_entropy_min = min_h H_h,   attn_max_logit = max of the finite z
+    attn_entropy_fraction = mean over heads and rows of H_row / log(keys the row may attend to)
+
+The fraction is what a rule can compare across models: 1 is uniform attention, 0 every row on one key, whatever
+the sequence length (rows with a single allowed key, a causal model's first position, are left out of it).
 
 Zhai et al. (2023, "Stabilizing Transformer Training by Preventing Attention Entropy Collapse") tie divergence
 to the collapse of H towards 0, and Dehghani et al. (2023) to the growth of the logits that drives it. The
@@ -40,6 +44,12 @@ class AttentionStats:
 
     entropy_per_head: list[float]
     max_logit: float = math.nan
+    fraction_per_head: list[float] | None = None  # entropy / its most (uniform over the allowed keys), per head
+
+    @property
+    def fraction(self) -> float:
+        values = self.fraction_per_head or [math.nan]
+        return sum(values) / len(values)
 
     @property
     def entropy(self) -> float:
@@ -65,9 +75,16 @@ def attention_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _per_head_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """(N, H, T, S) probabilities -> (H,) mean row entropy per head, in float64."""
-    entropy = attention_entropy(probs.detach().double())
-    return entropy.mean(dim=tuple(d for d in range(entropy.dim()) if d != 1))
+    """(N, H, T, S) probabilities -> (2, H): per head, the mean row entropy in float64, and the mean over rows with
+    two or more keys to choose from of the entropy as a fraction of that row's most, log(keys with P > 0)."""
+    probs = probs.detach().double()
+    entropy = attention_entropy(probs)
+    keys = (probs > 0).sum(-1)
+    choice = keys >= 2  # a row with one allowed key (a causal model's first position) has no choice to collapse
+    fraction = torch.where(choice, entropy / keys.clamp_min(2).double().log(), torch.zeros_like(entropy))
+    dims = tuple(d for d in range(entropy.dim()) if d != 1)
+    rows = choice.sum(dim=dims).clamp_min(1)
+    return torch.stack([entropy.mean(dim=dims), fraction.sum(dim=dims) / rows])
 
 
 class AttentionTap:
@@ -156,7 +173,8 @@ class AttentionTap:
         """Per attention layer measured since the last reset."""
         out = {}
         for layer, (heads, passes, max_logit) in self._sums.items():
+            entropy, fraction = (values / passes for values in heads)
             out[layer] = AttentionStats(
-                [float(h) / passes for h in heads], max_logit if max_logit > -math.inf else math.nan
+                entropy.tolist(), max_logit if max_logit > -math.inf else math.nan, fraction.tolist()
             )
         return out

@@ -612,7 +612,7 @@ class Monitor:
             for record in report.records:
                 if record.name == target and math.isnan(record.attn_entropy):
                     record.attn_entropy, record.attn_entropy_min = stats.entropy, stats.entropy_min
-                    record.attn_max_logit = stats.max_logit
+                    record.attn_max_logit, record.attn_entropy_fraction = stats.max_logit, stats.fraction
                     break
         if self._attention.unmeasured:
             report.notes.append(

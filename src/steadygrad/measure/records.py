@@ -44,6 +44,7 @@ class LayerRecord:
     attn_entropy: float = math.nan
     attn_entropy_min: float = math.nan
     attn_max_logit: float = math.nan
+    attn_entropy_fraction: float = math.nan  # the entropy over its most (uniform attention over the allowed keys)
 
     @property
     def label(self) -> str:
