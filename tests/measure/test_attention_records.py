@@ -125,3 +125,16 @@ def test_entropy_of_the_uniform_causal_rows():
     probs = probs / probs.sum(-1, keepdim=True)
     expected = torch.log(torch.arange(1, 6, dtype=torch.float64))
     torch.testing.assert_close(attention_entropy(probs.double()), expected)
+
+
+def test_t5s_position_bias_is_not_read_as_attention():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config)
+    ids = torch.randint(0, 64, (2, 12))
+    report = probe(model, {"input_ids": ids, "decoder_input_ids": ids[:, :8]})
+    # T5's attention returns (output, position_bias): no probabilities, so no value, and the note says so
+    assert all(math.isnan(r.attn_entropy) for r in report.records)
+    note = next(n for n in report.notes if "attention probabilities not measured" in n)
+    assert "EncDecAttention" in note

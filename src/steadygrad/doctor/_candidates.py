@@ -375,6 +375,8 @@ def _add_skips(fix: Fix, ctx: Context) -> list[Candidate]:
 def _rebuild(fix: Fix, ctx: Context) -> list[Candidate]:
     """A built network rebuilt with some spec fields changed (``Fix("rebuild", {"qk_norm": True})``): the
     transformer recipes (pre-LN, DeepNorm, a residual gate, QK norm) are spec fields, so trying one is a rebuild."""
+    if not fix.params:
+        raise NotApplicable("a rebuild names the NetSpec fields to change (Fix('rebuild', {'qk_norm': True}))")
     structure = describe(ctx.model)
     spec = structure.spec if structure is not None else None
     if not isinstance(spec, NetSpec):

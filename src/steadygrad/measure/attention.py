@@ -17,7 +17,9 @@ probabilities are read wherever they are computed in eager form:
 - ``nn.MultiheadAttention``: asked for per-head weights on measured passes (the caller's own return value is
   rebuilt as they asked for it); no logits, so no largest logit;
 - Hugging Face attention modules (a class whose name ends in ``Attention`` that returns per-head weights as
-  its second output, as every HF model's eager attention does); no logits either.
+  its second output, as HF models' eager attention does; a second output that is not rows of probabilities,
+  such as T5's position bias, is not read); no logits either. Under attention dropout in training the weights
+  read are the dropped ones (the probe turns dropout off).
 
 Under fused attention (SDPA, flash) the probabilities never exist: the layer is listed as not measured,
 which the report says, rather than a number that was never taken.
@@ -65,13 +67,30 @@ def _is_hf_attention(module: nn.Module) -> bool:
 
 
 def attention_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention layers whose probabilities can be read: (name, the module that computes them)."""
-    sites = []
-    for name, module in model.named_modules():
-        attention = isinstance(module, (AttentionSoftmax, nn.MultiheadAttention)) or _is_hf_attention(module)
-        if attention and not any(name.startswith(outer + ".") for outer, _ in sites):  # not an HF attention's inner
-            sites.append((name, module))
-    return sites
+    """The attention layers whose probabilities can be read: (name, the module that computes them). Of nested HF
+    attention classes (BERT's ``BertAttention`` around ``BertSelfAttention``, T5's ``T5LayerSelfAttention`` around
+    ``T5Attention``) the innermost is the one that computes the weights."""
+    named = list(model.named_modules())
+    hf = [name for name, module in named if _is_hf_attention(module)]
+
+    def innermost_hf(name: str, module: nn.Module) -> bool:
+        return _is_hf_attention(module) and not any(inner.startswith(name + ".") for inner in hf)
+
+    return [
+        (name, module)
+        for name, module in named
+        if isinstance(module, (AttentionSoftmax, nn.MultiheadAttention)) or innermost_hf(name, module)
+    ]
+
+
+def _looks_like_probabilities(weights) -> bool:
+    """A (N, H, T, S) tensor of non-negative rows summing to 1 on average (attention dropout rescales single rows,
+    not the mean): HF attention's second output is that only when it returns the weights; T5's returns its
+    position bias there instead, which must not be read as attention."""
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 4 or not weights.is_floating_point():
+        return False
+    weights = weights.detach()
+    return bool(weights.min() >= 0) and abs(float(weights.sum(-1).double().mean()) - 1.0) < 0.1
 
 
 def _per_head_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -161,7 +180,7 @@ class AttentionTap:
                     return attn_output, None
                 return (attn_output, weights.mean(dim=1) if average else weights)
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if isinstance(weights, torch.Tensor) and weights.dim() == 4:
+            if _looks_like_probabilities(weights):
                 self._add(layer, weights, None)
             else:
                 self.unmeasured.add(layer)

@@ -616,9 +616,9 @@ class Monitor:
                     break
         if self._attention.unmeasured:
             report.notes.append(
-                "attention probabilities not measured (fused attention, e.g. SDPA, never computes them; load an HF "
-                "model with attn_implementation='eager' to measure them): "
-                + ", ".join(sorted(self._attention.unmeasured))
+                "attention probabilities not measured, these layers do not return them (fused attention such as "
+                "SDPA never computes them; HF models return them with attn_implementation='eager', some only with "
+                "output_attentions=True): " + ", ".join(sorted(self._attention.unmeasured))
             )
 
     def _not_updated_by(self, optimizer, report: FlowReport) -> None:
