@@ -216,3 +216,19 @@ def test_replace_lets_defaulted_fields_follow_the_new_spec():
     chosen = _spec(norm="rms")
     assert chosen.replace(residual="skipinit").norm == "rms"  # a value the user chose stays
     assert NetSpec(kind="mlp").replace(kind="transformer").activation == "gelu"
+
+
+def test_train_and_sweep_refuse_a_transformer_on_feature_data_with_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from steadygrad.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["train", "--kind", "transformer", "--no-progress", "--logdir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "needs token sequences" in result.output
+    result = runner.invoke(
+        app, ["sweep", "--grid", "kind=transformer", "--task", "train", "--db", str(tmp_path / "s.sqlite")]
+    )
+    assert result.exit_code == 2 and "--task probe" in result.output
+    result = runner.invoke(app, ["probe", "--kind", "transformer", "--depth", "2", "--width", "32", "--seq-len", "8"])
+    assert result.exit_code == 0 and "Attention entropy over 2 attention layer(s)" in result.output

@@ -81,6 +81,11 @@ def sweep_command(
     if task not in TASKS:
         raise UsageError(f"Unknown task {task!r}. Accepted: {', '.join(TASKS)}.")
     specs = expand_grid(_grid([*grid, *(more or [])]))
+    if task == "train" and any(spec.get("kind") == "transformer" for spec in specs):
+        raise UsageError(
+            "--task train needs data a built transformer can read (token sequences), and the sweep's data sets "
+            "are features and images: sweep kind transformer with --task probe."
+        )
     train = {"epochs": epochs, "lr": lr, "optimizer": optimizer} if task == "train" else {}
     jobs = [
         Job(spec, task, seed + r, data if task == "train" else None, train, batch)

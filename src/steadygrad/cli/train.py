@@ -18,6 +18,12 @@ from steadygrad.diagnose import findings_text
 from steadygrad.nets import build, expand_specs
 from steadygrad.train import TrainConfig, Trainer
 
+# train's data sets are feature tables and images; a built transformer needs token sequences
+_NO_TOKEN_DATA = (
+    "--kind transformer needs token sequences, and train's data sets are features and images. Probe it "
+    "(`steadygrad probe --kind transformer`), sweep it with --task probe, or train it from Python "
+    "(steadygrad.data.python_source_text gives text to train on)."
+)
 DIVERGED = 1  # exit code of a run stopped by the non-finite guard
 
 
@@ -107,6 +113,8 @@ def train_command(
             "train takes one value per option; to compare several networks, use `steadygrad probe` or run "
             "train once per network."
         )
+    if specs[0].kind == "transformer":
+        raise UsageError(_NO_TOKEN_DATA)
     dataset = sg_data.load(data, target=target, test_fraction=test_fraction, standardize=standardize, seed=seed)
     spec = specs[0].replace(**dataset.spec_sizes(specs[0].kind))
     config = TrainConfig(
