@@ -287,6 +287,16 @@ class InstanceNorm3d(_InstanceNorm):
     _layout = "(N, C, D, H, W) or (C, D, H, W)"
 
 
+def _normalized_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """torch's ``normalized_shape`` argument as a tuple of positive sizes (an int is the last dimension)."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(int(d) for d in normalized_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"normalized_shape must be positive sizes; got {normalized_shape!r}.")
+    return shape
+
+
 class LayerNorm(nn.Module):
     """Layer normalization over the trailing ``normalized_shape`` dimensions (Ba, Kiros, Hinton 2016).
 
@@ -318,11 +328,7 @@ class LayerNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(d) for d in normalized_shape)
-        if not self.normalized_shape or any(d < 1 for d in self.normalized_shape):
-            raise ValueError(f"normalized_shape must be positive sizes; got {normalized_shape!r}.")
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
@@ -368,11 +374,7 @@ class RMSNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(d) for d in normalized_shape)
-        if not self.normalized_shape or any(d < 1 for d in self.normalized_shape):
-            raise ValueError(f"normalized_shape must be positive sizes; got {normalized_shape!r}.")
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         _affine_parameters(self, self.normalized_shape, elementwise_affine, False, {"device": device, "dtype": dtype})
