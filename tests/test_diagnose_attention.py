@@ -28,12 +28,27 @@ def test_fresh_built_transformers_get_no_attention_finding(changes):
     assert not _attention_kinds(diagnose(report))
 
 
-def test_a_fresh_hf_gpt2_gets_no_attention_finding():
+def _hf(name: str):
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
+        return transformers.GPT2LMHeadModel(config)
+    if name == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    return transformers.BertForMaskedLM(config)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_fresh_hf_models_in_eager_attention_get_no_attention_finding(name):
+    model = _hf(name)
+    model.config._attn_implementation = "eager"
     tokens = torch.randint(0, 100, (4, 32))
     report = probe(model, {"input_ids": tokens, "labels": tokens})
     assert any(math.isfinite(r.attn_entropy_fraction) for r in report.records)

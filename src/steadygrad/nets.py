@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -346,11 +347,6 @@ class NetSpec:
                 "(see `steadygrad inits`)."
             )
 
-    @property
-    def input_dtype(self) -> torch.dtype:
-        """The inputs' dtype: token ids (int64) for a transformer, float32 otherwise."""
-        return torch.long if self.kind == "transformer" else torch.float32
-
     def example_batch(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A random (inputs, targets) batch of this network's shapes: N(0, 1) features and class targets, or for
         a transformer uniform token ids (N, seq_len) and next-token targets (the inputs shifted by one)."""
@@ -533,16 +529,19 @@ class DeepNet(nn.Module):
         the biases and the norms' parameters at ``lr``."""
         if self.spec.parametrization != "mup":
             return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-        first = self.blocks[0]
+        input_layer = {id(m) for m in self.blocks[0].modules()}  # its fan-in is the data's, not the width
         scaled, plain = [], []
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
                 width_fan_in = (
-                    name == "weight" and isinstance(module, nn.Linear) and module.in_features == self.spec.width
+                    name == "weight"
+                    and isinstance(module, nn.Linear)
+                    and module.in_features == self.spec.width
+                    and id(module) not in input_layer
                 )
-                (scaled if width_fan_in and not any(module is m for m in first.modules()) else plain).append(p)
+                (scaled if width_fan_in else plain).append(p)
         return [{"params": plain, "lr": lr}, {"params": scaled, "lr": lr * self.spec.base_width / self.spec.width}]
 
     def steadygrad_structure(self) -> Structure:
@@ -716,11 +715,7 @@ def _transformer_init(net: TransformerNet, generator: torch.Generator | None) ->
     ]
     if spec.init == "small_init":
         std = math.sqrt(2 / (5 * spec.width))
-        init_model(net, "zeros", generator=generator, embedding=std)  # biases zero, embeddings drawn
-        for module in net.modules():
-            if isinstance(module, nn.Linear):
-                with torch.no_grad():
-                    module.weight.normal_(0.0, std, generator=generator)
+        init_model(net, functools.partial(nn.init.normal_, mean=0.0, std=std), generator=generator, embedding=std)
         return
     if spec.init == "t_fixup":
         init_model(net, "glorot_uniform", generator=generator, embedding=spec.width**-0.5)

@@ -138,3 +138,24 @@ def test_t5s_position_bias_is_not_read_as_attention():
     assert all(math.isnan(r.attn_entropy) for r in report.records)
     note = next(n for n in report.notes if "attention probabilities not measured" in n)
     assert "EncDecAttention" in note
+
+
+def test_multihead_attention_called_with_positional_need_weights_is_left_as_called_and_not_measured():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head, self.returned = attn, nn.Linear(16, 3), None
+
+        def forward(self, x):
+            out, self.returned = self.attn(x, x, x, None, True)  # need_weights positional: averaged (N, T, S)
+            return self.head(out)
+
+    model = Model()
+    x = torch.randn(4, 7, 16)
+    report = probe(model, x)
+    assert all(math.isnan(r.attn_entropy) for r in report.records)
+    assert model.returned.shape == (4, 7, 7)
+    assert any("attention probabilities not measured" in n and "attn" in n for n in report.notes)

@@ -45,13 +45,12 @@ class AttentionStats:
     """One attention layer's measurement over the passes of a step (per-head entropies averaged over passes)."""
 
     entropy_per_head: list[float]
+    fraction_per_head: list[float]  # entropy / its most (uniform over the allowed keys), per head
     max_logit: float = math.nan
-    fraction_per_head: list[float] | None = None  # entropy / its most (uniform over the allowed keys), per head
 
     @property
     def fraction(self) -> float:
-        values = self.fraction_per_head or [math.nan]
-        return sum(values) / len(values)
+        return sum(self.fraction_per_head) / len(self.fraction_per_head)
 
     @property
     def entropy(self) -> float:
@@ -90,7 +89,8 @@ def _looks_like_probabilities(weights) -> bool:
     if not isinstance(weights, torch.Tensor) or weights.dim() != 4 or not weights.is_floating_point():
         return False
     weights = weights.detach()
-    return bool(weights.min() >= 0) and abs(float(weights.sum(-1).double().mean()) - 1.0) < 0.1
+    smallest, row_sum = torch.stack([weights.min().double(), weights.sum(-1).double().mean()]).tolist()  # one sync
+    return smallest >= 0 and abs(row_sum - 1.0) < 0.1
 
 
 def _per_head_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -107,17 +107,16 @@ def _per_head_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionTap:
-    """Hooks on a model's attention layers, collecting ``AttentionStats`` on armed passes only.
-
-    ``site_of(name)`` maps a site to its layer's name (the ``CausalSelfAttention`` that owns an
-    ``AttentionSoftmax``, for instance).
-    """
+    """Hooks on a model's attention layers, collecting ``AttentionStats`` on armed passes only, keyed by the
+    attention layer's name (``layer_name``: the ``CausalSelfAttention`` that owns an ``AttentionSoftmax``)."""
 
     def __init__(self, model: nn.Module, armed: Callable[[], bool] = lambda: True) -> None:
         self.sites = attention_sites(model)
         self._armed = armed  # whether this pass is measured (the Monitor's logged, unpaused passes)
         self._handles: list = []
-        self._sums: dict[str, list] = {}  # name -> [entropy sums per head, passes, max logit]
+        # name -> [(entropy, fraction) sums per head, passes, largest logit as a tensor: no host sync per pass]
+        self._sums: dict[str, list] = {}
+        self._asked: dict[int, tuple[bool, bool] | None] = {}  # per nn.MultiheadAttention: the caller's weights form
         self.unmeasured: set[str] = set()
 
     @staticmethod
@@ -142,10 +141,13 @@ class AttentionTap:
         self.unmeasured.clear()
 
     def _ask_for_weights(self, module, args, kwargs):
-        if not self._measuring() or len(args) > 4:  # need_weights given positionally: leave the call as it is
+        if not self._measuring():
+            return None
+        if len(args) > 4:  # need_weights given positionally: the call is left as it is, and not measured
+            self._asked[id(module)] = None
             return None
         # what the caller asked for, so that the forward hook returns it in that form
-        module._steadygrad_asked = (kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True))
+        self._asked[id(module)] = (kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True))
         return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
 
     def _measuring(self) -> bool:
@@ -153,13 +155,13 @@ class AttentionTap:
 
     def _add(self, layer: str, probs: torch.Tensor, logits: torch.Tensor | None) -> None:
         heads = _per_head_entropy(probs)
-        sums = self._sums.setdefault(layer, [torch.zeros_like(heads), 0, -math.inf])
+        sums = self._sums.setdefault(layer, [torch.zeros_like(heads), 0, None])
         sums[0] += heads
         sums[1] += 1
         if logits is not None:
-            finite = logits.detach()[torch.isfinite(logits.detach())]
-            if finite.numel():
-                sums[2] = max(sums[2], float(finite.max()))
+            logits = logits.detach()
+            largest = torch.where(torch.isfinite(logits), logits, -math.inf).amax().double()
+            sums[2] = largest if sums[2] is None else torch.maximum(sums[2], largest)
 
     def _hook(self, layer: str, module: nn.Module):
         def hook(mod, args, kwargs, output):
@@ -170,11 +172,12 @@ class AttentionTap:
                 self._add(layer, output, logits)
                 return None
             if isinstance(mod, nn.MultiheadAttention):
-                need, average = getattr(mod, "_steadygrad_asked", (True, True))
+                asked = self._asked.pop(id(mod), None)
                 attn_output, weights = output
-                if weights is None:
+                if asked is None or weights is None:
                     self.unmeasured.add(layer)
                     return None
+                need, average = asked
                 self._add(layer, weights if weights.dim() == 4 else weights.unsqueeze(0), None)
                 if not need:
                     return attn_output, None
@@ -191,9 +194,10 @@ class AttentionTap:
     def stats(self) -> dict[str, AttentionStats]:
         """Per attention layer measured since the last reset."""
         out = {}
-        for layer, (heads, passes, max_logit) in self._sums.items():
+        for layer, (heads, passes, largest) in self._sums.items():
             entropy, fraction = (values / passes for values in heads)
+            max_logit = float(largest) if largest is not None else math.nan
             out[layer] = AttentionStats(
-                entropy.tolist(), max_logit if max_logit > -math.inf else math.nan, fraction.tolist()
+                entropy.tolist(), fraction.tolist(), max_logit if max_logit > -math.inf else math.nan
             )
         return out
