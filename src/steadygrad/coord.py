@@ -67,6 +67,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,12 +75,12 @@ from torch import nn
 
 from steadygrad._checks import check_choice, check_positive
 from steadygrad.display import Figure, Table
-from steadygrad.losses import first_tensor, resolve_loss_named, tensors
+from steadygrad.losses import callable_name, first_tensor, resolve_loss_named, tensors
 from steadygrad.measure.hooks import kind_name
 from steadygrad.measure.layers import LayerSelector, select_layers
 from steadygrad.measure.probe import call_model
 from steadygrad.measure.series import template
-from steadygrad.optimizers import OPTIMIZERS, make_optimizer
+from steadygrad.optimizers import OPTIMIZERS, make_optimizer, param_groups
 
 __all__ = ["FLAT_SLOPE", "ROLES", "CoordCheck", "coord_check", "fit_slope"]
 
@@ -154,6 +155,7 @@ class CoordCheck:
 
     def slopes_at(self, step: int) -> dict[str, float]:
         """Each group's slope of log size against log width at ``step`` (0..steps; ``slopes`` is the last)."""
+        step = operator.index(step)
         if not 0 <= step <= self.steps:
             raise ValueError(f"step must be between 0 and {self.steps} (the recorded steps); got {step}.")
         return {g: fit_slope(self.widths, s[:, step]) for g, s in self.sizes.items()}
@@ -185,8 +187,6 @@ class CoordCheck:
 
         plt = _pyplot()
         shown_steps = sorted({round(i * self.steps / (MAX_PANELS - 1)) for i in range(MAX_PANELS)})
-        if self.steps + 1 <= MAX_PANELS:
-            shown_steps = list(range(self.steps + 1))
         drawn = self._drawn()
         fig, axes = plt.subplots(1, len(shown_steps), figsize=(2.6 * len(shown_steps) + 1.5, 2.8), squeeze=False)
         for panel, t in zip(axes[0], shown_steps, strict=True):
@@ -272,8 +272,13 @@ def fit_slope(widths: Sequence[float], sizes: Sequence[float]) -> float:
 
     Only the points with a finite, positive size count; NaN when fewer than two are left.
     """
-    x = np.log(np.asarray(widths, dtype=float))
+    x = np.asarray(widths, dtype=float)
     s = np.asarray(sizes, dtype=float)
+    if x.shape != s.shape or x.ndim != 1 or (x <= 0).any():
+        raise ValueError(
+            f"fit_slope takes as many sizes as widths, and positive widths; got widths {list(x)} and {s.size} sizes."
+        )
+    x = np.log(x)
     ok = np.isfinite(s) & (s > 0)
     if ok.sum() < 2:
         return math.nan
@@ -425,10 +430,6 @@ def _to(obj, device: torch.device):
     return obj
 
 
-def _callable_name(obj) -> str:
-    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
-
-
 def _make_optimizer(optimizer, model: nn.Module, lr: float) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer of one width, and in words which parameter groups it took."""
     if not isinstance(optimizer, str):
@@ -436,20 +437,15 @@ def _make_optimizer(optimizer, model: nn.Module, lr: float) -> tuple[torch.optim
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer= as a callable must return a torch.optim.Optimizer from (model, lr); "
-                f"{_callable_name(optimizer)} returned {type(opt).__name__}."
+                f"{callable_name(optimizer)} returned {type(opt).__name__}."
             )
-        return opt, f"{_callable_name(optimizer)}(model, lr={lr:g}), {len(opt.param_groups)} param groups"
-    param_groups = getattr(model, "steadygrad_param_groups", None)
-    if callable(param_groups):
-        groups = param_groups(lr)
-        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
-            raise TypeError(
-                f"{type(model).__name__}.steadygrad_param_groups(lr) must return a list of torch param-group dicts "
-                f"({{'params': [...], 'lr': ...}}); got {type(groups).__name__}."
-            )
+        return opt, f"{callable_name(optimizer)}(model, lr={lr:g}), {len(opt.param_groups)} param groups"
+    groups = param_groups(model, lr)
+    if callable(getattr(model, "steadygrad_param_groups", None)):
         words = f"{optimizer}, lr {lr:g}, {len(groups)} param groups from steadygrad_param_groups(lr)"
-        return make_optimizer(optimizer, groups, lr), words
-    return make_optimizer(optimizer, model.parameters(), lr), f"{optimizer}, lr {lr:g}, one group (model.parameters())"
+    else:
+        words = f"{optimizer}, lr {lr:g}, one group (model.parameters())"
+    return make_optimizer(optimizer, groups, lr), words
 
 
 # -- one width ---------------------------------------------------------------------------------------------------
@@ -466,7 +462,6 @@ class _Sizes:
         self.selected = selected
         self.passes: list[dict[str, list[torch.Tensor]]] = []
         self.shapes: dict[str, tuple[tuple | None, tuple]] = {}  # name -> (input shape, output shape), 1st call
-        self.order: list[str] = []  # names in the order of their first call
         self._handles: list = []
 
     def _hook(self, name: str):
@@ -479,7 +474,6 @@ class _Sizes:
             if name not in self.shapes:
                 inputs = tensors([args, kwargs])
                 self.shapes[name] = (tuple(inputs[0].shape) if inputs else None, tuple(y.shape))
-                self.order.append(name)
 
         return hook
 
@@ -491,6 +485,7 @@ class _Sizes:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.selected = []  # the sizes outlive the model: hold none of its modules
 
     def new_pass(self) -> None:
         self.passes.append({})
@@ -505,7 +500,14 @@ class _Sizes:
         return np.where(np.isfinite(out), out, np.nan)
 
 
-def _run(model, batches, optimizer, lr, loss, steps, layers) -> tuple[_Sizes, dict[str, nn.Module], str, str]:
+class _LayerInfo(NamedTuple):
+    """What the grouping needs of a layer, kept instead of the module so that each width's model can be freed."""
+
+    kind: str
+    owns_weight: bool  # a weight of 2+ dims: a layer whose role (input, hidden, output) is its own
+
+
+def _run(model, batches, optimizer, lr, loss, steps, layers) -> tuple[_Sizes, dict[str, _LayerInfo], str, str]:
     """Train ``model`` for ``steps`` steps on ``batches``, recording the sizes of the forwards t = 0..steps."""
     selected = select_layers(model, layers)
     if not selected:
@@ -529,9 +531,14 @@ def _run(model, batches, optimizer, lr, loss, steps, layers) -> tuple[_Sizes, di
             if not isinstance(value, torch.Tensor) or value.dim() != 0:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"The loss must be a scalar tensor to train on; {loss_words} gave {shape}.")
+            if not value.requires_grad:
+                raise ValueError(
+                    f"The loss ({loss_words}) does not depend on any parameter that requires grad: nothing to train."
+                )
             value.backward()  # a non-finite loss trains on: its NaN reaches the sizes, which report it
             opt.step()
-    return sizes, dict(selected), opt_words, loss_words
+    layers_info = {name: _LayerInfo(kind_name(m), any(p.dim() >= 2 for p in m.parameters())) for name, m in selected}
+    return sizes, layers_info, opt_words, loss_words
 
 
 # -- the check ---------------------------------------------------------------------------------------------------
@@ -591,7 +598,7 @@ def coord_check(
     if loss is not None and not callable(loss):
         raise TypeError(f"loss must be None or a callable loss(output, targets) -> scalar; got {type(loss).__name__}.")
 
-    per_width: list[tuple[_Sizes, dict[str, nn.Module]]] = []
+    per_width: list[tuple[_Sizes, dict[str, _LayerInfo]]] = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         batches = _draw_batches(data, steps)
@@ -622,8 +629,8 @@ def coord_check(
 def _assemble(widths, steps, per_width, opt_words: str, loss_words: str) -> CoordCheck:
     """Group the layers by (template, class, role), average their sizes, fit and judge."""
     first, modules = per_width[0]
-    called = [n for n in first.order]  # forward order at the smallest width
-    called += [n for sizes, _ in per_width[1:] for n in sizes.order if n not in called]
+    called = list(first.shapes)  # forward order at the smallest width (first calls, in insertion order)
+    called += [n for sizes, _ in per_width[1:] for n in sizes.shapes if n not in called]
     notes = []
     never = [n for n in modules if n not in called]
     if never:
@@ -637,11 +644,11 @@ def _assemble(widths, steps, per_width, opt_words: str, loss_words: str) -> Coor
         in_grows = len({s[0] for s in known}) > 1 and all(s[0] is not None for s in known)
         out_grows = len({s[1] for s in known}) > 1
         role = _ROLE[(in_grows, out_grows)]
-        if any(p.dim() >= 2 for p in modules[name].parameters()):
+        if modules[name].owns_weight:
             feeding = role
         elif feeding is not None:
             role = feeding  # an activation or a norm: the output of the weight layer that fed it
-        label = f"{template(name)} ({kind_name(modules[name])}, {role})"
+        label = f"{template(name)} ({modules[name].kind}, {role})"
         groups.setdefault(label, []).append(name)
         roles[label] = role
         absent = [str(w) for w, s in zip(widths, shapes, strict=True) if s is None]

@@ -199,8 +199,9 @@ def projection_loss(output, seed: int = 0) -> torch.Tensor:
     return total
 
 
-def _callable_name(loss: Callable) -> str:
-    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", None) or type(loss).__name__
+def callable_name(obj: Callable) -> str:
+    """A callable's name for a message: its qualified name, its name, or its type's name."""
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
 
 
 def resolve_loss_named(
@@ -213,7 +214,7 @@ def resolve_loss_named(
     """The loss of one step and its name in words, by the order in this module's docstring."""
     if loss is not None:
         value = loss(output) if targets is None else loss(output, targets)
-        return value, f"loss= {_callable_name(loss)}"
+        return value, f"loss= {callable_name(loss)}"
     own = own_loss(output)
     if own is not None:
         return own, "the model's own loss (output.loss)"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["OPTIMIZERS", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "param_groups"]
 
 _FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
@@ -20,6 +20,22 @@ _FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
 }
 OPTIMIZERS: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def param_groups(model: torch.nn.Module, lr: float) -> list:
+    """What an optimizer for ``model`` at ``lr`` should hold: the model's own parameter groups when it defines
+    ``steadygrad_param_groups(lr)`` (μP's per-layer learning rates, ``NetSpec(parametrization="mup")``), else its
+    parameters that require grad."""
+    own = getattr(model, "steadygrad_param_groups", None)
+    if not callable(own):
+        return [p for p in model.parameters() if p.requires_grad]
+    groups = own(lr)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise TypeError(
+            f"{type(model).__name__}.steadygrad_param_groups(lr) must return a list of torch param-group dicts "
+            f"({{'params': [...], 'lr': ...}}); got {type(groups).__name__}."
+        )
+    return groups
 
 
 def make_optimizer(

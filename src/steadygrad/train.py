@@ -25,7 +25,7 @@ from steadygrad.losses import resolve_loss_named
 from steadygrad.measure import JsonlSink, MLflowSink, Monitor, TensorBoardSink, probe
 from steadygrad.measure.sinks import sqlite_uri
 from steadygrad.norm.convert import convert_sync_batchnorm
-from steadygrad.optimizers import OPTIMIZERS, make_optimizer
+from steadygrad.optimizers import OPTIMIZERS, make_optimizer, param_groups
 from steadygrad.structure import describe
 from steadygrad.train_callbacks import (
     Callback,
@@ -227,9 +227,8 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        c, params = self.config, [p for p in self.model.parameters() if p.requires_grad]
-        groups = getattr(self.model, "steadygrad_param_groups", None)  # per-layer learning rates (μP's)
-        return make_optimizer(c.optimizer, groups(c.lr) if callable(groups) else params, c.lr, c.weight_decay)
+        c = self.config
+        return make_optimizer(c.optimizer, param_groups(self.model, c.lr), c.lr, c.weight_decay)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return self.data.inputs_for(self.kind, x)
