@@ -120,7 +120,10 @@ def test_standard_parametrization_grows_with_width(sp_check):
 def test_growth_comes_from_the_updates(sp_check):
     """At initialization SP is flat (Kaiming-style init is right for the forward pass); the updates grow."""
     assert all(abs(a) < FLAT_SLOPE for a in sp_check.slopes_at(0).values())
-    assert sp_check.slopes_at(STEPS) == sp_check.slopes
+    # the slope is the least-squares fit of log size on log width, as numpy's polyfit computes it
+    for group, sizes in sp_check.sizes.items():
+        expected = np.polyfit(np.log(sp_check.widths), np.log(sizes[:, STEPS]), 1)[0]
+        assert sp_check.slopes[group] == pytest.approx(expected, rel=1e-9)
 
 
 # -- 2. μP stays flat, through its own param groups --------------------------------------------------------------
@@ -310,7 +313,23 @@ def test_hooks_are_removed_also_on_error(batch):
         coord_check(make, [32, 64], 2, batch)
     assert not built[0].lin._forward_hooks
     ok = coord_check(sp_mlp, [32, 64], 1, batch)
-    assert ok.sizes  # and a later check is not disturbed
+    fresh = coord_check(sp_mlp, [32, 64], 1, batch)  # a later check is not disturbed by the failed one's hooks
+    assert ok.sizes.keys() == fresh.sizes.keys()
+    for group in ok.sizes:
+        np.testing.assert_array_equal(ok.sizes[group], fresh.sizes[group])
+
+
+def test_a_loss_without_a_gradient_and_bad_fit_inputs_are_named():
+    frozen = lambda width: sp_mlp(width).requires_grad_(False)  # noqa: E731
+    data = (torch.randn(8, 16), torch.randint(0, 10, (8,)))
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        coord_check(frozen, [32, 64], 1, data)
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        coord_check(sp_mlp, [32, 64], 1, data, loss=lambda output, targets: torch.zeros(()))
+    with pytest.raises(ValueError, match="as many sizes as widths"):
+        fit_slope([32, 64, 128], [1.0, 2.0])
+    with pytest.raises(TypeError):
+        coord_check(sp_mlp, [32, 64], 1, (torch.randn(8, 16), torch.randint(0, 10, (8,)))).slopes_at(1.5)
 
 
 # -- 4. validation ------------------------------------------------------------------------------------------------

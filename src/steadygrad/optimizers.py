@@ -28,7 +28,13 @@ def param_groups(model: torch.nn.Module, lr: float) -> list:
     parameters that require grad."""
     own = getattr(model, "steadygrad_param_groups", None)
     if not callable(own):
-        return [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"{type(model).__name__} has no parameter that requires grad: nothing to optimize. Unfreeze some "
+                "(p.requires_grad_(True))."
+            )
+        return params
     groups = own(lr)
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise TypeError(
