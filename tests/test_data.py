@@ -95,3 +95,145 @@ def _npz(folder, **arrays):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+# --- synthetic sequence tasks ---------------------------------------------------------------------------------
+
+IGNORED = -100  # written out: the tests check the module's constant against it and against losses'
+
+
+def _expected_copy_row(first: list[int], separator: int, reverse: bool) -> tuple[list[int], list[int]]:
+    """The row written out by hand: content, separator, the (reversed) content; targets are the next token."""
+    row = [*first, separator, *(first[::-1] if reverse else first)]
+    k = len(first)
+    return row[:-1], [IGNORED] * k + row[k + 1 :]
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse"])
+def test_copy_and_reverse_rows_are_content_separator_content(name):
+    vocab, seq_len = 10, 12
+    task = data.sequence_task(name, n=50, seq_len=seq_len, vocab=vocab, seed=4)
+    assert task.inputs.shape == task.targets.shape == (50, seq_len)
+    assert task.inputs.dtype == task.targets.dtype == torch.int64
+    k = seq_len // 2
+    for inputs, targets in zip(task.inputs.tolist(), task.targets.tolist(), strict=True):
+        first = inputs[:k]
+        assert all(0 <= token < vocab - 1 for token in first)  # the top id is never content
+        assert (inputs, targets) == _expected_copy_row(first, vocab - 1, reverse=name == "reverse")
+    # the scored targets are the first half (reversed): exactly the last k positions are scored
+    half = task.inputs[:, :k]
+    assert torch.equal(task.targets[:, k:], half.flip(1) if name == "reverse" else half)
+    assert torch.equal(task.scored, torch.arange(seq_len).expand(50, -1) >= k)
+    assert len(set(map(tuple, half.tolist()))) > 45  # rows are drawn, not repeated
+
+
+def test_recall_rows_are_key_value_pairs_then_a_query_for_one_value():
+    vocab, seq_len = 16, 12
+    pairs, key_ids = seq_len // 2 - 1, (vocab - 1) // 2
+    task = data.sequence_task("recall", n=200, seq_len=seq_len, vocab=vocab, seed=2)
+    asked = []
+    for inputs, targets in zip(task.inputs.tolist(), task.targets.tolist(), strict=True):
+        keys, values = inputs[0 : 2 * pairs : 2], inputs[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and all(0 <= key < key_ids for key in keys)
+        assert all(key_ids <= value < vocab - 1 for value in values)
+        assert inputs[-2] == vocab - 1  # the query marker
+        query = inputs[-1]
+        assert query in keys
+        position = inputs.index(query)  # its first occurrence: the key slot, as keys and values never collide
+        assert targets == [IGNORED] * (seq_len - 1) + [inputs[position + 1]]
+        asked.append(keys.index(query))
+    assert set(asked) == set(range(pairs))  # every pair gets asked about
+
+
+def test_masked_positions_are_left_out_of_the_loss():
+    import torch.nn.functional as F
+
+    from steadygrad import losses
+
+    assert data.IGNORE_INDEX == losses.IGNORE_INDEX == IGNORED
+    for name in data.SEQUENCE_TASKS:
+        task = data.sequence_task(name, n=8, seq_len=8, vocab=10)
+        logits = torch.randn(8, 8, 10, generator=torch.Generator().manual_seed(0))
+        scored = task.scored
+        expected = F.cross_entropy(logits[scored], task.targets[scored])
+        torch.testing.assert_close(losses.task_loss(logits, task.targets), expected)
+        assert int(scored.sum()) == 8 * (1 if name == "recall" else 4)
+
+
+def test_sequence_tasks_are_reproducible_by_seed_and_batches_are_rows():
+    a, b = data.sequence_task("recall", seed=5), data.sequence_task("recall", seed=5)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.inputs, data.sequence_task("recall", seed=6).inputs)
+    task = data.sequence_task("copy", n=20, seq_len=6, vocab=5, seed=1)
+    x, y = task.batch(32, torch.Generator().manual_seed(3))
+    again = task.batch(32, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (32, 6) and torch.equal(x, again[0]) and torch.equal(y, again[1])
+    rows = {(tuple(i), tuple(t)) for i, t in zip(task.inputs.tolist(), task.targets.tolist(), strict=True)}
+    assert all((tuple(i), tuple(t)) in rows for i, t in zip(x.tolist(), y.tolist(), strict=True))
+
+
+def test_a_sequence_task_reads_in_one_line_and_is_frozen():
+    import dataclasses
+
+    task = data.sequence_task("copy", n=5, seq_len=8, vocab=10)
+    line = "SequenceTask copy: 5 sequences x 8 tokens, vocab 10, 4 scored positions per row"
+    assert str(task) == repr(task) == line
+    assert str(data.sequence_task("recall", n=3, seq_len=8, vocab=10)).endswith("1 scored position per row")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.vocab = 11
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"name": "sort"}, r"Unknown sequence task 'sort'\. Accepted: copy, reverse, recall"),
+        ({"name": "copy", "n": 0}, r"n must be a whole number >= 1; got 0"),
+        ({"name": "copy", "seq_len": 7}, r"seq_len must be even for 'copy'.*got 7\. Use 6 or 8"),
+        ({"name": "reverse", "seq_len": 0}, r"seq_len must be a whole number >= 2; got 0"),
+        ({"name": "recall", "seq_len": 2}, r"seq_len must be a whole number >= 4; got 2"),
+        ({"name": "copy", "vocab": 2}, r"vocab 2 is too small for 'copy'.*vocab >= 3\. Raise vocab"),
+        (
+            {"name": "recall", "seq_len": 16, "vocab": 10},
+            r"vocab 10 is too small for 'recall' with seq_len 16: it needs 7 distinct keys.*vocab >= 15.*lower seq_len",
+        ),
+    ],
+    ids=["name", "n", "odd_length", "short_copy", "short_recall", "small_vocab", "few_keys"],
+)
+def test_bad_sequence_task_arguments_say_what_is_accepted(arguments, message):
+    with pytest.raises(DataError, match=message):
+        data.sequence_task(**arguments)
+
+
+def test_the_smallest_accepted_sizes_work_and_bad_batch_sizes_are_named():
+    assert data.sequence_task("recall", seq_len=4, vocab=4).inputs.shape == (1024, 4)
+    assert data.sequence_task("recall", seq_len=16, vocab=15).inputs.shape == (1024, 16)
+    assert data.sequence_task("copy", n=1, seq_len=2, vocab=3).inputs.shape == (1, 2)
+    with pytest.raises(DataError, match="batch_size must be a whole number >= 1; got 0"):
+        data.sequence_task("copy").batch(0)
+
+
+def test_a_tiny_transformer_learns_the_copy_task_from_the_loader():
+    from steadygrad.losses import task_loss
+    from steadygrad.nets import NetSpec, build
+
+    seq_len, vocab = 8, 8
+    train = data.sequence_task("copy", n=2048, seq_len=seq_len, vocab=vocab, seed=0)
+    held_out = data.sequence_task("copy", n=256, seq_len=seq_len, vocab=vocab, seed=1)
+    net = build(
+        NetSpec(kind="transformer", depth=2, width=32, heads=2, seq_len=seq_len, vocab=vocab),
+        torch.Generator().manual_seed(0),
+    )
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    draws = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        x, y = train.batch(64, draws)
+        loss = task_loss(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = net(held_out.inputs).argmax(-1)
+    scored = held_out.scored
+    accuracy = (predicted[scored] == held_out.targets[scored]).float().mean().item()
+    chance = 1 / (vocab - 1)  # content tokens are uniform over the ids below the separator
+    assert accuracy > 0.9 > 5 * chance, f"held-out copy accuracy {accuracy:.2f} (chance {chance:.2f})"

@@ -19,12 +19,18 @@ from steadygrad._checks import check_choice
 
 __all__ = [
     "BUILTIN",
+    "IGNORE_INDEX",
+    "SEQUENCE_TASKS",
     "DataError",
     "Dataset",
+    "SequenceTask",
     "blobs",
+    "char_tokens",
     "digits",
     "from_file",
     "load",
+    "python_source_text",
+    "sequence_task",
     "teacher_student",
     "two_spirals",
 ]
@@ -320,3 +326,142 @@ def char_tokens(text: str) -> tuple[torch.Tensor, int]:
     """A character-level encoding: (int64 token ids, vocabulary size = 128 for ASCII text)."""
     ids = torch.frombuffer(bytearray(text.encode("ascii", "ignore")), dtype=torch.uint8).long()
     return ids, 128
+
+
+# --- synthetic sequence tasks for causal language models ---------------------------------------------------
+
+SEQUENCE_TASKS = ("copy", "reverse", "recall")
+IGNORE_INDEX = -100  # equal to steadygrad.losses.IGNORE_INDEX (a sibling layer, so not imported): not scored
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceTask:
+    """Token rows for next-token prediction: a model reads ``inputs`` and is scored on ``targets``.
+
+    ``targets[i, t]`` is the token that should follow ``inputs[i, :t + 1]``, or ``IGNORE_INDEX`` (-100)
+    where nothing is scored, so ``task_loss(model(inputs), targets)`` is the cross-entropy of the scored
+    positions only. ``vocab`` counts every id, the reserved one included (``NetSpec(vocab=...)``).
+    """
+
+    name: str
+    inputs: torch.Tensor  # (N, T) int64 token ids below vocab
+    targets: torch.Tensor  # (N, T) int64: the next token where scored, else IGNORE_INDEX
+    vocab: int
+    seq_len: int
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(N, T) bool: the positions the loss counts."""
+        return self.targets != IGNORE_INDEX
+
+    def batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` rows drawn uniformly at random (with replacement): (inputs, targets), each (B, T)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a whole number >= 1; got {batch_size!r}.")
+        rows = torch.randint(0, len(self.inputs), (batch_size,), generator=generator)
+        return self.inputs[rows], self.targets[rows]
+
+    def __str__(self) -> str:
+        n = len(self.inputs)
+        per_row = int(self.scored.sum()) / n
+        return (
+            f"SequenceTask {self.name}: {n} sequences x {self.seq_len} tokens, vocab {self.vocab}, "
+            f"{per_row:g} scored position{'s' if per_row != 1 else ''} per row"
+        )
+
+    __repr__ = __str__
+
+
+def _check_whole(what: str, value, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise DataError(f"{what} must be a whole number >= {least}; got {value!r}.")
+    return value
+
+
+def _copy_rows(content: torch.Tensor, separator: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = content.shape
+    second = content.flip(1) if reverse else content
+    row = torch.cat([content, torch.full((n, 1), separator), second], 1)  # (N, 2k + 1)
+    inputs, targets = row[:, :-1], row[:, 1:].clone()
+    targets[:, :k] = IGNORE_INDEX  # the first half is random: only the copied half can be predicted
+    return inputs, targets
+
+
+def _recall_rows(keys: torch.Tensor, values: torch.Tensor, asked: torch.Tensor, query: int):
+    n, pairs = keys.shape
+    rows = torch.arange(n)
+    inputs = torch.stack([keys, values], 2).reshape(n, 2 * pairs)  # k1 v1 k2 v2 ...
+    inputs = torch.cat([inputs, torch.full((n, 1), query), keys[rows, asked, None]], 1)  # (N, 2 pairs + 2)
+    targets = torch.full_like(inputs, IGNORE_INDEX)
+    targets[:, -1] = values[rows, asked]
+    return inputs, targets
+
+
+def sequence_task(name: str, n: int = 1024, seq_len: int = 16, vocab: int = 32, seed: int = 0) -> SequenceTask:
+    """Synthetic sequences that a causal language model can solve only by looking back: copy, reverse, recall.
+
+    The last id, ``vocab - 1``, is reserved: the separator (copy, reverse) or the query marker (recall); it
+    never appears as content. Each row, with ``T = seq_len`` and ``S`` the reserved id (a row of
+    ``copy``, T = 8, vocab = 10, so S = 9)::
+
+        copy     inputs   4 7 1 3 S 4 7 1        content c1..ck, S, then c1..ck again (k = T / 2)
+                 targets  . . . . 4 7 1 3        ". " = IGNORE_INDEX (-100): only the copy is scored
+        reverse  inputs   4 7 1 3 S 3 1 7        the second half is the first reversed
+                 targets  . . . . 3 1 7 4
+        recall   inputs   2 6 0 8 1 5 S 0        pairs key value (p = T / 2 - 1 of them), S, a key seen
+                 targets  . . . . . . . 8        its value, at the last position only
+
+    In ``recall`` (associative recall: Fu et al. 2023, H3; Arora et al. 2024, Zoology) the keys of a row
+    are distinct and drawn from the lower half of the content ids, the values (which may repeat) from the
+    upper half, so a key and a value are never the same token; the queried key is uniform over the row's.
+
+    Args:
+        name: one of ``SEQUENCE_TASKS``.
+        n: number of rows.
+        seq_len: tokens per row, T; even, at least 2 (copy, reverse) or 4 (recall).
+        vocab: every id, the reserved one included; at least 3 (copy, reverse: two content tokens) or
+            ``seq_len - 1`` and 4 (recall: a distinct key for each of the p pairs and two values).
+        seed: seeds the ``torch.Generator`` that draws the content, so a seed gives the same rows.
+
+    Example:
+        >>> task = sequence_task("copy", n=4, seq_len=8, vocab=10)
+        >>> task
+        SequenceTask copy: 4 sequences x 8 tokens, vocab 10, 4 scored positions per row
+        >>> bool((task.targets[:, 4:] == task.inputs[:, :4]).all())
+        True
+    """
+    try:
+        name = check_choice("sequence task", name, SEQUENCE_TASKS)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    _check_whole("n", n, 1)
+    least_len = 4 if name == "recall" else 2
+    _check_whole("seq_len", seq_len, least_len)
+    if seq_len % 2:
+        layout = "pairs, the query marker and a key" if name == "recall" else "two halves around the separator"
+        raise DataError(
+            f"seq_len must be even for {name!r} ({layout}); got {seq_len}. Use {seq_len - 1} or {seq_len + 1}."
+        )
+    least_vocab = max(seq_len - 1, 4) if name == "recall" else 3
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < least_vocab:
+        need = (
+            f"{seq_len // 2 - 1} distinct keys and 2 values, below the query marker"
+            if name == "recall"
+            else "2 content tokens and the separator"
+        )
+        raise DataError(
+            f"vocab {vocab!r} is too small for {name!r} with seq_len {seq_len}: it needs {need}, so vocab >= "
+            f"{least_vocab}. Raise vocab{' or lower seq_len' if name == 'recall' else ''}."
+        )
+    g = torch.Generator().manual_seed(seed)
+    reserved = vocab - 1
+    if name == "recall":
+        pairs, key_ids = seq_len // 2 - 1, (vocab - 1) // 2
+        keys = torch.rand(n, key_ids, generator=g).argsort(1)[:, :pairs]  # distinct keys in each row
+        values = torch.randint(key_ids, vocab - 1, (n, pairs), generator=g)
+        asked = torch.randint(0, pairs, (n,), generator=g)
+        inputs, targets = _recall_rows(keys, values, asked, reserved)
+    else:
+        content = torch.randint(0, vocab - 1, (n, seq_len // 2), generator=g)
+        inputs, targets = _copy_rows(content, reserved, reverse=name == "reverse")
+    return SequenceTask(name, inputs.contiguous(), targets.contiguous(), vocab, seq_len)
