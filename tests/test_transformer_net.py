@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from steadygrad.data import sequence_task
+from steadygrad.losses import task_loss
 from steadygrad.nets import NetSpec, build
 from steadygrad.structure import describe
 
@@ -115,11 +117,11 @@ def test_a_built_transformer_is_reproducible_and_learns_a_copy_task():
     torch.manual_seed(0)
     net = build(spec)
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    tokens = torch.randint(0, 8, (64, 4))
-    x = torch.cat([tokens, tokens], 1)  # the second half repeats the first: learnable only through attention
+    # 4 tokens, a separator, the same 4 again, scored on the copy only: learnable only through attention
+    task = sequence_task("copy", n=64, seq_len=8, vocab=8)
     losses = []
     for _ in range(150):
-        loss = F.cross_entropy(net(x[:, :-1])[:, 4:].flatten(0, 1), x[:, 5:].flatten())
+        loss = task_loss(net(task.inputs), task.targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -179,8 +181,34 @@ def test_mup_mlp_groups_are_yang_et_al_table_3_for_adam():
     standard = build(Spec(depth=3, width=256, in_features=20))
     (group,) = standard.steadygrad_param_groups(1e-3)
     assert group["lr"] == 1e-3 and len(group["params"]) == len(list(standard.parameters()))
-    with pytest.raises(ValueError, match="kind='mlp'"):
-        _spec(parametrization="mup")
+    with pytest.raises(ValueError, match=r"'mlp'.*'transformer'"):
+        Spec(kind="cnn", parametrization="mup")
+
+
+def test_mup_transformer_is_yang_et_al_table_3_with_one_over_head_dim_attention():
+    width, base = 128, 32
+    net = _net(parametrization="mup", base_width=base)
+    assert net.head.weight.abs().max().item() == 0
+    head_dim = width // 4
+    # 1/head_dim logits, multiplied by sqrt(base head_dim) so that they equal 1/sqrt(head_dim) at the base width
+    assert net.block01.attn.scale == pytest.approx(math.sqrt(base // 4) / head_dim)
+    assert build(_spec(width=base, parametrization="mup", base_width=base)).block01.attn.scale == pytest.approx(
+        (base // 4) ** -0.5
+    )
+    plain, scaled = net.steadygrad_param_groups(1e-2)
+    assert plain["lr"] == 1e-2 and scaled["lr"] == pytest.approx(1e-2 * base / width)
+    hidden = {
+        id(getattr(module, name).weight)
+        for block in net.blocks
+        for module, names in ((block.attn, ("q_proj", "k_proj", "v_proj", "out_proj")), (block.mlp, ("fc1", "fc2")))
+        for name in names
+    }
+    assert {id(p) for p in scaled["params"]} == hidden | {id(net.head.weight)}
+    plain_ids = {id(p) for p in plain["params"]}
+    assert {id(net.embed.weight), id(net.pos_embed.weight), id(net.head.bias), id(net.norm.weight)} <= plain_ids
+    assert len(plain_ids) + len(scaled["params"]) == len(list(net.parameters()))
+    (group,) = _net().steadygrad_param_groups(1e-3)
+    assert len(group["params"]) == len(list(_net().parameters()))
 
 
 def test_trainer_uses_the_nets_param_groups():

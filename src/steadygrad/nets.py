@@ -211,8 +211,9 @@ class NetSpec:
     parametrization: str = dataclasses.field(
         default="standard",
         metadata=_cli(
-            "standard, or mup for kind mlp: the maximal-update parametrization for Adam (Yang et al. 2021, Table 3: "
-            "a zero-initialized head, and learning rate lr * base_width / width for the hidden layers and the head)",
+            "standard, or mup (kind mlp or transformer): the maximal-update parametrization for Adam (Yang et al. "
+            "2021, Table 3: a zero-initialized head, learning rate lr * base_width / width for the hidden layers and "
+            "the head, and for a transformer attention logits scaled by 1/head_dim)",
             choices=PARAMETRIZATIONS,
         ),
     )
@@ -247,10 +248,10 @@ class NetSpec:
         choose("skip", SKIPS)
         choose("cell", CELLS)
         choose("parametrization", PARAMETRIZATIONS)
-        if self.parametrization == "mup" and (self.kind != "mlp" or self.skip == "dense"):
+        if self.parametrization == "mup" and (self.kind not in ("mlp", "transformer") or self.skip == "dense"):
             raise ValueError(
-                "NetSpec.parametrization='mup' is built for kind='mlp' without dense skips; for other kinds use "
-                "the standard parametrization (μP for built transformers is not provided yet)."
+                "NetSpec.parametrization='mup' is built for kind 'mlp' (without dense skips) and 'transformer'; for "
+                "other kinds use the standard parametrization."
             )
         for field in (
             "depth",
@@ -473,6 +474,23 @@ def _block(spec: NetSpec, in_features: int) -> nn.Sequential:
     return nn.Sequential(parts)
 
 
+def _mup_param_groups(net: nn.Module, lr: float, width_fan_in: list[nn.Parameter]) -> list[dict]:
+    """Parameter groups at ``lr``, with μP's rates for Adam when ``net.spec.parametrization == "mup"``.
+
+    μP (Yang et al. 2021, "Tensor Programs V", Table 3; microsoft/mup's ``MuAdam``): a weight whose fan-in grows
+    with the width (hidden and output layers) learns at ``lr * base_width / width``, so that its update moves the
+    next layer's pre-activations by O(1) at any width; input weights (fan-in fixed by the data or the vocabulary),
+    biases and norm gains keep ``lr``. At ``width == base_width`` both groups equal the standard ``lr``.
+    """
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if net.spec.parametrization != "mup":
+        return [{"params": trainable, "lr": lr}]
+    scaled_ids = {id(p) for p in width_fan_in if p.requires_grad}
+    plain = [p for p in trainable if id(p) not in scaled_ids]
+    scaled = [p for p in trainable if id(p) in scaled_ids]
+    return [{"params": plain, "lr": lr}, {"params": scaled, "lr": lr * net.spec.base_width / net.spec.width}]
+
+
 class DeepNet(nn.Module):
     """The network ``build`` returns: ``block01`` ... ``blockNN`` then ``head``.
 
@@ -524,25 +542,15 @@ class DeepNet(nn.Module):
 
     def steadygrad_param_groups(self, lr: float) -> list[dict]:
         """The optimizer's parameter groups at learning rate ``lr``: one group, or under ``parametrization="mup"``
-        μP's per-layer rates for Adam (Yang et al. 2021, Table 3; microsoft/mup's ``MuAdam``): the weights whose
-        fan-in is the width (hidden layers and the head) at ``lr * base_width / width``, the input layer's weight,
-        the biases and the norms' parameters at ``lr``."""
-        if self.spec.parametrization != "mup":
-            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        μP's per-layer rates for Adam (``_mup_param_groups``): the weights whose fan-in is the width (hidden layers
+        and the head) at ``lr * base_width / width``; the input layer's weight, the biases and the norms' at ``lr``."""
         input_layer = {id(m) for m in self.blocks[0].modules()}  # its fan-in is the data's, not the width
-        scaled, plain = [], []
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                width_fan_in = (
-                    name == "weight"
-                    and isinstance(module, nn.Linear)
-                    and module.in_features == self.spec.width
-                    and id(module) not in input_layer
-                )
-                (scaled if width_fan_in else plain).append(p)
-        return [{"params": plain, "lr": lr}, {"params": scaled, "lr": lr * self.spec.base_width / self.spec.width}]
+        hidden = [
+            m.weight
+            for m in self.modules()
+            if isinstance(m, nn.Linear) and m.in_features == self.spec.width and id(m) not in input_layer
+        ]
+        return _mup_param_groups(self, lr, hidden)
 
     def steadygrad_structure(self) -> Structure:
         """This network's description for the remedies and instruments (``steadygrad.structure``)."""
@@ -601,8 +609,16 @@ class TransformerBlock(nn.Module):
         normed = spec.norm != "none"
         if normed:
             self.norm1 = _norm(spec)
+        # μP scales the logits by 1/head_dim (q and k become correlated in training, so q.k grows like head_dim),
+        # times sqrt(base head_dim) so that at the base width it equals the standard 1/sqrt(head_dim)
+        head_dim, base_head_dim = width / spec.heads, spec.base_width / spec.heads
+        scale = base_head_dim**0.5 / head_dim if spec.parametrization == "mup" else None
         self.attn = CausalSelfAttention(
-            width, spec.heads, bias=spec.bias, qk_norm=spec.qk_norm and ("rms" if spec.norm == "rms" else "layer")
+            width,
+            spec.heads,
+            bias=spec.bias,
+            qk_norm=spec.qk_norm and ("rms" if spec.norm == "rms" else "layer"),
+            scale=scale,
         )
         if normed:
             self.norm2 = _norm(spec)
@@ -672,6 +688,17 @@ class TransformerNet(nn.Module):
             x = block(x)
         norm = getattr(self, "norm", None)
         return self.head(norm(x) if norm is not None else x)
+
+    def steadygrad_param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups at ``lr``; under ``parametrization="mup"`` the attention and MLP matrices
+        and the head learn at ``lr * base_width / width`` and the embeddings, biases and norms at ``lr``
+        (``_mup_param_groups``)."""
+        hidden = [
+            layer.weight
+            for b in self.blocks
+            for layer in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.out_proj, b.mlp.fc1, b.mlp.fc2)
+        ]
+        return _mup_param_groups(self, lr, [*hidden, self.head.weight])
 
     def steadygrad_structure(self) -> Structure:
         """This network's description for the remedies and instruments (``steadygrad.structure``)."""
@@ -743,9 +770,9 @@ def build(spec: NetSpec, generator: torch.Generator | None = None) -> DeepNet | 
     if spec.kind == "transformer":
         net = TransformerNet(spec)
         _transformer_init(net, generator)
-        return net
-    net = DeepNet(spec)
-    init_model(net, spec.init, generator=generator)
+    else:
+        net = DeepNet(spec)
+        init_model(net, spec.init, generator=generator)
     if spec.parametrization == "mup":
         with torch.no_grad():
             net.head.weight.zero_()  # μP's output layer starts at 0 (Yang et al. 2021, Table 3 and its D.2)
