@@ -43,6 +43,8 @@ __all__ = [
     "length_map",
     "mlp_prediction",
     "moments",
+    "post_ln_gradient",
+    "pre_ln_stream",
     "propagate",
     "relu_second_moment",
     "residual_variance",
@@ -289,3 +291,61 @@ def mlp_prediction(
     for k in range(depth - 2, -1, -1):
         relative[k] = relative[k + 1] * math.sqrt(sigma_w2[k + 1] * moments(activation, q[k + 1]).dphi2)
     return second_moments, relative
+
+
+def _check_depth(depth: int) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer (the number of blocks); got {depth!r}.")
+    return depth
+
+
+def pre_ln_stream(depth: int, embedding_second_moment: float, branch_second_moment: float) -> np.ndarray:
+    """E[x_l^2] for l = 0..depth along the residual stream of a pre-LN transformer, x_{l+1} = x_l + F_l(LN(x_l)).
+
+    LN hands every branch a unit-RMS input whatever the stream's size, so at initialization each block adds a
+    branch of the same second moment c, uncorrelated with the stream: q_l = q_0 + l c. The stream grows linearly
+    in depth (RMS like sqrt(l)); each later block changes it relatively less, and the gradient through the final
+    norm into the top blocks shrinks like q_L^(-1/2) ~ L^(-1/2) (Xiong et al. 2020, "On Layer Normalization in the
+    Transformer Architecture", Lemma 2 and Theorem 1). Linear growth is the healthy pre-LN profile; growth that
+    compounds per block means the branches grow with the stream, which LN should have prevented.
+
+    Args:
+        depth: blocks L.
+        embedding_second_moment: q_0 = E[x_0^2] of the embeddings entering block 1.
+        branch_second_moment: c = E[F(LN(x))^2] summed over a block's sublayers (attention and MLP).
+    """
+    depth = _check_depth(depth)
+    q0 = check_positive("embedding_second_moment", embedding_second_moment, allow_zero=True)
+    c = check_positive("branch_second_moment", branch_second_moment, allow_zero=True)
+    return q0 + c * np.arange(depth + 1, dtype=float)
+
+
+def post_ln_gradient(forward_gains: Sequence[Sequence[float]], backward_gains: Sequence[Sequence[float]]) -> np.ndarray:
+    """||dL/dx_l|| / ||dL/dx_L|| for l = 0..L along a post-LN stack of L blocks, x <- LN(x + F(x)) per sublayer.
+
+    For a sublayer whose branch has forward gain v = E[F(x)^2] / E[x^2] and backward gain
+    g = E[(J_F^T u)^2] / E[u^2] (J_F its Jacobian, u a gradient arriving at its output), x + F(x) has second
+    moment (1 + v) E[x^2], which the norm divides out, and the gradient passes back as u + J_F^T u: the squared
+    gradient is multiplied by (1 + g) / (1 + v) (the mean-field composition; the norm's projection off the mean
+    and the radial direction removes O(1/width) more). Block l, with sublayer gains (v_ls, g_ls), scales the
+    gradient by rho_l = prod_s sqrt((1 + g_ls) / (1 + v_ls)), and x_(l-1) receives prod_(k >= l) rho_k of the
+    top's.
+
+    A linear branch (g = v) leaves the gradient flat. Trained at a full learning rate, post-LN's branches grow
+    (v >> 1) faster than their gradient paths (g stays below 1), so every norm divides the gradient and the bottom
+    blocks receive exponentially little of it: why a deep post-LN stack needs warmup, and pre-LN (whose identity
+    path skips the norms) does not (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture";
+    Liu et al. 2020, "Understanding the Difficulty of Training Transformers").
+
+    Args:
+        forward_gains, backward_gains: per block, bottom to top, its sublayers' v and g (shape (L, sublayers)).
+    """
+    v, g = np.asarray(forward_gains, dtype=float), np.asarray(backward_gains, dtype=float)
+    if v.ndim != 2 or v.shape != g.shape or not v.size or (v < 0).any() or (g < 0).any():
+        raise ValueError(
+            "post_ln_gradient takes, per block, one non-negative forward and backward gain per sublayer: two "
+            f"arrays of the same shape (blocks, sublayers); got shapes {v.shape} and {g.shape}."
+        )
+    rho = np.sqrt(np.prod((1.0 + g) / (1.0 + v), axis=1))
+    # x_L gets 1; x_(l-1) gets rho_l ... rho_L
+    return np.append(np.cumprod(rho[::-1])[::-1], 1.0)

@@ -44,6 +44,10 @@ from steadygrad.diagnose._core import (
     SATURATION_FRACTION,
     SEVERITIES,
     SIGNAL_CHANGE,
+    STREAM_GRADIENT_RATIO,
+    STREAM_GROWTH_PER_BLOCK,
+    STREAM_GROWTH_TOTAL,
+    STREAM_MIN_BLOCKS,
     SYMMETRY_TOLERANCE,
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
@@ -63,6 +67,7 @@ from steadygrad.diagnose._model import (
     symmetric,
 )
 from steadygrad.diagnose._reuse import REUSED_CALLS, reused
+from steadygrad.diagnose._stream import stream_gradient_vanishing, stream_growth
 from steadygrad.diagnose._units import dead, loss_at_init, nonfinite, saturated, update_ratio
 from steadygrad.losses import projection_loss
 from steadygrad.measure.records import FlowReport
@@ -88,6 +93,10 @@ __all__ = [
     "SATURATION_FRACTION",
     "SEVERITIES",
     "SIGNAL_CHANGE",
+    "STREAM_GRADIENT_RATIO",
+    "STREAM_GROWTH_PER_BLOCK",
+    "STREAM_GROWTH_TOTAL",
+    "STREAM_MIN_BLOCKS",
     "SYMMETRY_TOLERANCE",
     "UPDATE_RATIO_HIGH",
     "UPDATE_RATIO_LOW",
@@ -103,6 +112,8 @@ __all__ = [
     "layer_gain",
     "recurrent_findings",
     "series",
+    "stream_gradient_vanishing",
+    "stream_growth",
     "template",
 ]
 
@@ -133,6 +144,7 @@ def diagnose(
     findings += saturated(history) + dead(history) + signal(history, model) + update_ratio(history)
     findings += reused(history[-1]) + loss_at_init(history)
     findings += attention_collapse(history) + attention_logit_growth(history)
+    findings += stream_growth(history[-1], model) + stream_gradient_vanishing(history[-1], model)
     if model is not None:
         findings += symmetric(model) + bias_before_norm(model)
     if inputs is not None:

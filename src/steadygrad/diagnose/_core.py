@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +52,19 @@ ATTENTION_COLLAPSE_FRACTION = 0.1
 # the largest attention logit grew 10x between the first and last logged steps, ending above 30 (e^30: one-hot rows)
 ATTENTION_LOGIT_GROWTH = 10.0
 ATTENTION_LOGIT_LARGE = 30.0
+
+# A residual stream (the outputs of a stack's blocks) whose second moment more than doubles per block, over at least
+# STREAM_MIN_BLOCKS blocks and 100x in all. Under additive growth q_l = q_0 + l c (pre-LN, theory.pre_ln_stream)
+# the factor per block (q_0 + (l + 1) c) / (q_0 + l c) is at most 2, so compounding beyond it means each block
+# outweighs the whole stream it adds to.
+STREAM_GROWTH_PER_BLOCK = 2.0
+STREAM_GROWTH_TOTAL = 100.0
+STREAM_MIN_BLOCKS = 4
+# The gradient into a residual stack's bottom block below 1/100 of its top block's. Through the identity path
+# u + J^T u a stream without a norm on it passes the bottom at least about the top's gradient (pre-LN, gated or
+# norm-free stacks measure 1-6x); only norms on the stream (post-LN) divide it, by sqrt(1 + Var F / Var x) per
+# sublayer (theory.post_ln_gradient).
+STREAM_GRADIENT_RATIO = 1e-2
 
 SEVERITIES = ("info", "warning", "critical")
 # What a ``Fix`` may ask for. The doctor registers one candidate builder per action
@@ -129,6 +143,17 @@ def findings_text(findings: Sequence[Finding]) -> list[str]:
         if finding.fixes:
             lines.append("  try: " + ", ".join(str(fix) for fix in finding.fixes))
     return lines
+
+
+# The classes whose records are a residual stream: a block's output is the stream after it (steadygrad's
+# TransformerBlock, timm's and torchvision-style Block/BasicBlock, HF's *DecoderLayer/*EncoderLayer when a user
+# selects them). A built MLP's residual blocks are branches and are not named so.
+_STREAM_KIND = re.compile(r"(Block|DecoderLayer|EncoderLayer)$")
+
+
+def is_stream_kind(kind: str) -> bool:
+    """Whether records of module class ``kind`` are the residual stream after a block (see ``_STREAM_KIND``)."""
+    return bool(_STREAM_KIND.search(kind))
 
 
 def finite(values: Iterable[float]) -> list[float]:

@@ -28,6 +28,7 @@ from steadygrad.diagnose._core import (
     Fix,
     finite,
     has_gradient,
+    is_stream_kind,
     reinit_fix,
     saturating,
 )
@@ -146,7 +147,12 @@ def vanishing(report: FlowReport, model: nn.Module | None = None) -> list[Findin
     """The gradient vanishes when the same layer gets far less of it at a shallower depth than at the last depth
     (each layer between multiplied it by a factor below 1), or when weight layers scale it down by over 100x
     each (an init far below 1/fan_in: no variance-scaling scheme does that at any width)."""
-    weak_series = [(s, rs, ratio) for s, rs, ratio in _depth_ratios(report) if ratio < VANISHING_RATIO]
+    # a residual stream's vanishing gradient is the post-LN rule's (``_stream``), with the transformer fixes
+    weak_series = [
+        (s, rs, ratio)
+        for s, rs, ratio in _depth_ratios(report)
+        if ratio < VANISHING_RATIO and not is_stream_kind(s.kind)
+    ]
     small = {name: g for name, g in _gains(report, _modules(model)).items() if g < LAYER_GAIN_LOW}
     if not weak_series and not small:
         return []

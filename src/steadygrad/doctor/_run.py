@@ -4,6 +4,7 @@ rank them on held-out loss against the unchanged model (the control)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -187,6 +188,30 @@ def _findings(model: nn.Module, batch: Batch, settings: Settings) -> list[Findin
     return findings
 
 
+# What only shows once a model has trained: a post-LN stack's bottom cut off from the gradient, a stream that
+# compounds, attention collapsed onto single keys (the preflight probe sees the model at initialization)
+AFTER_TRAINING = ("post_ln_vanishing_gradient", "residual_stream_growth", "attention_entropy_collapse")
+
+
+def _after_training(
+    model: nn.Module, batch: Batch, settings: Settings, steps: int, before: list[Finding]
+) -> list[Finding]:
+    """The ``AFTER_TRAINING`` findings of a probe of the control's model after its training steps, that the
+    preflight probe did not already make; their messages say when they were measured."""
+    try:
+        report = probe(
+            model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False
+        )
+    except Exception:  # the trained weights may not run (non-finite): the control's own findings say so
+        return []
+    seen = {f.kind for f in before}
+    return [
+        dataclasses.replace(finding, message=f"After the control's {steps} training steps: {finding.message}")
+        for finding in diagnose(report, model=model)
+        if finding.kind in AFTER_TRAINING and finding.kind not in seen
+    ]
+
+
 def _sort(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
 
@@ -289,6 +314,8 @@ def doctor(
 
     contexts: list[Context] = []  # the builders' context, once made: a fix draws from the repeat's seed
 
+    trained: list[nn.Module] = []  # the control's first model, after its training: what training made of it
+
     def repeat_of(candidate: Candidate | None, seed_r: int) -> tuple[Repeat, float]:
         fixed = fresh(seed_r)
         changes = Changes()
@@ -304,13 +331,18 @@ def doctor(
                 ).gradient_ratio
             except Exception:  # the trial reports its own error
                 ratio = math.nan
-        return run_repeat(fixed, split.train, split.held_out, settings, changes, seed_r, deadline), ratio
+        result = run_repeat(fixed, split.train, split.held_out, settings, changes, seed_r, deadline)
+        if candidate is None and seed_r == seed:
+            trained.append(fixed)
+        return result, ratio
 
     control = Trial("unchanged model (control)")
     first, control.grad_ratio = repeat_of(None, seed)
     control.repeats.append(first)
     if first.error:
         raise ValueError(f"The unchanged model could not be trained on this data: {first.error}")
+    if first.ok:
+        findings += _after_training(trained[0], split.train[0], settings, first.steps, findings)
     norms = [n for n in first.grad_norms if math.isfinite(n) and n > 0]
     ctx = Context(model, split.train[0].inputs, statistics.median(norms) if norms else 1.0, settings, seed, steps)
     contexts.append(ctx)
