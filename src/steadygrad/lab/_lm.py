@@ -118,3 +118,55 @@ def train(net, steps: int, lr: float, *, warmup: int = 0, generator, batch_size:
             run.entropy_min.append(min((r.attn_entropy_min for r in attention), default=math.nan))
             run.max_logit.append(max((r.attn_max_logit for r in attention), default=math.nan))
     return run
+
+
+def stream_profile(net, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[list[torch.Tensor], list[float]]:
+    """The residual stream x_0 (embeddings) .. x_L (after the last block) of a built transformer on one batch,
+    detached, and the gradient norm ||dL/dx_l|| of the next-token loss at each (the net's gradients are cleared)."""
+    streams: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> None:
+        tensor.retain_grad()
+        streams.append(tensor)
+
+    hooks = [net.blocks[0].register_forward_pre_hook(lambda module, args: keep(args[0]))]
+    hooks += [block.register_forward_hook(lambda module, args, out: keep(out)) for block in net.blocks]
+    try:
+        F.cross_entropy(net(tokens).flatten(0, 1), targets.flatten()).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    net.zero_grad(set_to_none=True)
+    return [x.detach() for x in streams], [float(x.grad.norm()) for x in streams]
+
+
+def _gains(branch, x: torch.Tensor, generator: torch.Generator) -> tuple[float, float]:
+    """A branch's forward gain E[F(x)^2] / E[x^2] and backward gain E[(J^T u)^2] / E[u^2], u ~ N(0, 1)."""
+    x = x.detach().requires_grad_(True)
+    y = branch(x)
+    u = torch.randn(y.shape, generator=generator)
+    (back,) = torch.autograd.grad(y, x, u)
+    forward = y.detach().square().mean() / x.detach().square().mean()
+    return float(forward), float(back.square().mean() / u.square().mean())
+
+
+def post_ln_gains(net, streams: list[torch.Tensor], generator: torch.Generator) -> tuple[list, list]:
+    """Per block of a post-LN net, its attention and MLP sublayers' forward and backward gains
+    (``theory.post_ln_gradient``), each measured on the input it sees: the block's input x_(l-1) for attention,
+    norm1(x + attn(x)) for the MLP."""
+    forward, backward = [], []
+    for block, x in zip(net.blocks, streams, strict=False):
+        with torch.no_grad():
+            h = block.norm1(x + block.attn(x))
+        (v1, g1), (v2, g2) = _gains(block.attn, x, generator), _gains(block.mlp, h, generator)
+        forward.append([v1, v2])
+        backward.append([g1, g2])
+    return forward, backward
+
+
+def branch_second_moment(block, x: torch.Tensor) -> float:
+    """What a pre-LN block adds to the stream at x: E[attn(norm1(x))^2] + E[mlp(norm2(x'))^2]."""
+    with torch.no_grad():
+        a = block.attn(block.norm1(x))
+        m = block.mlp(block.norm2(x + a))
+        return float(a.square().mean() + m.square().mean())
