@@ -137,6 +137,27 @@ def test_mup_is_flat(mu_check):
     assert "2 param groups from steadygrad_param_groups(lr)" in mu_check.optimizer
 
 
+@pytest.mark.parametrize("parametrization", ["standard", "mup"])
+def test_built_transformers_grow_under_sp_and_stay_flat_under_mup(parametrization):
+    """NetSpec(kind="transformer", parametrization="mup"): zero head, 1/head_dim logits, lr * base / width on the
+    matrices. Its blocks and head stay flat over widths 32-256 where the standard ones grow like width^0.3-0.5."""
+    from steadygrad.nets import NetSpec, build
+
+    base = NetSpec(kind="transformer", depth=2, width=32, heads=4, seq_len=16, vocab=64, base_width=32)
+    check = coord_check(
+        lambda w: build(base.replace(width=w, parametrization=parametrization)),
+        WIDTHS,
+        steps=STEPS,
+        data=base.example_batch(16, torch.Generator().manual_seed(0)),
+        lr=1e-2,
+    )
+    hidden, head = check.slopes["block* (TransformerBlock, hidden)"], check.slopes["head (Linear, output)"]
+    if parametrization == "standard":
+        assert not check.flat and hidden > FLAT_SLOPE and head > FLAT_SLOPE
+    else:
+        assert check.flat and abs(hidden) < 0.1
+
+
 def test_without_the_param_groups_mup_init_alone_grows(batch):
     check = coord_check(MuMLPOneGroup, WIDTHS, STEPS, batch, lr=1e-2)
     assert "one group (model.parameters())" in check.optimizer
