@@ -121,21 +121,81 @@ def test_a_norm_free_residual_stack_is_found_compounding(text):
     assert [f.params for f in finding.fixes[:2]] == [{"residual": "rezero"}, {"norm": "layer", "norm_position": "pre"}]
 
 
-def test_gpt2s_blocks_selected_by_name_are_quiet():
+def _hf(name: str, layers: int = 4):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=6, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
-    model = transformers.GPT2LMHeadModel(config)
-    tokens = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(1))
-    report = probe(model, {"input_ids": tokens, "labels": tokens}, layers=[f"transformer.h.{i}" for i in range(6)])
-    assert [r.kind for r in report.records] == ["GPT2Block"] * 6
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_positions=32, vocab_size=128)
+        ), "GPT2Block"
+    if name == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4
+        )
+        return transformers.LlamaForCausalLM(config), "LlamaDecoderLayer"
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForMaskedLM(config), "BertLayer"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_fresh_hf_models_record_their_blocks_and_are_quiet(name, text):
+    """The default selection records a stack's blocks (its residual stream) beside the layers inside them."""
+    model, block = _hf(name)
+    tokens = _batch(text, 1)[0]
+    report = probe(model, {"input_ids": tokens, "labels": tokens})
+    assert sum(r.kind == block for r in report.records) == 4
     assert not _stream_kinds(diagnose(report, model))
+
+
+def test_a_bert_trained_without_warmup_is_found_cut_off_at_the_bottom(text):
+    """BERT is post-LN. Twenty masked-LM steps at Adam lr 3e-3 without warmup: the bottom layer's gradient falls
+    from the top's to under 1/100 of it."""
+    model, _ = _hf("bert", layers=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(20):
+        tokens = _batch(text, 100 + step)[0]
+        masked = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(step)) < 0.15
+        labels = tokens.masked_fill(~masked, -100)
+        loss = model(input_ids=tokens.masked_fill(masked, 0), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tokens = _batch(text, 1)[0]
+    report = probe(model, {"input_ids": tokens, "labels": tokens})
+    (finding,) = stream_gradient_vanishing(report, model)
+    assert finding.layers[0].startswith("bert.encoder.layer.0 ") and finding.evidence["bottom_over_top"] < 1e-2
+    assert {f.action for f in finding.fixes} >= {"warmup", "lower_lr"}
+
+
+def test_only_named_blocks_repeated_in_a_container_are_recorded_as_blocks():
+    from torch import nn
+
+    from steadygrad.measure import select_layers
+
+    plain = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)))
+    assert all(type(m) is not nn.Sequential for _, m in select_layers(plain))
+    model, _ = zoo.resnet18()
+    assert sum(type(m).__name__ == "BasicBlock" for _, m in select_layers(model)) == 8
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
+    assert [n for n, m in select_layers(encoder) if isinstance(m, nn.TransformerEncoderLayer)] == [
+        "layers.0",
+        "layers.1",
+        "layers.2",
+    ]
 
 
 def test_a_zero_init_residual_resnets_blocks_are_quiet():
     model, images = zoo.resnet18()
-    report = probe(model, images, layers=["layer?.?"])
-    assert [r.kind for r in report.records] == ["BasicBlock"] * 8
+    report = probe(model, images)
+    assert sum(r.kind == "BasicBlock" for r in report.records) == 8
     assert not _stream_kinds(diagnose(report, model))
 
 

@@ -26,6 +26,7 @@ transposed, as soon as ``transformers.pytorch_utils`` is in ``sys.modules`` (``_
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "activation",
     "activation_types",
     "is_activation",
+    "is_block",
     "is_weight_layer",
     "norm_family",
     "norm_types",
@@ -216,6 +218,20 @@ def is_activation(module: nn.Module | type[nn.Module], *families: str) -> bool:
     """Whether ``module`` is a registered activation of one of ``families`` (of any when none is given)."""
     kind = activation(module)
     return kind is not None and (not families or kind.family in families)
+
+
+# A residual block by the naming convention of torch (TransformerEncoderLayer), Hugging Face (GPT2Block,
+# BertLayer, LlamaDecoderLayer, ViTLayer), timm (Block) and torchvision (BasicBlock): its output is the stream.
+_BLOCK_NAME = re.compile(r"(Block|Layer)$")
+
+
+def is_block(module: nn.Module | type[nn.Module] | str) -> bool:
+    """Whether a module (class, or class name) is a residual block of a stack: a container class named ``*Block``
+    or ``*Layer``, whose output is the residual stream after it. A leaf module is never one."""
+    if isinstance(module, nn.Module) and next(module.children(), None) is None:
+        return False
+    name = module if isinstance(module, str) else (module if isinstance(module, type) else type(module)).__name__
+    return bool(_BLOCK_NAME.search(name))
 
 
 def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:

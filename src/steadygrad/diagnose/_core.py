@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from steadygrad import kinds
 from steadygrad.measure.records import FlowReport, LayerRecord
 
 # -- thresholds ---------------------------------------------------------------------------------------
@@ -145,15 +145,10 @@ def findings_text(findings: Sequence[Finding]) -> list[str]:
     return lines
 
 
-# The classes whose records are a residual stream: a block's output is the stream after it (steadygrad's
-# TransformerBlock, timm's and torchvision-style Block/BasicBlock, HF's *DecoderLayer/*EncoderLayer when a user
-# selects them). A built MLP's residual blocks are branches and are not named so.
-_STREAM_KIND = re.compile(r"(Block|DecoderLayer|EncoderLayer)$")
-
-
 def is_stream_kind(kind: str) -> bool:
-    """Whether records of module class ``kind`` are the residual stream after a block (see ``_STREAM_KIND``)."""
-    return bool(_STREAM_KIND.search(kind))
+    """Whether records of module class ``kind`` are the residual stream after a block (``kinds.is_block``: a
+    steadygrad TransformerBlock, HF's GPT2Block, BertLayer or LlamaDecoderLayer, torchvision's BasicBlock)."""
+    return kinds.is_block(kind)
 
 
 def finite(values: Iterable[float]) -> list[float]:

@@ -79,6 +79,21 @@ def is_recorded_by_default(module: nn.Module) -> bool:
     return _looks_like_norm(module) or _looks_like_activation(module)
 
 
+def _repeated_blocks(model: nn.Module) -> set[int]:
+    """The ids of a stack's residual blocks: ``kinds.is_block`` modules in a ``ModuleList`` or ``Sequential`` that
+    holds two or more of the same class (GPT-2's ``transformer.h``, BERT's ``encoder.layer``, a ResNet stage).
+    Their records are the residual stream, block by block, beside the records of the layers inside them."""
+    ids = set()
+    for container in model.modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.children())
+        for child in children:
+            if kinds.is_block(child) and sum(type(c) is type(child) for c in children) >= 2:
+                ids.add(id(child))
+    return ids
+
+
 def _why_not(module: nn.Module) -> str:
     if next(module.children(), None) is not None:
         return "a container of modules none of which is recorded"
@@ -145,7 +160,8 @@ def select_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[
         structure = describe(model)
         if structure is not None and structure.blocks:
             return list(structure.blocks)
-        return [(n, m) for n, m in named if is_recorded_by_default(m)]
+        blocks = _repeated_blocks(model)
+        return [(n, m) for n, m in named if is_recorded_by_default(m) or id(m) in blocks]
     if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
         return [(n, m) for n, m in named if isinstance(m, layers)]
     patterns = [layers] if isinstance(layers, str) else list(layers)

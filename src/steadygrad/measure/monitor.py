@@ -601,14 +601,14 @@ class Monitor:
         return report
 
     def _attention_records(self, report: FlowReport) -> None:
-        """Each measured attention layer's statistics on the record that stands for it: its own, else the nearest
-        recorded module around it (a built transformer's block), else the last recorded one inside it (its
-        output projection); attention layers whose probabilities were fused away are named in a note."""
+        """Each measured attention layer's statistics on the record that stands for it: its own, else the last
+        recorded one inside it (its output projection), else the nearest recorded module around it (a built
+        transformer's block); attention layers whose probabilities were fused away are named in a note."""
         names = [r.name for r in report.records]
         for layer, stats in self._attention.stats().items():
             outer = [n for n in names if layer == n or layer.startswith(n + ".")]
             inner = [n for n in names if n.startswith(layer + ".")]
-            target = max(outer, key=len) if outer else (inner[-1] if inner else None)
+            target = layer if layer in names else (inner[-1] if inner else (max(outer, key=len) if outer else None))
             for record in report.records:
                 if record.name == target and math.isnan(record.attn_entropy):
                     record.attn_entropy, record.attn_entropy_min = stats.entropy, stats.entropy_min
