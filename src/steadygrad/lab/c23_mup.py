@@ -15,8 +15,8 @@ CLAIM = Claim(
     23,
     "mup",
     "Trained with Adam for a few steps at one learning rate, a standard-parametrized MLP's or transformer's hidden "
-    "and output activations grow with width, while under μP every layer's activation size stays flat; and μP's best learning "
-    "rate is the same at every width, while the standard parametrization's shifts.",
+    "and output activations grow with width, while under μP every layer's activation size stays flat; and μP's "
+    "best learning rate is the same at every width, while the standard parametrization's shifts.",
     'Yang et al. 2021, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer"',
     "4-block ReLU MLPs on digits. Coordinate check: widths 64-512 (quick: 32-128), Adam lr 1e-2, 3 steps on one "
     "batch of 128, steadygrad.coord_check on NetSpec(parametrization='standard') and NetSpec(parametrization='mup') "
@@ -24,8 +24,8 @@ CLAIM = Claim(
     "transformers at widths 32-256 (quick: 32-128) on random tokens, μP with 1/head_dim attention. Learning-rate "
     "transfer: widths 64 and 512 (quick: 32 and 128), Adam at lr 1e-3 to 1e-1 in half-decade steps, 60 steps "
     "(quick 40) of batches of 128; the training loss over the last 10 steps, averaged over 2 seeds (quick 1).",
-    "For both families the standard parametrization's check is not flat (some layer group grows like width^a with a >= 0.25); "
-    "μP's is flat (|a| < 0.25 for every group). μP's best learning rate is the same grid point at both widths; "
+    "For both families the standard parametrization's check is not flat (some layer group grows like width^a with "
+    "a >= 0.25); μP's is flat (|a| < 0.25 for every group). μP's best learning rate is the same grid point at both widths; "
     "the standard parametrization's moves to a smaller one at the larger width.",
     "Adam moves every entry of an n-wide weight matrix by about lr per step, in a direction correlated with the "
     "layer's input, so the layer's output moves by about lr * n: a learning rate tuned at one width blows up at "
