@@ -25,8 +25,8 @@ CLAIM = Claim(
     "transfer: widths 64 and 512 (quick: 32 and 128), Adam at lr 1e-3 to 1e-1 in half-decade steps, 60 steps "
     "(quick 40) of batches of 128; the training loss over the last 10 steps, averaged over 2 seeds (quick 1).",
     "For both families the standard parametrization's check is not flat (some layer group grows like width^a with "
-    "a >= 0.25); μP's is flat (|a| < 0.25 for every group). μP's best learning rate is the same grid point at both widths; "
-    "the standard parametrization's moves to a smaller one at the larger width.",
+    "a >= 0.25); μP's is flat (|a| < 0.25 for every group). μP's best learning rate is the same grid point at "
+    "both widths; the standard parametrization's moves to a smaller one at the larger width.",
     "Adam moves every entry of an n-wide weight matrix by about lr per step, in a direction correlated with the "
     "layer's input, so the layer's output moves by about lr * n: a learning rate tuned at one width blows up at "
     "a larger one. μP scales each layer's rate by 1/fan_in, so one rate is right at every width.",
