@@ -120,6 +120,96 @@ def test_killed_sweep_loses_nothing_and_resumes_without_duplicates(tmp_path):
     assert finished_before <= set(keys)
 
 
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (Linux's /proc)."""
+    out = set()
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(stat))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table from /proc")
+def test_a_sigkilled_sweep_leaves_no_worker_running_and_resumes_exactly(tmp_path):
+    """The issue's case: a training sweep on the local pool, SIGKILLed while its workers run. Every worker must be
+    gone within seconds (nothing left to write into the database), and the resumed sweep writes exactly the rows
+    that were missing."""
+    db = tmp_path / "train.sqlite"
+    command = _train_sweep(db)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process, workers = _start_with_workers(command, env)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL and len(workers) == 2, "the sweep ended before it could be killed"
+    _all_gone(workers)
+    before = {key for key, *_ in rows(db)} if db.exists() else set()
+    assert len(before) < 6
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    keys = [key for key, *_ in rows(db)]
+    assert len(keys) == 6 == len(set(keys)) and before <= set(keys)
+
+
+def _train_sweep(db) -> list[str]:
+    command = [sys.executable, "-m", "steadygrad", "sweep", "--grid", "depth=2,3,4", "act=relu,tanh", "width=16"]
+    return [*command, "--task", "train", "--epochs", "2", "--workers", "2", "--db", str(db)]
+
+
+def _start_with_workers(command, env, **popen) -> tuple[subprocess.Popen, set[int]]:
+    """The sweep, once its pool's two workers run (spawn also starts a resource tracker, which is not a worker)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, **popen)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        workers = {pid for pid in _children(process.pid) if b"resource_tracker" not in _cmdline(pid)}
+        if len(workers) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(1.5)  # into their first runs
+    return process, workers
+
+
+def _all_gone(pids: set[int], seconds: float = 5.0) -> None:
+    gone_by = time.monotonic() + seconds
+    while time.monotonic() < gone_by and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids), "a worker outlived its sweep"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table from /proc")
+def test_ctrl_c_stops_a_sweep_and_its_workers(tmp_path):
+    """Ctrl-C goes to the terminal's whole process group: the workers leave it to the sweep, which kills them and
+    exits at once instead of waiting for their runs (or starting the queued ones)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process, workers = _start_with_workers(_train_sweep(tmp_path / "c.sqlite"), env, start_new_session=True)
+    assert len(workers) == 2, "the sweep ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=20)
+    assert process.returncode == 130  # the command's own exit for an interrupt (not a traceback's 1)
+    _all_gone(workers)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
 def test_two_sweeps_on_one_database(tmp_path):
     db = tmp_path / "shared.sqlite"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -26,6 +26,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from steadygrad._checks import check_choice
+from steadygrad._processes import die_with_parent
 
 __all__ = ["TASKS", "SweepDB", "expand_grid", "run_job", "run_sweep"]
 
@@ -265,11 +266,31 @@ def run_sweep(
             finish(run_job(job))
     else:
         count = workers or max(1, (os.cpu_count() or 2))
-        with ProcessPoolExecutor(max_workers=count, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_job, job) for job in todo]
-            for future in as_completed(futures):
-                finish(future.result())
+        _run_local(todo, finish, count)
     return SweepSummary(len(jobs), len(jobs) - len(todo), len(todo), failed, time.perf_counter() - start)
+
+
+def _init_worker(parent: int) -> None:
+    die_with_parent(parent)
+
+
+def _run_local(jobs: list[Job], finish: Callable[[dict], None], workers: int) -> None:
+    """The jobs in ``workers`` spawned processes that die with this one (``steadygrad._processes``: a SIGKILLed
+    sweep leaves none behind to run on), each row recorded here as it finishes; on any other exit, Ctrl-C included,
+    the workers are killed before this returns. Their runs hold nothing worth keeping: only finished rows are."""
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(os.getpid(),)
+    )
+    try:
+        for future in as_completed([pool.submit(run_job, job) for job in jobs]):
+            finish(future.result())
+    except BaseException:
+        # concurrent.futures cannot stop a call that is running: its worker processes are the only handle
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _run_ray(jobs: Iterable[Job], finish: Callable[[dict], None], address: str | None) -> None:

@@ -46,8 +46,9 @@ class UsageError(ValueError):
 
 
 USAGE_ERRORS = (UsageError, ValueError)
-# how click and typer end a command on purpose (typer.Exit, Abort, click's own usage errors): never ours to handle
-_CLICK_EXITS = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
+# how click and typer end a command on purpose (typer.Exit, Abort, click's own usage errors): never ours to handle.
+# typer 0.29's Exit is its own class, not click's: a command's deliberate exit code must not read as a bug.
+_CLICK_EXITS = (click.exceptions.Exit, typer.Exit, click.exceptions.Abort, click.ClickException)
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> None:

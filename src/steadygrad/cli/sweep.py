@@ -109,7 +109,17 @@ def sweep_command(
             mark = {"ok": "[green]ok[/]", "diverged": "[yellow]diverged[/]"}.get(row["status"], "[red]failed[/]")
             progress.update(bar, advance=1, last=f"{mark} {escape(row['key'][:8])} ({row['seconds']:.1f} s)")
 
-        summary = run_sweep(jobs, database, executor=executor, workers=workers, address=address, on_row=recorded)
+        try:
+            summary = run_sweep(jobs, database, executor=executor, workers=workers, address=address, on_row=recorded)
+        except KeyboardInterrupt:
+            stored = len(database.done() & {job.key for job in jobs})
+            database.close()
+            progress.stop()
+            console.print(
+                f"Interrupted: {stored} of {len(jobs)} runs are in {db} and the workers are stopped; the same command "
+                "runs the rest."
+            )
+            raise typer.Exit(130) from None
     database.close()
     console.print(
         f"Ran {summary.ran} run(s) in {summary.seconds:.0f} s ({summary.failed} failed or diverged); "

@@ -3,21 +3,19 @@
 Small models spend their step in Python and in short kernels that one thread runs as fast as several, so two
 processes with one thread each finish two trials in about the time one process with two threads finishes one
 (``benchmarks/doctor.py`` measures it). Workers are forked, so the user's model factory, loss and optimizer
-callables need not be picklable; each sets a parent-death signal (Linux), so a killed doctor leaves no process
-behind, and the pool is terminated on any exit, Ctrl-C included.
+callables need not be picklable; each dies with its parent (``steadygrad._processes``), so a killed doctor leaves no
+process behind, and the pool is terminated on any exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 from collections.abc import Callable
 
 import torch
+
+from steadygrad._processes import die_with_parent
 
 __all__ = ["available_workers", "run_all"]
 
@@ -31,18 +29,9 @@ def available_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the signal was set
-        os._exit(1)
-
-
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    _die_with_parent()
+    die_with_parent(parent)  # and Ctrl-C is the parent's: it terminates the pool
 
 
 def _run(index: int):
@@ -61,7 +50,9 @@ def run_all(job: Callable[[int], object], count: int, workers: int, done: Callab
         return results
     _JOB = job
     try:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, count), initializer=_init_worker)
+        pool = multiprocessing.get_context("fork").Pool(
+            min(workers, count), initializer=_init_worker, initargs=(os.getpid(),)
+        )
         try:
             for i, result in pool.imap_unordered(_run, range(count)):
                 results[i] = result
