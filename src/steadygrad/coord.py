@@ -247,7 +247,7 @@ class CoordCheck:
     def __str__(self) -> str:
         """The sizes at the last step by group and width, each group's slope, the verdict and the notes."""
         name_width = max([len("layer group"), *map(len, self.sizes)])
-        head = f"{'layer group':<{name_width}}" + "".join(f"{w:>10}" for w in self.widths) + f"{'slope':>8}"
+        head = f"{'layer group':<{name_width}}" + "".join(f"{w:>10}" for w in self.widths) + f"{'slope':>10}"
         lines = [
             f"Coordinate check, widths {', '.join(map(str, self.widths))}, {self.steps} steps ({self.optimizer}; "
             f"{self.loss}). mean |y| at step {self.steps}:",
@@ -255,7 +255,7 @@ class CoordCheck:
         ]
         for group, sizes in self.sizes.items():
             row = "".join(f"{_fmt(v):>10}" for v in sizes[:, -1])
-            lines.append(f"{group:<{name_width}}{row}{_fmt(self.slopes[group]):>8}")
+            lines.append(f"{group:<{name_width}}{row}{_fmt(self.slopes[group]):>10}")
         lines.append(self.verdict)
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -265,6 +265,10 @@ class CoordCheck:
 
 
 # -- the fit and the verdict ---------------------------------------------------------------------------------
+
+
+def _groups(count: int) -> str:
+    return "1 param group" if count == 1 else f"{count} param groups"
 
 
 def fit_slope(widths: Sequence[float], sizes: Sequence[float]) -> float:
@@ -439,10 +443,10 @@ def _make_optimizer(optimizer, model: nn.Module, lr: float) -> tuple[torch.optim
                 f"optimizer= as a callable must return a torch.optim.Optimizer from (model, lr); "
                 f"{callable_name(optimizer)} returned {type(opt).__name__}."
             )
-        return opt, f"{callable_name(optimizer)}(model, lr={lr:g}), {len(opt.param_groups)} param groups"
+        return opt, f"{callable_name(optimizer)}(model, lr={lr:g}), {_groups(len(opt.param_groups))}"
     groups = param_groups(model, lr)
     if callable(getattr(model, "steadygrad_param_groups", None)):
-        words = f"{optimizer}, lr {lr:g}, {len(groups)} param groups from steadygrad_param_groups(lr)"
+        words = f"{optimizer}, lr {lr:g}, {_groups(len(groups))} from steadygrad_param_groups(lr)"
     else:
         words = f"{optimizer}, lr {lr:g}, one group (model.parameters())"
     return make_optimizer(optimizer, groups, lr), words

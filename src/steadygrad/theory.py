@@ -313,6 +313,9 @@ def pre_ln_stream(depth: int, embedding_second_moment: float, branch_second_mome
         depth: blocks L.
         embedding_second_moment: q_0 = E[x_0^2] of the embeddings entering block 1.
         branch_second_moment: c = E[F(LN(x))^2] summed over a block's sublayers (attention and MLP).
+
+    Returns:
+        q_0 .. q_L: depth + 1 values, the embeddings' first.
     """
     depth = _check_depth(depth)
     q0 = check_positive("embedding_second_moment", embedding_second_moment, allow_zero=True)
@@ -339,12 +342,22 @@ def post_ln_gradient(forward_gains: Sequence[Sequence[float]], backward_gains: S
 
     Args:
         forward_gains, backward_gains: per block, bottom to top, its sublayers' v and g (shape (L, sublayers)).
+            Measure them on a model with autograd: v from a sublayer's output over its input, g from
+            ``torch.autograd.grad(F(x), x, u)`` with a random u (the lab's claim 20 does, ``lab._lm``).
+
+    Returns:
+        L + 1 ratios for x_0 (the embeddings, into block 1) .. x_L (after the last block, 1.0).
     """
     v, g = np.asarray(forward_gains, dtype=float), np.asarray(backward_gains, dtype=float)
-    if v.ndim != 2 or v.shape != g.shape or not v.size or (v < 0).any() or (g < 0).any():
+    if v.ndim != 2 or v.shape != g.shape or not v.size:
         raise ValueError(
-            "post_ln_gradient takes, per block, one non-negative forward and backward gain per sublayer: two "
-            f"arrays of the same shape (blocks, sublayers); got shapes {v.shape} and {g.shape}."
+            "post_ln_gradient takes, per block, one forward and one backward gain per sublayer: two arrays of the "
+            f"same shape (blocks, sublayers); got shapes {v.shape} and {g.shape}."
+        )
+    if (v < 0).any() or (g < 0).any() or not (np.isfinite(v).all() and np.isfinite(g).all()):
+        raise ValueError(
+            "post_ln_gradient's gains are ratios of second moments: finite and >= 0; got forward "
+            f"{v.tolist()} and backward {g.tolist()}."
         )
     rho = np.sqrt(np.prod((1.0 + g) / (1.0 + v), axis=1))
     # x_L gets 1; x_(l-1) gets rho_l ... rho_L

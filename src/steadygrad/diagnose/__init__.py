@@ -67,7 +67,7 @@ from steadygrad.diagnose._model import (
     symmetric,
 )
 from steadygrad.diagnose._reuse import REUSED_CALLS, reused
-from steadygrad.diagnose._stream import stream_gradient_vanishing, stream_growth
+from steadygrad.diagnose._stream import explained_by_stream, stream_gradient_vanishing, stream_growth
 from steadygrad.diagnose._units import dead, loss_at_init, nonfinite, saturated, update_ratio
 from steadygrad.losses import projection_loss
 from steadygrad.measure.records import FlowReport
@@ -153,4 +153,5 @@ def diagnose(
         # an nn.RNN/LSTM/GRU is one record, so its depth in time is measured apart, on a copy of the model: the
         # same finding a recurrence written as a Python loop gets from its per-call records (``reused``)
         findings += recurrent_findings(model, inputs, loss or projection_loss)
+    findings = explained_by_stream(findings)
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))

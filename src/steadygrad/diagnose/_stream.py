@@ -36,6 +36,16 @@ def _spec(model: nn.Module | None):
     return getattr(structure, "spec", None)
 
 
+def _rebuilds(model: nn.Module | None, *fixes: Fix) -> list[Fix]:
+    """``rebuild`` fixes apply to a ``steadygrad.build`` network (or to an unknown model, where they are the
+    recipe to look for); another library's model gets none: its code is not a spec to change."""
+    return list(fixes) if model is None or _spec(model) is not None else []
+
+
+_WARMUP = Fix("warmup", {"steps": 100}, "linear warmup (HF: get_linear_schedule_with_warmup)")
+_LOWER_LR = Fix("lower_lr", {"factor": 0.3}, "a smaller learning rate")
+
+
 def stream_growth(report: FlowReport, model: nn.Module | None = None) -> list[Finding]:
     """The stream's second moment compounds with depth: over ``STREAM_MIN_BLOCKS`` or more blocks it more than
     doubles per block on average (``STREAM_GROWTH_PER_BLOCK``) and grows over ``STREAM_GROWTH_TOTAL``-fold.
@@ -57,10 +67,14 @@ def stream_growth(report: FlowReport, model: nn.Module | None = None) -> list[Fi
         if total < STREAM_GROWTH_TOTAL or per_block <= STREAM_GROWTH_PER_BLOCK:
             continue
         spec = _spec(model)
-        fixes = [Fix("rebuild", {"residual": "rezero"}, "zero-initialized residual gates (Bachlechner et al. 2020)")]
+        fixes = _rebuilds(
+            model, Fix("rebuild", {"residual": "rezero"}, "zero-initialized residual gates (Bachlechner et al. 2020)")
+        )
         if spec is None or spec.norm == "none":
-            fixes.append(Fix("rebuild", {"norm": "layer", "norm_position": "pre"}, "pre-LN (Xiong et al. 2020)"))
-        fixes += [Fix("lower_lr", {"factor": 0.3}), Fix("warmup", {"steps": 100})]
+            fixes += _rebuilds(
+                model, Fix("rebuild", {"norm": "layer", "norm_position": "pre"}, "pre-LN (Xiong et al. 2020)")
+            )
+        fixes += [_LOWER_LR, _WARMUP]
         findings.append(
             Finding(
                 "residual_stream_growth",
@@ -95,21 +109,26 @@ def stream_gradient_vanishing(report: FlowReport, model: nn.Module | None = None
         if ratio >= STREAM_GRADIENT_RATIO:
             continue
         spec = _spec(model)
-        fixes = [Fix("warmup", {"steps": 100})]
+        fixes = []
         if spec is None or spec.norm_position == "post":
-            fixes = [
+            fixes = _rebuilds(
+                model,
                 Fix("rebuild", {"norm_position": "pre"}, "pre-LN: the identity path skips the norms (Xiong 2020)"),
                 Fix("rebuild", {"residual": "deepnorm"}, "DeepNorm's up-weighted skip (Wang et al. 2022)"),
-                *fixes,
-            ]
-        fixes.append(Fix("lower_lr", {"factor": 0.3}))
+            )
+        fixes += [_WARMUP, _LOWER_LR]
         per_block = ratio ** (1 / (len(flowing) - 1))
         findings.append(
             Finding(
                 "post_ln_vanishing_gradient",
                 "warning",
                 [r.label for r in flowing if r.grad_norm / flowing[-1].grad_norm < STREAM_GRADIENT_RATIO],
-                {"bottom_over_top": ratio, "per_block": per_block, "grad_norms": [r.grad_norm for r in flowing]},
+                {
+                    "bottom_over_top": ratio,
+                    "per_block": per_block,
+                    "grad_norms": [r.grad_norm for r in flowing],
+                    "blocks": [r.name for r in records],
+                },
                 f"The gradient into the residual stream shrinks {per_block:.2f}x per block on its way down: "
                 f"{flowing[0].label} gets {ratio:.2g} of {flowing[-1].label}'s. A residual path alone would keep it; "
                 "the norms on the stream (post-LN) divide it once the branches outgrow the stream, and the bottom "
@@ -118,3 +137,19 @@ def stream_gradient_vanishing(report: FlowReport, model: nn.Module | None = None
             )
         )
     return findings
+
+
+def explained_by_stream(findings: list[Finding]) -> list[Finding]:
+    """``findings`` without a ``vanishing_gradients`` finding whose layers all lie inside blocks whose stream is
+    already found cut off (``post_ln_vanishing_gradient``): the layers in a block get the stream's gradient, so
+    the generic finding would repeat the stream's with fixes (batch norm, skips, He init) that do not apply."""
+    blocks = [name for f in findings if f.kind == "post_ln_vanishing_gradient" for name in f.evidence["blocks"]]
+    if not blocks:
+        return findings
+
+    def inside(label: str) -> bool:
+        return any(label.startswith(block + ".") or label.split(" (")[0] == block for block in blocks)
+
+    return [
+        f for f in findings if not (f.kind == "vanishing_gradients" and f.layers and all(inside(n) for n in f.layers))
+    ]

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from steadygrad import kinds
 from steadygrad.measure.series import series
 
 __all__ = ["FlowReport", "LayerRecord"]
@@ -120,9 +121,12 @@ class FlowReport:
         """How the gradient changed across depth. A plain chain (a built net's blocks, an MLP) is read from its
         last layer back to its first. Any other model is read along its longest series of like layers
         (``steadygrad.measure.series``: ``transformer.h.*.mlp.c_fc``), since its first and last modules (an
-        embedding and a head) are not comparable."""
+        embedding and a head) are not comparable; where the records hold a stack's blocks, along their series:
+        the residual stream, which the stream rules of ``diagnose`` read too."""
         layers = self._with_gradient()
-        longest = max(series(layers), key=lambda s: len(s.records), default=None)
+        every = series(layers)
+        streams = [s for s in every if s.call == 1 and kinds.is_block(s.kind)]
+        longest = max(streams or every, key=lambda s: len(s.records), default=None)
         if longest is None or len(longest.records) >= len(layers) - 1:
             ratio, n, unit = self.gradient_ratio, len(layers), "layer"
             where = "at layer 1 it is {ratio:.2g} {size} its last-layer size"
