@@ -71,9 +71,13 @@ def layer_parameters(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def primary_layer(module: nn.Module) -> nn.Module | None:
     """The layer whose weights describe ``module``: itself if it owns a weight, else its first
-    Linear/Conv/RNN descendant (for a Keras layer, its first sublayer owning a kernel: an LSTM's cell)."""
+    Linear/Conv/RNN descendant (for a Keras layer, its first sublayer owning a kernel: an LSTM's cell); None for
+    a residual block (``kinds.is_block``: a transformer's or a ResNet's), whose record is the stream after it,
+    which no single layer inside describes."""
     if any(kinds.parameter_role(name) == "weight" for name, _ in layer_parameters(module)):
         return module
+    if kinds.is_block(module):
+        return None
     if _keras.is_keras_layer(module):
         return _keras.primary_sublayer(module)
     return next((m for m in module.modules() if kinds.is_weight_layer(m)), None)
