@@ -237,3 +237,40 @@ def test_a_tiny_transformer_learns_the_copy_task_from_the_loader():
     accuracy = (predicted[scored] == held_out.targets[scored]).float().mean().item()
     chance = 1 / (vocab - 1)  # content tokens are uniform over the ids below the separator
     assert accuracy > 0.9 > 5 * chance, f"held-out copy accuracy {accuracy:.2f} (chance {chance:.2f})"
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse", "recall", "pysource"])
+def test_token_datasets_split_rows_for_a_transformer(name):
+    d = data.token_dataset(name, n=100, seq_len=8, seed=3)
+    assert d.tokens and d.task == "classification" and d.x_train.dtype == torch.long
+    assert len(d.x_train) == 80 and len(d.x_test) == 20 and d.x_train.shape[1] == 8
+    assert d.spec_sizes("transformer") == {"vocab": d.num_classes, "seq_len": 8}
+    assert int(d.x_train.max()) < d.num_classes
+    rows = {tuple(r) for r in d.x_train.tolist()}
+    assert rows.isdisjoint({tuple(r) for r in d.x_test.tolist()}) or name == "pysource"  # a split of the rows
+    again = data.load(name, seed=3)
+    assert again.name == name and again.tokens
+    if name == "pysource":  # every position is scored: the next character
+        torch.testing.assert_close(d.x_train[:, 1:], d.y_train[:, :-1])
+    else:
+        assert (d.y_train == data.IGNORE_INDEX).any()
+    with pytest.raises(DataError, match="for kind='transformer'"):
+        d.inputs_for("mlp", d.x_train)
+    with pytest.raises(DataError, match="reads token sequences"):
+        data.digits().spec_sizes("transformer")
+
+
+def test_the_trainer_scores_token_accuracy_on_the_scored_positions_only():
+    from steadygrad.nets import NetSpec, build
+    from steadygrad.train import TrainConfig, Trainer
+
+    d = data.token_dataset("copy", n=64, seq_len=8, seed=0)
+    net = build(NetSpec(kind="transformer", depth=1, width=16, heads=2, **d.spec_sizes("transformer")))
+    metrics = Trainer(net, d, TrainConfig(epochs=1, progress=False)).evaluate()
+    with torch.no_grad():
+        predicted = net.eval()(d.x_test).argmax(-1)
+    scored = d.y_test != -100
+    assert metrics["test_accuracy"] == pytest.approx(float((predicted == d.y_test)[scored].float().mean()))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(net(d.x_test).transpose(1, 2), d.y_test, ignore_index=-100)
+    assert metrics["test_loss"] == pytest.approx(float(loss), rel=1e-5)

@@ -21,6 +21,7 @@ __all__ = [
     "BUILTIN",
     "IGNORE_INDEX",
     "SEQUENCE_TASKS",
+    "TOKEN_SETS",
     "DataError",
     "Dataset",
     "SequenceTask",
@@ -32,6 +33,7 @@ __all__ = [
     "python_source_text",
     "sequence_task",
     "teacher_student",
+    "token_dataset",
     "two_spirals",
 ]
 
@@ -57,6 +59,7 @@ class Dataset:
     standardized: bool = True
     feature_mean: torch.Tensor | None = field(default=None, repr=False)  # the training split's statistics
     feature_std: torch.Tensor | None = field(default=None, repr=False)
+    tokens: bool = False  # int64 token rows (N, T) with next-token targets (N, T), -100 where not scored
 
     @property
     def in_features(self) -> int:
@@ -70,7 +73,18 @@ class Dataset:
 
     def inputs_for(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         """Shape flat features for a network kind: mlp (N, F); cnn (N, C, H, W) for image data; rnn
-        (N, T, F'): an image's rows as time steps, else one feature per step."""
+        (N, T, F'): an image's rows as time steps, else one feature per step. Token rows are for kind
+        transformer only, and features never are."""
+        if self.tokens != (kind == "transformer"):
+            if self.tokens:
+                raise DataError(
+                    f"{self.name} is token sequences, for kind='transformer'; got kind={kind!r}. Use --kind "
+                    "transformer, or a feature or image set (digits, spirals, blobs, teacher, a file)."
+                )
+            raise DataError(
+                f"kind='transformer' reads token sequences; {self.name} is features. Use a token set: "
+                f"{', '.join(TOKEN_SETS)}."
+            )
         if kind == "cnn":
             if self.image_shape is None:
                 raise DataError(f"kind='cnn' needs image data; {self.name} has flat features. Use kind='mlp'.")
@@ -83,7 +97,11 @@ class Dataset:
         return x
 
     def spec_sizes(self, kind: str) -> dict:
-        """``in_features`` (and ``seq_len``/``image_size``) a NetSpec of ``kind`` needs for this data."""
+        """``in_features`` (and ``seq_len``/``image_size``) a NetSpec of ``kind`` needs for this data; for token
+        rows their ``vocab`` and ``seq_len``."""
+        self.inputs_for(kind, self.x_train[:1])  # raises when the kind cannot read this data
+        if kind == "transformer":
+            return {"vocab": int(self.num_classes), "seq_len": self.x_train.shape[1]}
         if kind == "cnn":
             channels, height, _ = self.inputs_for("cnn", self.x_train[:1]).shape[1:]
             return {"in_features": channels, "image_size": height, "out_features": self.out_features}
@@ -182,6 +200,8 @@ def teacher_student(
 
 
 BUILTIN = {"digits": digits, "spirals": two_spirals, "blobs": blobs, "teacher": teacher_student}
+# token sets for kind transformer (``token_dataset``): the synthetic tasks and the standard library's source text
+TOKEN_SETS = ("copy", "reverse", "recall", "pysource")
 
 
 def _infer_task(y: np.ndarray) -> str:
@@ -292,7 +312,10 @@ def load(
     standardize: bool = True,
     seed: int = 0,
 ) -> Dataset:
-    """A built-in set by name (``digits``, ``spirals``, ``blobs``, ``teacher``) or a file path."""
+    """A built-in set by name (``digits``, ``spirals``, ``blobs``, ``teacher``; for kind transformer the token
+    sets ``copy``, ``reverse``, ``recall``, ``pysource``: ``token_dataset``) or a file path."""
+    if source in TOKEN_SETS:
+        return token_dataset(source, test_fraction=test_fraction, seed=seed)
     if source in BUILTIN:
         return BUILTIN[source](test_fraction=test_fraction, standardize=standardize, seed=seed)
     return from_file(source, target=target, test_fraction=test_fraction, standardize=standardize, seed=seed)
@@ -465,3 +488,44 @@ def sequence_task(name: str, n: int = 1024, seq_len: int = 16, vocab: int = 32, 
         content = torch.randint(0, vocab - 1, (n, seq_len // 2), generator=g)
         inputs, targets = _copy_rows(content, reserved, reverse=name == "reverse")
     return SequenceTask(name, inputs.contiguous(), targets.contiguous(), vocab, seq_len)
+
+
+def token_dataset(name: str, n: int = 1024, seq_len: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """A token ``Dataset`` for a built transformer (``Dataset.tokens``): ``x`` int64 rows (N, T), ``y`` their
+    next-token targets (N, T), -100 where nothing is scored, ``num_classes`` the vocabulary.
+
+    - ``copy``, ``reverse``, ``recall``: ``sequence_task(name, n, seq_len, vocab=32, seed)``;
+    - ``pysource``: ``n`` windows of ``seq_len`` + 1 characters of the standard library's sources
+      (``python_source_text``, ``char_tokens``: vocabulary 128), every position scored.
+
+    Rows are split at random into train and test (``test_fraction``), reproducibly by ``seed``.
+    """
+    name = check_choice("token set", name, TOKEN_SETS)
+    if name == "pysource":
+        ids, vocab = char_tokens(python_source_text(max(200_000, n * (seq_len + 1)), seed=seed))
+        if len(ids) < seq_len + 2:
+            raise DataError(f"The standard library's text is too short for windows of {seq_len} characters.")
+        starts = torch.randint(0, len(ids) - seq_len - 1, (n,), generator=torch.Generator().manual_seed(seed))
+        windows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+        x, y = windows[:, :-1], windows[:, 1:]
+    else:
+        task = sequence_task(name, n=n, seq_len=seq_len, seed=seed)
+        x, y, vocab = task.inputs, task.targets, task.vocab
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must be between 0 and 1 (exclusive); got {test_fraction!r}.")
+    n_test = max(1, round(n * test_fraction))
+    if n - n_test < 2:
+        raise DataError(f"{name} with n={n} is too few rows to hold out {n_test} and still train.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    return Dataset(
+        name,
+        x[n_test:],
+        y[n_test:],
+        x[:n_test],
+        y[:n_test],
+        "classification",
+        int(vocab),
+        standardized=False,
+        tokens=True,
+    )

@@ -21,7 +21,7 @@ from steadygrad.clip import grad_norm as total_grad_norm
 from steadygrad.data import Dataset
 from steadygrad.diagnose import Finding, diagnose
 from steadygrad.distributed import setup as setup_distributed
-from steadygrad.losses import resolve_loss_named
+from steadygrad.losses import IGNORE_INDEX, resolve_loss_named
 from steadygrad.measure import JsonlSink, MLflowSink, Monitor, TensorBoardSink, probe
 from steadygrad.measure.sinks import sqlite_uri
 from steadygrad.norm.convert import convert_sync_batchnorm
@@ -201,7 +201,9 @@ class Trainer:
         self.data = data
         self.config = config or TrainConfig()
         structure = describe(model)
-        self.kind = structure.kind if structure is not None and structure.kind in ("cnn", "rnn") else "mlp"
+        self.kind = (
+            structure.kind if structure is not None and structure.kind in ("cnn", "rnn", "transformer") else "mlp"
+        )
         self.logdir = None if self.config.logdir is None else Path(self.config.logdir)
         # Data parallelism (under torchrun): every rank trains a replica on its share of each global batch;
         # BatchNorm statistics are synchronized, so N processes compute what one would on the whole batch.
@@ -245,16 +247,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss (and accuracy) on the held-out split."""
+        """Loss (and accuracy) on the held-out split; for token rows per scored position (targets not -100)."""
         was_training = self.model.training
         self.model.eval()
         total, correct, count = 0.0, 0, 0
         for x, y in zip(self.data.x_test.split(1024), self.data.y_test.split(1024), strict=True):
             output = self.model(self._inputs(x))
-            total += float(self._loss(output, y)) * len(y)
+            scored = y != IGNORE_INDEX if self.data.tokens else torch.ones_like(y, dtype=torch.bool)
+            weight = int(scored.sum())
+            total += float(self._loss(output, y)) * weight
             if self.data.task == "classification":
-                correct += int((output.argmax(1) == y).sum())
-            count += len(y)
+                predicted = output.argmax(-1) if self.data.tokens else output.argmax(1)
+                correct += int((predicted == y)[scored].sum())
+            count += weight
         self.model.train(was_training)
         metrics = {"test_loss": total / count}
         if self.data.task == "classification":

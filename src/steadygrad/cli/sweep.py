@@ -7,6 +7,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from steadygrad import data as sg_data
 from steadygrad.cli._errors import UsageError, handle_errors
 from steadygrad.cli._output import console
 from steadygrad.nets import SPEC_OPTIONS
@@ -81,11 +82,15 @@ def sweep_command(
     if task not in TASKS:
         raise UsageError(f"Unknown task {task!r}. Accepted: {', '.join(TASKS)}.")
     specs = expand_grid(_grid([*grid, *(more or [])]))
-    if task == "train" and any(spec.get("kind") == "transformer" for spec in specs):
-        raise UsageError(
-            "--task train needs data a built transformer can read (token sequences), and the sweep's data sets "
-            "are features and images: sweep kind transformer with --task probe."
-        )
+    if task == "train":
+        tokens = data in sg_data.TOKEN_SETS
+        wrong = [s.get("kind") or "mlp" for s in specs if (s.get("kind") == "transformer") != tokens]
+        if wrong:
+            raise UsageError(
+                f"--task train on {data} cannot train kind {wrong[0]}: kind transformer reads the token sets "
+                f"({', '.join(sg_data.TOKEN_SETS)}; --data copy, say) and only it does. Sweep transformers and the "
+                "other kinds separately."
+            )
     train = {"epochs": epochs, "lr": lr, "optimizer": optimizer} if task == "train" else {}
     jobs = [
         Job(spec, task, seed + r, data if task == "train" else None, train, batch)

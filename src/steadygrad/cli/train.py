@@ -18,12 +18,6 @@ from steadygrad.diagnose import findings_text
 from steadygrad.nets import build, expand_specs
 from steadygrad.train import TrainConfig, Trainer
 
-# train's data sets are feature tables and images; a built transformer needs token sequences
-_NO_TOKEN_DATA = (
-    "--kind transformer needs token sequences, and train's data sets are features and images. Probe it "
-    "(`steadygrad probe --kind transformer`), sweep it with --task probe, or train it from Python "
-    "(steadygrad.data.python_source_text gives text to train on)."
-)
 DIVERGED = 1  # exit code of a run stopped by the non-finite guard
 
 
@@ -35,7 +29,12 @@ def _opt(help_text: str):
 @network_options(comma_lists=False)
 def train_command(
     data: Annotated[
-        str, typer.Option(help="A built-in set (digits, spirals, blobs, teacher) or a .npz (arrays X, y) or .csv file.")
+        str,
+        typer.Option(
+            help="A built-in set (digits, spirals, blobs, teacher), a .npz (arrays X, y) or .csv file; for --kind "
+            "transformer a token set: copy, reverse, recall (synthetic next-token tasks) or pysource (characters of "
+            "the Python standard library's sources)."
+        ),
     ] = "digits",
     target: Annotated[str | None, _opt("The target column of a .csv file.")] = None,
     standardize: Annotated[
@@ -100,6 +99,8 @@ def train_command(
 
       steadygrad train --depth 20 --norm batch --mlflow --logdir runs/bn
 
+      steadygrad train --kind transformer --data copy --depth 2 --width 32 --heads 2 --optimizer adam --lr 3e-3
+
     Exit code 0: trained; 1: stopped by the non-finite guard (or a bug in steadygrad, with its traceback);
     2: bad options or files.
     """
@@ -113,8 +114,8 @@ def train_command(
             "train takes one value per option; to compare several networks, use `steadygrad probe` or run "
             "train once per network."
         )
-    if specs[0].kind == "transformer":
-        raise UsageError(_NO_TOKEN_DATA)
+    if specs[0].kind == "transformer" and data == "digits":
+        data = "pysource"  # the default data set, for a language model
     dataset = sg_data.load(data, target=target, test_fraction=test_fraction, standardize=standardize, seed=seed)
     spec = specs[0].replace(**dataset.spec_sizes(specs[0].kind))
     config = TrainConfig(
