@@ -11,8 +11,8 @@ VERDICTS = {REPRODUCED, PARTLY, NOT_REPRODUCED}
 
 
 @pytest.fixture(scope="module")
-def quick_results():
-    return lab.run(quick=True)
+def quick_results(quick_lab):
+    return quick_lab
 
 
 def test_every_claim_is_declared_in_full():
