@@ -283,3 +283,25 @@ def test_the_doctor_adds_what_only_training_shows_and_can_rebuild_it_pre_ln(text
 def test_negative_gains_are_named_as_such():
     with pytest.raises(ValueError, match="finite and >= 0"):
         theory.post_ln_gradient([[-1.0]], [[1.0]])
+
+
+def test_plain_stacks_of_modules_named_like_blocks_keep_the_generic_depth_rules():
+    """A user's ``ConvLayer`` (conv, sigmoid) repeated in a Sequential is recorded as a block series, but it holds no
+    attention: a vanishing gradient there is the generic finding with its fixes, not a post-LN diagnosis."""
+    from torch import nn
+
+    class SigmoidLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.act = nn.Linear(32, 32), nn.Sigmoid()
+
+        def forward(self, x):
+            return self.act(self.linear(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(SigmoidLayer() for _ in range(12)), nn.Linear(32, 10))
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    report = probe(model, x, y)
+    assert sum(r.kind == "SigmoidLayer" for r in report.records) == 12
+    kinds = {f.kind for f in diagnose(report, model)}
+    assert "vanishing_gradients" in kinds and not kinds & STREAM_KINDS

@@ -1,9 +1,10 @@
 """Rules on the residual stream of a stack of blocks: growth that compounds with depth, and a gradient that the
 norms on the stream (post-LN) divide on its way to the bottom blocks.
 
-They read the records of the blocks themselves (``_core.is_stream_kind``): steadygrad's built transformers
-record their blocks; a model recorded by its leaves (a Hugging Face model by default) gets no stream finding,
-never a false one.
+They read the records of the blocks themselves (``_core.is_stream_kind``, ``kinds.is_block``): a built
+transformer's blocks, and by the default selection any stack's repeated ``*Block``/``*Layer`` modules (GPT-2's,
+BERT's, Llama's, a ResNet's); given the model, only blocks that hold an attention layer. A model whose blocks are
+not recorded (a ``layers=`` selection without them) gets no stream finding, never a false one.
 """
 
 from __future__ import annotations
@@ -27,8 +28,29 @@ from steadygrad.measure.series import series
 from steadygrad.structure import describe
 
 
-def _streams(report: FlowReport) -> list[list[LayerRecord]]:
-    return [s.records for s in series(report) if s.call == 1 and is_stream_kind(s.kind)]
+def _attends(block: nn.Module) -> bool:
+    """Whether a block holds an attention layer (``nn.MultiheadAttention``, or a class named *Attention*: steadygrad's,
+    GPT-2's, BERT's, Llama's): a transformer block, whose stream these rules are about."""
+    return any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower() for m in block.modules())
+
+
+def _streams(report: FlowReport, model: nn.Module | None) -> list[list[LayerRecord]]:
+    """The block series of the records; given the model, only those of transformer blocks (``_attends``), so that a
+    plain stack of modules that happen to be named ``*Layer`` or ``*Block`` (a ResNet's, a user's ``ConvLayer``)
+    keeps the generic depth rules and their fixes."""
+    modules = None
+    if isinstance(model, nn.Module):  # under the names the records carry (a torch.compile wrapper's step dropped)
+        modules = {".".join(p for p in n.split(".") if p != "_orig_mod"): m for n, m in model.named_modules()}
+    out = []
+    for s in series(report):
+        if s.call != 1 or not is_stream_kind(s.kind):
+            continue
+        if modules is not None:
+            block = modules.get(s.records[0].name)
+            if block is None or not _attends(block):
+                continue
+        out.append(s.records)
+    return out
 
 
 def _spec(model: nn.Module | None):
@@ -58,7 +80,7 @@ def stream_growth(report: FlowReport, model: nn.Module | None = None) -> list[Fi
     Large Language Models"). The logits then depend on the last blocks alone and training is prone to diverge.
     """
     findings = []
-    for records in _streams(report):
+    for records in _streams(report, model):
         moments = [r.act_second_moment for r in records]
         if len(records) < STREAM_MIN_BLOCKS or not all(math.isfinite(q) and q > 0 for q in moments):
             continue
@@ -101,7 +123,7 @@ def stream_gradient_vanishing(report: FlowReport, model: nn.Module | None = None
     al. 2020; Liu et al. 2020): the bottom blocks stop learning, and the model stalls near the unigram loss.
     """
     findings = []
-    for records in _streams(report):
+    for records in _streams(report, model):
         flowing = [r for r in records if has_gradient(r)]
         if len(flowing) < 2:
             continue
