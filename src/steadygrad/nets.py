@@ -113,7 +113,9 @@ class NetSpec:
         ),
     )
     depth: int = dataclasses.field(default=10, metadata=_cli("Hidden blocks (weight layers before the head)"))
-    width: int = dataclasses.field(default=64, metadata=_cli("Units (mlp, rnn) or channels (cnn) per block"))
+    width: int = dataclasses.field(
+        default=64, metadata=_cli("Units (mlp, rnn), channels (cnn) or model width d (transformer) per block")
+    )
     in_features: int = dataclasses.field(
         default=64,
         metadata=_cli("Input features (mlp; rnn: per time step), or input channels for cnn", from_data=True),

@@ -119,7 +119,8 @@ def probe_command(
         int,
         typer.Option(
             min=2,
-            help="Examples in the probing batch (standard normal inputs, random class labels, cross-entropy).",
+            help="Examples in the probing batch (standard normal inputs and random class labels; for kind "
+            "transformer random token rows and their next tokens; cross-entropy).",
         ),
     ] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the batch.")] = 0,
@@ -184,6 +185,8 @@ def probe_command(
       steadygrad probe --model my_model.py:build --data digits
 
       steadygrad probe --model lm.py:make_gpt2 --input-dtype long --vocab 256 --seq-len 64 --batch 8
+
+      steadygrad probe --kind transformer --depth 6 --width 64 --heads 4 --norm-position pre,post
     """
     if mode not in ("train", "eval"):  # the probe's third mode, None (as the model is), is train for a fresh net
         raise UsageError(f"--mode must be train or eval; got {mode!r}.")
