@@ -158,7 +158,8 @@ def test_a_sigkilled_sweep_leaves_no_worker_running_and_resumes_exactly(tmp_path
     _all_gone(workers)
     before = {key for key, *_ in rows(db)} if db.exists() else set()
     assert len(before) < 6
-    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    resume = [*command[: command.index("--workers")], "--workers", "1", "--db", str(db)]  # in-process: no spawn
+    subprocess.run(resume, check=True, capture_output=True, env=env, timeout=300)
     keys = [key for key, *_ in rows(db)]
     assert len(keys) == 6 == len(set(keys)) and before <= set(keys)
 
