@@ -274,3 +274,13 @@ def test_the_trainer_scores_token_accuracy_on_the_scored_positions_only():
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(net(d.x_test).transpose(1, 2), d.y_test, ignore_index=-100)
     assert metrics["test_loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_next_token_windows_are_slices_of_the_ids_and_their_next_tokens():
+    ids = torch.arange(100) * 3
+    x, y = data.next_token_windows(ids, 5, 7, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 7)
+    starts = (x[:, 0] // 3).tolist()
+    for row, start in zip(range(5), starts, strict=True):
+        torch.testing.assert_close(x[row], ids[start : start + 7])
+        torch.testing.assert_close(y[row], ids[start + 1 : start + 8])

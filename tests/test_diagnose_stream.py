@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from steadygrad import theory
-from steadygrad.data import char_tokens, python_source_text
+from steadygrad.data import char_tokens, next_token_windows, python_source_text
 from steadygrad.diagnose import (
     STREAM_GROWTH_PER_BLOCK,
     diagnose,
@@ -30,9 +30,7 @@ def text():
 
 
 def _batch(text, seed, size=16, length=32):
-    starts = torch.randint(0, len(text) - length - 1, (size,), generator=torch.Generator().manual_seed(seed))
-    windows = torch.stack([text[s : s + length + 1] for s in starts.tolist()])
-    return windows[:, :-1], windows[:, 1:]
+    return next_token_windows(text, size, length, torch.Generator().manual_seed(seed))
 
 
 def _trained(spec, text, steps=10, lr=3e-3):

@@ -30,6 +30,7 @@ __all__ = [
     "digits",
     "from_file",
     "load",
+    "next_token_windows",
     "python_source_text",
     "sequence_task",
     "teacher_student",
@@ -111,7 +112,8 @@ class Dataset:
         return {"in_features": self.in_features, "out_features": self.out_features}
 
 
-def _split_and_scale(name, x, y, task, test_fraction, standardize, seed, num_classes=None, image_shape=None):
+def _split(name: str, x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int):
+    """(x_train, y_train, x_test, y_test): the rows in a seeded random order, the first ``test_fraction`` held out."""
     if not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be between 0 and 1 (exclusive); got {test_fraction!r}.")
     n = len(x)
@@ -119,10 +121,14 @@ def _split_and_scale(name, x, y, task, test_fraction, standardize, seed, num_cla
     if n - n_test < 2:
         raise DataError(f"{name} has {n} examples: too few to hold out {n_test} for testing and still train.")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    x = torch.as_tensor(x, dtype=torch.float32)[order]
-    y = torch.as_tensor(y)[order]
+    x, y = x[order], y[order]
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+def _split_and_scale(name, x, y, task, test_fraction, standardize, seed, num_classes=None, image_shape=None):
+    y = torch.as_tensor(y)
     y = y.long() if task == "classification" else y.float()
-    x_train, x_test, y_train, y_test = x[n_test:], x[:n_test], y[n_test:], y[:n_test]
+    x_train, y_train, x_test, y_test = _split(name, torch.as_tensor(x, dtype=torch.float32), y, test_fraction, seed)
     mean = std = None
     if standardize:
         mean = x_train.mean(0)
@@ -505,27 +511,21 @@ def token_dataset(name: str, n: int = 1024, seq_len: int = 16, test_fraction: fl
         ids, vocab = char_tokens(python_source_text(max(200_000, n * (seq_len + 1)), seed=seed))
         if len(ids) < seq_len + 2:
             raise DataError(f"The standard library's text is too short for windows of {seq_len} characters.")
-        starts = torch.randint(0, len(ids) - seq_len - 1, (n,), generator=torch.Generator().manual_seed(seed))
-        windows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
-        x, y = windows[:, :-1], windows[:, 1:]
+        x, y = next_token_windows(ids, n, seq_len, torch.Generator().manual_seed(seed))
     else:
         task = sequence_task(name, n=n, seq_len=seq_len, seed=seed)
         x, y, vocab = task.inputs, task.targets, task.vocab
-    if not 0 < test_fraction < 1:
-        raise DataError(f"test_fraction must be between 0 and 1 (exclusive); got {test_fraction!r}.")
-    n_test = max(1, round(n * test_fraction))
-    if n - n_test < 2:
-        raise DataError(f"{name} with n={n} is too few rows to hold out {n_test} and still train.")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
+    x_train, y_train, x_test, y_test = _split(name, x, y, test_fraction, seed)
     return Dataset(
-        name,
-        x[n_test:],
-        y[n_test:],
-        x[:n_test],
-        y[:n_test],
-        "classification",
-        int(vocab),
-        standardized=False,
-        tokens=True,
+        name, x_train, y_train, x_test, y_test, "classification", int(vocab), standardized=False, tokens=True
     )
+
+
+def next_token_windows(
+    ids: torch.Tensor, n: int, length: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` windows of ``length`` tokens at random places in ``ids``, and their next tokens: (inputs, targets),
+    each (n, length), targets[:, t] = ids[start + t + 1]."""
+    starts = torch.randint(0, len(ids) - length - 1, (n,), generator=generator)
+    windows = torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]

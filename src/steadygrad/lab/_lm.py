@@ -10,7 +10,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from steadygrad.data import char_tokens, python_source_text
+from steadygrad.data import char_tokens, next_token_windows, python_source_text
 from steadygrad.measure import Monitor
 
 
@@ -23,9 +23,7 @@ def corpus(chars: int = 120_000) -> torch.Tensor:
 def batch(
     tokens: torch.Tensor, size: int, length: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(0, len(tokens) - length - 1, (size,), generator=generator)
-    windows = torch.stack([tokens[s : s + length + 1] for s in starts.tolist()])
-    return windows[:, :-1], windows[:, 1:]
+    return next_token_windows(tokens, size, length, generator)
 
 
 def spec(ctx, **changes):
