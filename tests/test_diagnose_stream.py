@@ -158,6 +158,26 @@ def test_fresh_hf_models_record_their_blocks_and_are_quiet(name, text):
     assert not _stream_kinds(diagnose(report, model))
 
 
+def test_layerscale_transformer_blocks_are_quiet():
+    """DINOv2's blocks scale each branch by a LayerScale of 1e-5 at initialization: the stream barely changes and its
+    gradient passes whole, which neither stream rule may read as a problem."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        layerscale_value=1e-5,
+    )
+    model = transformers.Dinov2Model(config)
+    report = probe(model, {"pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))})
+    assert sum(r.kind == "Dinov2Layer" for r in report.records) == 4
+    assert not _stream_kinds(diagnose(report, model))
+
+
 def test_a_bert_trained_without_warmup_is_found_cut_off_at_the_bottom(text):
     """BERT is post-LN. Twenty masked-LM steps at Adam lr 3e-3 without warmup (6 layers, BERT's own 3072-wide MLP):
     the bottom layer's gradient falls from the top's to under 1/100 of it."""

@@ -228,10 +228,12 @@ _BLOCK_NAME = re.compile(r"(Block|Layer)$")
 def is_block(module: nn.Module | type[nn.Module] | str) -> bool:
     """Whether a module (class, or class name) is a residual block of a stack: a container class named ``*Block``
     or ``*Layer``, whose output is the residual stream after it. A leaf module is never one."""
+    if isinstance(module, str):
+        return bool(_BLOCK_NAME.search(module))
     if isinstance(module, nn.Module) and next(module.children(), None) is None:
         return False
-    name = module if isinstance(module, str) else (module if isinstance(module, type) else type(module)).__name__
-    return bool(_BLOCK_NAME.search(name))
+    cls = module if isinstance(module, type) else type(module)
+    return bool(_BLOCK_NAME.search(cls.__name__))
 
 
 def weight_layer_types(*families: str) -> tuple[type[nn.Module], ...]:

@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from steadygrad import kinds
 from steadygrad.measure.records import FlowReport, LayerRecord
 
 # -- thresholds ---------------------------------------------------------------------------------------
@@ -144,12 +143,6 @@ def findings_text(findings: Sequence[Finding]) -> list[str]:
         if finding.fixes:
             lines.append("  try: " + ", ".join(str(fix) for fix in finding.fixes))
     return lines
-
-
-def is_stream_kind(kind: str) -> bool:
-    """Whether records of module class ``kind`` are the residual stream after a block (``kinds.is_block``: a
-    steadygrad TransformerBlock, HF's GPT2Block, BertLayer or LlamaDecoderLayer, torchvision's BasicBlock)."""
-    return kinds.is_block(kind)
 
 
 def finite(values: Iterable[float]) -> list[float]:

@@ -28,7 +28,6 @@ from steadygrad.diagnose._core import (
     Fix,
     finite,
     has_gradient,
-    is_stream_kind,
     reinit_fix,
     saturating,
 )
@@ -151,7 +150,7 @@ def vanishing(report: FlowReport, model: nn.Module | None = None) -> list[Findin
     weak_series = [
         (s, rs, ratio)
         for s, rs, ratio in _depth_ratios(report)
-        if ratio < VANISHING_RATIO and not is_stream_kind(s.kind)
+        if ratio < VANISHING_RATIO and not kinds.is_block(s.kind)
     ]
     small = {name: g for name, g in _gains(report, _modules(model)).items() if g < LAYER_GAIN_LOW}
     if not weak_series and not small:

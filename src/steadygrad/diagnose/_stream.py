@@ -1,7 +1,7 @@
 """Rules on the residual stream of a stack of blocks: growth that compounds with depth, and a gradient that the
 norms on the stream (post-LN) divide on its way to the bottom blocks.
 
-They read the records of the blocks themselves (``_core.is_stream_kind``, ``kinds.is_block``): a built
+They read the records of the blocks themselves (``kinds.is_block``): a built
 transformer's blocks, and by the default selection any stack's repeated ``*Block``/``*Layer`` modules (GPT-2's,
 BERT's, Llama's, a ResNet's); given the model, only blocks that hold an attention layer. A model whose blocks are
 not recorded (a ``layers=`` selection without them) gets no stream finding, never a false one.
@@ -13,6 +13,7 @@ import math
 
 from torch import nn
 
+from steadygrad import kinds
 from steadygrad.diagnose._core import (
     STREAM_GRADIENT_RATIO,
     STREAM_GROWTH_PER_BLOCK,
@@ -21,7 +22,6 @@ from steadygrad.diagnose._core import (
     Finding,
     Fix,
     has_gradient,
-    is_stream_kind,
 )
 from steadygrad.measure.records import FlowReport, LayerRecord
 from steadygrad.measure.series import series
@@ -43,7 +43,7 @@ def _streams(report: FlowReport, model: nn.Module | None) -> list[list[LayerReco
         modules = {".".join(p for p in n.split(".") if p != "_orig_mod"): m for n, m in model.named_modules()}
     out = []
     for s in series(report):
-        if s.call != 1 or not is_stream_kind(s.kind):
+        if s.call != 1 or not kinds.is_block(s.kind):
             continue
         if modules is not None:
             block = modules.get(s.records[0].name)

@@ -197,13 +197,9 @@ def _after_training(
     model: nn.Module, batch: Batch, settings: Settings, steps: int, before: list[Finding]
 ) -> list[Finding]:
     """The ``AFTER_TRAINING`` findings of a probe of the control's model after its training steps, that the
-    preflight probe did not already make; their messages say when they were measured."""
-    try:
-        report = probe(
-            model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False
-        )
-    except Exception:  # the trained weights may not run (non-finite): the control's own findings say so
-        return []
+    preflight probe did not already make; their messages say when they were measured. (Non-finite trained weights
+    are recorded as such, never raised; the preflight probe has already run this model and batch.)"""
+    report = probe(model, batch.inputs, batch.targets, loss=settings.loss, task=settings.task, theory_prediction=False)
     seen = {f.kind for f in before}
     return [
         dataclasses.replace(finding, message=f"After the control's {steps} training steps: {finding.message}")

@@ -38,7 +38,8 @@ LRS = [10**e for e in (-3.0, -2.5, -2.0, -1.5, -1.0)]
 def final_loss(ctx: Context, parametrization: str, width: int, lr: float, steps: int) -> float:
     """The training loss over the last 10 of ``steps`` Adam steps, averaged over the context's seeds (2; quick 1);
     inf when it is not finite."""
-    return sum(_final_loss(ctx, parametrization, width, lr, steps, seed) for seed in ctx.seeds(2)) / len(ctx.seeds(2))
+    seeds = ctx.seeds(2)
+    return sum(_final_loss(ctx, parametrization, width, lr, steps, seed) for seed in seeds) / len(seeds)
 
 
 def _final_loss(ctx: Context, parametrization: str, width: int, lr: float, steps: int, seed: int) -> float:

@@ -606,9 +606,14 @@ class Monitor:
         transformer's block); attention layers whose probabilities were fused away are named in a note."""
         names = [r.name for r in report.records]
         for layer, stats in self._attention.stats().items():
-            outer = [n for n in names if layer == n or layer.startswith(n + ".")]
             inner = [n for n in names if n.startswith(layer + ".")]
-            target = layer if layer in names else (inner[-1] if inner else (max(outer, key=len) if outer else None))
+            outer = [n for n in names if layer.startswith(n + ".")]
+            if layer in names:
+                target = layer
+            elif inner:
+                target = inner[-1]
+            else:
+                target = max(outer, key=len, default=None)
             for record in report.records:
                 if record.name == target and math.isnan(record.attn_entropy):
                     record.attn_entropy, record.attn_entropy_min = stats.entropy, stats.entropy_min
