@@ -8,7 +8,8 @@ builds the network and probes it once, less that of a process that only builds i
 ``MALLOC_MMAP_THRESHOLD_=65536``, so every allocation of 64 KB or more is mapped on its own and returned when
 freed. With glibc's defaults, freed memory is kept and reused, so a peak depends on the allocator's history:
 in that mode, one run measured 109, 342 and 764 MB for 100, 300 and 1,000 layers, while this one measures
-memory that grows in step with depth. Target: 1,000 layers in at most 5 s, time and memory linear in depth.
+memory that grows in step with depth. Targets: 1,000 layers in at most 5 s, time and memory linear in depth (issue
+8), and at most 15 MB per 100 layers (issue 22), against a floor of what the forward pass's autograd graph holds.
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ print(json.dumps(statistics.median(times)))
 """
 )
 
-# argv[2]: whether to probe (the baseline process builds the same network and stops)
+# argv[2]: "probe"; "graph": the forward pass alone, its autograd graph kept (the floor: what any backward pass needs
+# alive at its start); anything else: the baseline, which builds the same network and stops
 SIZED = (
     SETUP
     + """
 if sys.argv[2] == "probe":
     probe(net, x)
+elif sys.argv[2] == "graph":
+    x.requires_grad_(True)
+    kept = net(x)
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 )
@@ -67,20 +72,41 @@ def main(depths=(100, 300, 1000)) -> list[dict]:
     rows = []
     for depth in depths:
         done = subprocess.run([sys.executable, "-c", TIMED, str(depth)], capture_output=True, text=True, check=True)
-        peak, baseline = _peak_mb(depth, "probe"), _peak_mb(depth, "baseline")
+        peak, baseline, graph = _peak_mb(depth, "probe"), _peak_mb(depth, "baseline"), _peak_mb(depth, "graph")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append({"depth": depth, "seconds": seconds, "peak_mb": peak, "probe_mb": peak - baseline})
+        rows.append(
+            {
+                "depth": depth,
+                "seconds": seconds,
+                "peak_mb": peak,
+                "probe_mb": peak - baseline,
+                "graph_mb": graph - baseline,
+            }
+        )
     print(f"# probe of a width-256 MLP, batch 128, median of 3 after a warm-up; {machine()}")
     print("# probe MB: peak resident memory of a process that builds the network and probes it, less one that")
     print("# only builds it (MALLOC_MMAP_THRESHOLD_=65536: large blocks go back when freed, so peaks follow live data)")
+    print(
+        "# graph MB: the same for a forward pass alone that keeps its autograd graph (the floor of any backward pass);"
+    )
+    print(
+        "# MB / 100 more: the growth from the depth above, per 100 layers (the per-layer cost, without the fixed part)"
+    )
     header = f"{'depth':>6} {'seconds':>8} {'s / 100 layers':>15} {'peak RSS MB':>12} {'probe MB':>9}"
-    print(f"{header} {'MB / 100 layers':>16}")
+    print(f"{header} {'MB / 100 layers':>16} {'MB / 100 more':>14} {'graph MB':>9} {'graph / 100 more':>17}")
+    previous = None
     for row in rows:
         per_100 = 100 * row["seconds"] / row["depth"]
         mb_per_100 = 100 * row["probe_mb"] / row["depth"]
+        more = graph_more = "-"
+        if previous is not None:
+            layers = row["depth"] - previous["depth"]
+            more = f"{100 * (row['probe_mb'] - previous['probe_mb']) / layers:.1f}"
+            graph_more = f"{100 * (row['graph_mb'] - previous['graph_mb']) / layers:.1f}"
+        previous = row
         print(
             f"{row['depth']:6d} {row['seconds']:8.2f} {per_100:15.3f} {row['peak_mb']:12.0f} {row['probe_mb']:9.0f} "
-            f"{mb_per_100:16.1f}"
+            f"{mb_per_100:16.1f} {more:>14} {row['graph_mb']:9.0f} {graph_more:>17}"
         )
     return rows
 

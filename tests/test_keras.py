@@ -184,7 +184,7 @@ def test_monitor_in_a_torch_training_loop_gives_the_update_ratio():
     assert len(params) == 6 and all(isinstance(p, torch.nn.Parameter) for p in params)
     opt = torch.optim.SGD(params, lr=0.5)
     kernel = model.layers[0].kernel
-    with sg.Monitor(model, optimizer=opt) as monitor:
+    with sg.Monitor(model, optimizer=opt, update_every=1) as monitor:
         for _ in range(2):
             before = kernel.numpy().copy()
             opt.zero_grad()

@@ -51,7 +51,7 @@ def monitored(case: zoo.Case, lr: float, steps: int = 4):
     model, inputs = case.build()
     torch.manual_seed(zoo.SEED)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    with Monitor(model, optimizer=optimizer) as monitor:
+    with Monitor(model, optimizer=optimizer, update_every=1) as monitor:  # every step's update ratio
         for _ in range(steps):
             optimizer.zero_grad()
             loss = projection_loss(call(model, inputs))

@@ -35,7 +35,7 @@ def test_reports_at_the_scheduled_steps_with_the_real_loss(tmp_path):
     model = Classifier()
     first = dataset()[:32]
     expected_loss = F.cross_entropy(Classifier()(first[0]), first[1]).item()
-    callback = SteadygradCallback(every=3)
+    callback = SteadygradCallback(every=3, update_every=1)
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=CSVLogger(tmp_path), limit_val_batches=2)
     trainer.fit(model, loader(), loader(n=64))
     reports = callback.reports

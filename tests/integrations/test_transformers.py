@@ -89,7 +89,7 @@ def _args(tmp_path, **kwargs):
 
 
 def test_gpt2_records_the_trainers_loss_at_the_scheduled_steps(tmp_path):
-    callback = SteadygradCallback(every=2)
+    callback = SteadygradCallback(every=2, update_every=1)
     trainer = transformers.Trainer(
         model=_gpt2(), args=_args(tmp_path, report_to=["tensorboard"]), train_dataset=Tokens(), callbacks=[callback]
     )
@@ -166,7 +166,7 @@ def test_a_plain_accelerate_loop(tmp_path, broken):
     loader = torch.utils.data.DataLoader(Rows(), batch_size=32)
     prepared, wrapped, loader = accelerator.prepare(model, optimizer, loader)
     assert type(wrapped).__name__ == "AcceleratedOptimizer"
-    with Monitor(accelerator.unwrap_model(prepared), every=2, optimizer=wrapped) as monitor:
+    with Monitor(accelerator.unwrap_model(prepared), every=2, optimizer=wrapped, update_every=1) as monitor:
         for batch in loader:
             loss = prepared(**batch)["loss"]
             accelerator.backward(loss)

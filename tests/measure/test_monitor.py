@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import steadygrad.measure.monitor as monitor_module
 from steadygrad import fast
 from steadygrad.measure import JsonlSink, Monitor, TensorBoardSink, probe
+from steadygrad.measure.records import LayerRecord
 from steadygrad.nets import NetSpec, build
 
 FIELDS = (
@@ -389,3 +390,86 @@ def test_steadygrad_never_writes_torchs_private_hook_dicts():
         if name in path.read_text()
     ]
     assert offenders == []
+
+
+def _ratios_by_hand(net, opt, x, y, steps: int, **monitor_options):
+    """Train ``steps`` SGD steps under a Monitor, and each step's update ratio of the first layer, computed here."""
+    first = net.block01.linear.weight
+    expected = []
+    with Monitor(net, optimizer=opt, **monitor_options) as monitor:
+        for _ in range(steps):
+            before = first.detach().clone()
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            expected.append(((first.detach() - before).norm() / before.norm()).item())
+    return monitor, expected
+
+
+@pytest.mark.parametrize(
+    ("every", "update_every", "measured_steps"),
+    [
+        (1, None, [1, 11, 21]),  # the default: logged steps at least 10 optimizer steps apart
+        (10, None, [1, 11, 21]),  # every logged step
+        (3, None, [1, 13]),  # ceil(10 / 3) = 4 logged steps apart
+        (2, 3, [1, 7, 13, 19]),  # as asked: every 3rd logged step
+        (1, 1, list(range(1, 22))),
+    ],
+)
+def test_the_update_ratio_is_measured_on_every_kth_logged_step_only(mode, every, update_every, measured_steps):
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    monitor, expected = _ratios_by_hand(net, opt, x, y, 21, every=every, update_every=update_every)
+    assert [r.step for r in monitor.history.reports] == list(range(1, 22, every))
+    for report in monitor.history.reports:
+        measured = report.step in measured_steps
+        assert {r.update_measured for r in report.records} == {measured}
+        ratio = report.records[0].update_ratio
+        note = [n for n in report.notes if n.startswith("update ratio not measured")]
+        if measured:
+            assert ratio == pytest.approx(expected[report.step - 1], rel=1e-5) and not note
+        else:  # said so in the record and in the report, not a bare NaN
+            assert math.isnan(ratio) and note and f"update_every={monitor.update_every}" in note[0]
+        # every other statistic is measured on every logged step
+        assert math.isfinite(report.records[0].grad_norm) and math.isfinite(report.records[0].weight_var)
+    again = [LayerRecord.from_dict(r.to_dict()) for r in monitor.history.reports[1].records]
+    assert [r.update_measured for r in again] == [r.update_measured for r in monitor.history.reports[1].records]
+
+
+def test_update_every_refuses_what_is_not_a_positive_integer():
+    net, _, _ = net_and_data()
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="update_every must be a positive integer"):
+            Monitor(net, update_every=bad)
+
+
+def test_records_written_before_update_measured_existed_read_it_from_the_ratio():
+    old = {"name": "a", "kind": "Linear", "index": 0, "update_ratio": 0.01}
+    assert LayerRecord.from_dict(old).update_measured
+    assert not LayerRecord.from_dict({**old, "update_ratio": None}).update_measured
+
+
+def test_nan_and_inf_give_the_same_records_checked_on_the_spot_or_kept_to_the_steps_end(monkeypatch):
+    """The eager taps check each CPU tensor's fast sums at once and keep nothing; on an accelerator they keep the
+    tensors and recompute at the step's end (hooks._checked_now). Both give the same masked records."""
+    import steadygrad.measure.hooks as hooks
+
+    def run():
+        net, x, y = net_and_data(activation="tanh")
+        with torch.no_grad():
+            net.block02.linear.weight[0, 0] = math.nan
+            net.block03.linear.weight[1, 1] = math.inf
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with Monitor(net, optimizer=opt) as monitor:
+            for half in (x[:16], x[16:]):  # two micro-batches: masked and fast moments merge
+                F.cross_entropy(net(half), y[: len(half)]).backward()
+            opt.step()
+        return monitor.history.reports[0]
+
+    on_the_spot = run()
+    monkeypatch.setattr(hooks, "_checked_now", lambda t: False)
+    kept = run()
+    assert_same_records(kept, on_the_spot)
+    records = {r.name: r for r in on_the_spot.records}
+    assert records["block02"].nonfinite_act == 32 and records["block03"].nonfinite_act > 0
+    assert math.isfinite(records["block02"].act_std) and records["block01"].nonfinite_grad > 0

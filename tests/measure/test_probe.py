@@ -416,3 +416,28 @@ def test_a_layer_used_through_its_weights_is_a_note_not_never_called():
     out_proj = ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]  # F.multi_head_attention_forward
     assert not set(out_proj) & set(report.unused)
     assert f"used through its weights, not its forward (so it has no record): {', '.join(out_proj)}" in report.notes
+
+
+def test_the_probe_lets_each_weight_gradient_go_once_summed_and_measures_it_exactly():
+    """The probe's memory: no layer's weight gradient is alive while an earlier layer's backward runs, and the
+    records give the weight-gradient norms torch computes (the user's gradients are put back, the hooks gone)."""
+    net = build(NetSpec(depth=6, width=32, in_features=8), torch.Generator().manual_seed(0))
+    x, targets = _x(16, 8), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), targets).backward()
+    expected = {name: m.weight.grad.norm().item() for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    user_grads = [p.grad.clone() for p in net.parameters()]
+    alive = []
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            module.register_full_backward_pre_hook(
+                lambda *_: alive.append(sum(p.grad is not None for p in net.parameters()))
+            )
+    report = probe(net, x, targets=targets)
+    assert len(alive) == 7 and max(alive) == 0  # every gradient already summed and let go
+    records = {r.name: r for r in report.records}
+    for name, norm in expected.items():
+        record = records[name.split(".")[0]]
+        assert record.weight_grad_norm == pytest.approx(norm, rel=1e-6), name
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), user_grads, strict=True))
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())

@@ -369,10 +369,10 @@ class Collector:
             sums.grad = (0.0 if math.isnan(sums.grad) else sums.grad) + squares
             sums.grad_nonfinite += nonfinite
 
-    def statistics(self, slot_layers: list[int]) -> torch.Tensor:
+    def statistics(self, slot_layers: list[int], snapshot: bool = True) -> torch.Tensor:
         """Every slot's row of sums, (slots, COLUMNS) float64; slot_layers[i] is slot i's layer.
-        Adds each slot's parameter gradients and first weight, copying each first weight once: two numba calls,
-        each parallel over all the tensors."""
+        Adds each slot's parameter gradients and first weight, copying each first weight once when ``snapshot``
+        (for ``update_norms``; without it nothing is copied): two numba calls, each parallel over all the tensors."""
         with self._lock:
             waiting, self._pending = self._pending, {}
         for y, slot, kind in waiting.values():  # outputs whose gradient never came
@@ -387,10 +387,10 @@ class Collector:
                     if p.grad is not None:
                         grads.append(_array(p.grad))
                         grad_cells.append((index, column))
-            weight, snapshot = self.first_weights[layer], self.snapshots[layer]
+            weight, buffer = self.first_weights[layer], self.snapshots[layer]
             if weight is not None:
                 # a layer called several times is copied once
-                copy = not self._copied[layer] and snapshot is not None and snapshot.numel() == weight.numel()
+                copy = snapshot and not self._copied[layer] and buffer is not None and buffer.numel() == weight.numel()
                 self._copied[layer] = self._copied[layer] or copy
                 weighted.append((index, layer, copy))
         squares = np.zeros(len(grads))

@@ -14,6 +14,7 @@ from torch import nn
 
 from steadygrad.diagnose import Finding, diagnose, findings_text
 from steadygrad.measure import Monitor
+from steadygrad.measure.monitor import resolve_update_every
 from steadygrad.measure.records import FlowReport
 from steadygrad.measure.sinks import SCALARS
 
@@ -102,6 +103,8 @@ class Watch:
             through the framework's own mechanism.
         findings_file: the JSON file the findings are written to, in the framework's log directory (None: none).
         print_findings: print the findings at the end, as ``steadygrad train`` does.
+        update_every: measure the update ratio on every k-th logged step (``Monitor``'s ``update_every``; None: its
+            default, logged steps at least 10 optimizer steps apart).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Watch:
         nonfinite: str | None = None,
         findings_file: str | None = FINDINGS_FILE,
         print_findings: bool = True,
+        update_every: int | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}.")
@@ -123,6 +127,7 @@ class Watch:
         self.nonfinite = nonfinite
         self.findings_file = findings_file
         self.print_findings = print_findings
+        self.update_every = resolve_update_every(update_every, every)  # checked here: a bad value fails before the fit
         self.monitor: Monitor | None = None
         self.model: nn.Module | None = None
         self.findings: list[Finding] = []
@@ -141,7 +146,13 @@ class Watch:
         self.findings, self.stopped, self.findings_path = [], None, None
         sinks = [_CallSink(write)] if write is not None else []
         self.monitor = Monitor(
-            model, every=self.every, layers=self.layers, optimizer=optimizer, scaler=scaler, sinks=sinks
+            model,
+            every=self.every,
+            layers=self.layers,
+            optimizer=optimizer,
+            scaler=scaler,
+            sinks=sinks,
+            update_every=self.update_every,
         )
         return self.monitor.attach()
 

@@ -37,6 +37,8 @@ class SteadygradCallback(keras.callbacks.Callback):
             ``callback.stopped``. Keras applies a batch's update before any callback runs, so the weights are
             copied at each batch's start under this policy and put back: the model keeps the last good weights
             (the optimizer's moments have taken the bad step).
+        update_every: measure the update ratio on every k-th logged batch (``Monitor``'s ``update_every``; None: its
+            default, logged batches at least 10 batches apart; each epoch with ``every="epoch"``).
 
     ``callback.reports`` holds the logged ``FlowReport``s, ``callback.findings`` the findings at the end.
     """
@@ -48,6 +50,7 @@ class SteadygradCallback(keras.callbacks.Callback):
         log_dir=None,
         print_findings: bool = True,
         nonfinite: str | None = None,
+        update_every: int | None = None,
     ) -> None:
         super().__init__()
         if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -59,6 +62,7 @@ class SteadygradCallback(keras.callbacks.Callback):
             nonfinite=nonfinite,
             findings_file=FINDINGS_FILE,
             print_findings=print_findings,
+            update_every=1 if update_every is None and every == "epoch" else update_every,  # epochs: each one
         )
         self._good: list[torch.Tensor] = []  # the weights at the batch's start, under the non-finite policy
         self._bad = None  # compute_loss's arguments of a batch whose loss was not finite
@@ -95,7 +99,7 @@ class SteadygradCallback(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         monitor = self.monitor
-        if monitor is not None and monitor.logging:
+        if monitor is not None and monitor.logging and monitor.logged_count % monitor.update_every == 0:
             self._before = {name: w.detach().clone() for name, w in monitor.watched_weights() if w is not None}
         if self.watch.nonfinite is not None:
             self._good = [v.value.detach().clone() for v in self.model.trainable_weights]
@@ -108,6 +112,7 @@ class SteadygradCallback(keras.callbacks.Callback):
             after = dict(self.monitor.watched_weights())
             for record in report.records:
                 old, new = self._before.get(record.name), after.get(record.name)
+                record.update_measured = bool(self._before)  # the weights were copied before this step
                 if old is not None and new is not None:
                     norm = torch.linalg.vector_norm(old, dtype=torch.float64)
                     change = torch.linalg.vector_norm(new.detach() - old, dtype=torch.float64)

@@ -40,6 +40,8 @@ class SteadygradCallback(pl.Callback):
             and the fit stops through ``trainer.should_stop``; the message is ``callback.stopped``.
         findings_file: the JSON file, in ``trainer.log_dir``, that gets the findings (None: no file).
         print_findings: print the findings at the end of fit (on global rank 0).
+        update_every: measure the update ratio on every k-th logged step (``Monitor``'s ``update_every``; None: its
+            default, logged steps at least 10 optimizer steps apart).
 
     The loss recorded for a step is the one Lightning backpropagates, undone of its division by
     ``accumulate_grad_batches``: the mean of the step's micro-batch losses. Under DDP the records are those of
@@ -55,8 +57,9 @@ class SteadygradCallback(pl.Callback):
         nonfinite: str | None = None,
         findings_file: str | None = FINDINGS_FILE,
         print_findings: bool = True,
+        update_every: int | None = None,
     ) -> None:
-        self.watch = Watch(every, layers, prefix, nonfinite, findings_file, print_findings)
+        self.watch = Watch(every, layers, prefix, nonfinite, findings_file, print_findings, update_every)
         self.histograms = histograms
         self._trainer = None
         self._step_loss = None  # the sum of the step's normalized micro-batch losses: their mean

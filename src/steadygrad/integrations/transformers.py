@@ -63,6 +63,8 @@ class SteadygradCallback(transformers.TrainerCallback):
             training stops (``control.should_training_stop``); the message is ``callback.stopped``.
         findings_file: the JSON file, in ``args.output_dir``, that gets the findings (None: no file).
         print_findings: print the findings at the end (on the main process).
+        update_every: measure the update ratio on every k-th logged step (``Monitor``'s ``update_every``; None: its
+            default, logged steps at least 10 optimizer steps apart).
 
     The step's loss is the one the model returns (``outputs.loss``), as the Trainer backpropagates it: the mean of
     the micro-batches' under gradient accumulation, or their sum where the Trainer passes ``num_items_in_batch``
@@ -78,8 +80,9 @@ class SteadygradCallback(transformers.TrainerCallback):
         nonfinite: str | None = None,
         findings_file: str | None = FINDINGS_FILE,
         print_findings: bool = True,
+        update_every: int | None = None,
     ) -> None:
-        self.watch = Watch(every, layers, prefix, nonfinite, findings_file, print_findings)
+        self.watch = Watch(every, layers, prefix, nonfinite, findings_file, print_findings, update_every)
         self._state = None
         self._handle = None
         self._losses: list[torch.Tensor] = []

@@ -135,16 +135,33 @@ class _Slot:
     unit_counts: torch.Tensor | None = None
     unit_active: torch.Tensor | None = None
     gradients: torch.Tensor | None = None
-    # the tensors behind the fast statistics, kept until the step ends in case one holds NaN/Inf and its
-    # statistics must be recomputed with masking (the fast path cannot exclude them)
+    # on an accelerator (``_checked_now``), the tensors behind the fast statistics, kept until the step ends in case
+    # one holds NaN/Inf and its statistics must be recomputed with masking (the fast path cannot exclude them)
     outputs: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+
+
+def _checked_now(t: torch.Tensor) -> bool:
+    """Whether a tensor's fast sums are checked for NaN/Inf as soon as they are taken, and its masked statistics
+    computed then if needed, so that nothing is kept: on the CPU, where reading a sum costs about a microsecond. On
+    an accelerator that read would stall the device's queue once per layer, so there the tensor is kept to the
+    step's end instead (``Recorder._repair_nonfinite``) and a healthy step reaches the host once."""
+    return t.device.type == "cpu"
+
+
+def _finite(moments: torch.Tensor, columns: tuple[int, ...]) -> bool:
+    values = moments.tolist()
+    return all(math.isfinite(values[c]) for c in columns)
 
 
 def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> None:
     """Merge an output's moments and its activation's unit statistics into the slot's accumulators."""
     if y is not None:
         moments = fast_activation_moments(y)
+        if not _checked_now(y):
+            slot.outputs.append(y.detach())
+        elif not _finite(moments, (1, 5)):  # the sum or the squares met NaN/Inf: the exact statistics, masked
+            moments = activation_moments(y)
         slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
     if units is not None:
         counts, active = units
@@ -194,12 +211,22 @@ def _add_gradient(slot: _Slot, grad: torch.Tensor, moments_of=fast_gradient_mome
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
 
+def _add_fast_gradient(slot: _Slot, grad: torch.Tensor) -> None:
+    """A gradient's fast sum of squares, checked at once on the CPU (the masked sums instead if it met NaN/Inf),
+    else kept for the step's end (``_checked_now``)."""
+    moments = fast_gradient_moments(grad)
+    if not _checked_now(grad):
+        slot.grads.append(grad.detach())
+    elif not _finite(moments, (0,)):
+        moments = gradient_moments(grad)
+    slot.gradients = moments if slot.gradients is None else slot.gradients + moments
+
+
 def _gradient_tap(slot: _Slot):
-    """The eager tensor hook of a slot's output: keeps the gradient (for a masked recompute) and sums it."""
+    """The eager tensor hook of a slot's output: sums the gradient (``_add_fast_gradient``)."""
 
     def grad_hook(grad):
-        slot.grads.append(grad.detach())
-        _add_gradient(slot, grad)
+        _add_fast_gradient(slot, grad)
 
     return grad_hook
 
@@ -298,6 +325,9 @@ class Recorder:
         # forward), oldest first: a recompute in the backward pass taps its gradient for them
         self._awaiting: dict[str, deque[tuple[_Slot, tuple]]] = {}  # (call, its output's fingerprint)
         self.called: set[str] = set()
+        # release_gradients: each parameter's gradient sum of squares, by id, taken as autograd accumulated it
+        self._released: dict[int, torch.Tensor] | None = None
+        self._release_handles: list = []
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def _hook_plan(self) -> list[tuple[nn.Module, object]]:
@@ -342,6 +372,63 @@ class Recorder:
         """Remove the hooks for good."""
         self.park()
         self._plan = None
+        for handle in self._release_handles:
+            handle.remove()
+        self._release_handles = []
+
+    def release_gradients(self, parameters: list[torch.Tensor]) -> None:
+        """For a single measured pass (the probe): sum each parameter's gradient the moment autograd has accumulated
+        it, and let it go (``p.grad = None``), so that a deep model's weight gradients never all live at once. The
+        records are the same: the weight statistics read these sums instead of ``p.grad``. One backward pass calls a
+        leaf's hook once, with every use's contribution summed, so the sum is that of the whole gradient. Reentrant
+        checkpointing runs a backward pass per segment, so a leaf used in two of them gets its gradient in parts:
+        when the forward showed it (a call waiting for its gradient, ``_awaiting``), the gradients stay whole. Not for
+        sharded parameters (their sums need this process's part), nor for steps an optimizer must take."""
+        if self.sharded:
+            return
+        self._released = {}
+
+        def release(p: torch.Tensor) -> None:
+            if self._awaiting:  # reentrant checkpointing: a leaf may get its gradient in parts, kept whole then
+                return
+            self._released[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+            p.grad = None
+
+        self._release_handles = [p.register_post_accumulate_grad_hook(release) for p in parameters if p.requires_grad]
+
+    def had_gradient(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` got a gradient that is not all zeros this step (a layer used through its weights)."""
+        if self._released and id(p) in self._released:
+            return bool(self._released[id(p)] != 0)
+        return p.grad is not None and bool(p.grad.any())
+
+    def _gradient_squares(self, device: torch.device) -> torch.Tensor:
+        """Per selected layer, its weight- and bias-gradient sums of squares (a (layers, 2) float64 tensor on
+        ``device``, NaN where it has none): from ``release_gradients``' sums, else from ``p.grad``, each group in
+        one multi-tensor pass (``torch._foreach_norm``, as ``clip_grad_norm_`` takes them) instead of a reduction
+        and a copy per tensor."""
+        layers = len(self.selected)
+        table = torch.zeros((layers, 2), dtype=torch.float64, device=device)
+        roles = [self._parameter_roles[id(module)] for _, module in self.selected]
+        released = self._released or {}
+        for column in (0, 1):  # weights' and biases' gradients
+            kept = [(i, p.grad.detach()) for i, role in enumerate(roles) for p in role[column] if p.grad is not None]
+            found = [(i, released[id(p)]) for i, role in enumerate(roles) for p in role[column] if id(p) in released]
+            parts = []
+            if kept:
+                norms = torch._foreach_norm([g for _, g in kept], 2, dtype=torch.float64)
+                parts.append(torch.stack(norms).to(device).square())
+            if found:
+                parts.append(torch.stack([value for _, value in found]).to(device))
+            if not parts:
+                table[:, column] = math.nan
+                continue
+            squares = torch.cat(parts) if len(parts) > 1 else parts[0]
+            index = torch.tensor([i for i, _ in kept] + [i for i, _ in found], device=device)
+            summed = table[:, column].index_add(0, index, squares)
+            has = torch.zeros(layers, dtype=torch.bool, device=device).index_fill_(0, index, True)
+            table[:, column] = torch.where(has, summed, math.nan)
+        return table
 
     # -- the monitor's side: one logged step at a time ------------------------------------------------------
     @property
@@ -409,6 +496,8 @@ class Recorder:
         self._calls_this_pass.clear()
         self._pending_units.clear()
         self._awaiting.clear()
+        if self._released is not None:
+            self._released.clear()
 
     @property
     def empty(self) -> bool:
@@ -449,7 +538,6 @@ class Recorder:
             if self._deferred:
                 self._collect(slot, y, module, own_kind)
                 return
-            slot.outputs.append(y.detach())
             units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
             _add_output(slot, y, units)
             if y.requires_grad:
@@ -520,8 +608,10 @@ class Recorder:
 
     # -- results ---------------------------------------------------------------------------------------
     def _recompute_masked(self, slot: _Slot) -> None:
-        """The exact, NaN/Inf-excluding statistics of one slot (the rare path: it held non-finite values)."""
-        slot.activations = None
+        """The exact, NaN/Inf-excluding statistics of one slot from the tensors it kept (the rare path: it held
+        non-finite values; on the CPU they were computed on the spot, and nothing was kept)."""
+        if slot.outputs:
+            slot.activations = None
         for y in slot.outputs:
             moments = activation_moments(y)
             slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
@@ -597,24 +687,12 @@ class Recorder:
 
     def _parameter_table(self, device: torch.device) -> torch.Tensor:
         """Per selected layer, ``stats.parameter_sums``' five sums of its own parameters (weight- and bias-gradient
-        sums of squares, NaN where it has none; its first weight's n, sum of squares and sum), as a (layers, 5)
-        float64 tensor on ``device``: the squares in one multi-tensor pass per group (``torch._foreach_norm``, as
-        ``clip_grad_norm_`` takes them) instead of a reduction and a copy per tensor."""
+        sums of squares, NaN where it has none: ``_gradient_squares``; its first weight's n, sum of squares and
+        sum), as a (layers, 5) float64 tensor on ``device``, each group in one multi-tensor pass."""
         f64 = {"dtype": torch.float64, "device": device}
-        layers = len(self.selected)
-        table = torch.zeros((layers, 5), **f64)
+        table = torch.zeros((len(self.selected), 5), **f64)
         roles = [self._parameter_roles[id(module)] for _, module in self.selected]
-        for column in (0, 1):  # weights' and biases' gradients
-            owners = [i for i, role in enumerate(roles) for p in role[column] if p.grad is not None]
-            grads = [p.grad.detach() for role in roles for p in role[column] if p.grad is not None]
-            if not grads:
-                table[:, column] = math.nan
-                continue
-            index = torch.tensor(owners, device=device)
-            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(device).square()
-            summed = table[:, column].index_add(0, index, squares)
-            has = torch.zeros(layers, dtype=torch.bool, device=device).index_fill_(0, index, True)
-            table[:, column] = torch.where(has, summed, math.nan)
+        table[:, :2] = self._gradient_squares(device)
         firsts = [(i, role[2].detach()) for i, role in enumerate(roles) if role[2] is not None]
         if firsts:
             index = torch.tensor([i for i, _ in firsts], device=device)
@@ -669,13 +747,17 @@ class Recorder:
 _KIND_CODES = {None: 0, "tanh": 1, "sigmoid": 2, "rectifier": 3}
 
 
-def deferred_table(recorder: Recorder) -> tuple[list[_Slot], torch.Tensor]:
+def deferred_table(recorder: Recorder, snapshot: bool = True) -> tuple[list[_Slot], torch.Tensor]:
     """The deferred mode's sums for every slot, ``finalize``'s (slots, len(SUMS_COLUMNS)) float64 tensor, from
     the compiled taps: what they summed as the step ran, plus each slot's parameter gradients and first weight
-    in one parallel pass, which also copies each first weight into its snapshot buffer
+    in one parallel pass, which with ``snapshot`` also copies each first weight into its snapshot buffer
     (``Collector.update_norms`` after the optimizer's step gives the update ratios)."""
     slots = list(recorder._slots.values())
-    table = recorder.collector().statistics([recorder.layer_index(slot.module) for slot in slots])
+    layers = [recorder.layer_index(slot.module) for slot in slots]
+    table = recorder.collector().statistics(layers, snapshot)
+    if recorder._released is not None:  # the gradients were summed and let go as they came (release_gradients)
+        columns = [SUMS.weight_grad_squares, SUMS.bias_grad_squares]
+        table[:, columns] = recorder._gradient_squares(table.device)[layers]
     return slots, _add_recomputed_gradients(slots, table)
 
 

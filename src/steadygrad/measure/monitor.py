@@ -30,7 +30,7 @@ from steadygrad.measure.sinks import HistorySink, Sink
 from steadygrad.measure.stats import local_part, weight_sums_from
 from steadygrad.structure import describe
 
-__all__ = ["PASSES_WITHOUT_A_STEP", "Monitor", "unwrap_optimizer"]
+__all__ = ["PASSES_WITHOUT_A_STEP", "UPDATE_RATIO_SPACING", "Monitor", "resolve_update_every", "unwrap_optimizer"]
 
 Schedule = Callable[[int], bool]
 
@@ -122,17 +122,26 @@ class _EagerTaps(_Taps):
         parts = recorder.parameter_sums(table.device) if recorder.sharded else None  # merged in rows
         return _PendingStep(slots, table, self, snapshot=snapshot, weights_before=before, parameters=parts)
 
-    def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
-        slots, table = pending.slots, pending.table
-        device = table.device
-        norms = []  # per layer: ||W_after - W_before||^2, ||W_before||^2 (of this process's part when sharded)
+    @staticmethod
+    def _update_norms(recorder: Recorder, pending: _PendingStep, device) -> torch.Tensor:
+        """Per watched layer: [||W_after - W_before||^2, ||W_before||^2] (of this process's part when sharded), NaN
+        where no copy was taken."""
+        norms = []
         for old, new in zip(pending.weights_before, recorder.first_weights(), strict=True):
             if old is None or new is None:
                 norms.append(torch.full((2,), math.nan, dtype=torch.float64, device=device))
             else:
                 change = torch.linalg.vector_norm(local_part(new.detach()) - old, dtype=torch.float64)
                 norms.append(torch.stack([change, torch.linalg.vector_norm(old, dtype=torch.float64)]).to(device))
-        norms = torch.stack(norms).square()
+        return torch.stack(norms).square()
+
+    def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
+        slots, table = pending.slots, pending.table
+        device = table.device
+        if pending.snapshot or pending.parameters is not None:
+            norms = self._update_norms(recorder, pending, device)
+        else:  # the update ratio is not measured on this step
+            norms = torch.full((len(recorder.selected), 2), math.nan, dtype=torch.float64, device=device)
         if pending.parameters is not None:  # sharded: one all_reduce merges every layer's parameter and update sums
             import torch.distributed as dist
 
@@ -167,7 +176,7 @@ class _CompiledTaps(_Taps):
     deferred = True
 
     def before_update(self, recorder: Recorder, snapshot: bool) -> _PendingStep:
-        slots, table = deferred_table(recorder)  # copies the weights too
+        slots, table = deferred_table(recorder, snapshot)  # copies the weights too when snapshot
         return _PendingStep(slots, table, self, snapshot=snapshot)
 
     def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
@@ -189,6 +198,25 @@ _EAGER, _LOCAL_EAGER, _COMPILED = _EagerTaps(), _EagerTaps(global_batch=False), 
 _RATIO, _LOSS = SUMS_WIDTH, SUMS_WIDTH + 1  # the columns the eager step's host copy appends to a slot's sums
 
 
+# The update ratio costs a copy of every watched weight before the step and one more pass over both after it (about
+# 7% of a step of the benchmark MLP, more than all the other statistics together). It moves slowly, and the rules
+# read its median over a run, so by default it is measured on logged steps at least this many optimizer steps apart.
+UPDATE_RATIO_SPACING = 10
+
+
+def resolve_update_every(update_every: int | None, every: int | Schedule) -> int:
+    """How many logged steps apart the update ratio is measured: as given, or by default ceil(10 / every), so that
+    its cost is paid on at most one optimizer step in ten (1 for a callable schedule, whose spacing is unknown)."""
+    if update_every is None:
+        return 1 if callable(every) else max(1, math.ceil(UPDATE_RATIO_SPACING / every))
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(
+            f"update_every must be a positive integer (the update ratio on every k-th logged step), or None for the "
+            f"default; got {update_every!r}."
+        )
+    return update_every
+
+
 def _schedule(every: int | Schedule) -> Schedule:
     if callable(every):
         return every
@@ -202,7 +230,9 @@ class Monitor:
 
     Each logged step gives a ``FlowReport`` of the same ``LayerRecord``s a ``probe`` makes, merged over
     all the forward and backward passes of that step (gradient accumulation counts optimizer steps, not
-    backward calls), plus each layer's update-to-weight ratio ||W_after - W_before|| / ||W_before||.
+    backward calls), plus, on every ``update_every``-th logged step, each layer's update-to-weight ratio
+    ||W_after - W_before|| / ||W_before||. On the other logged steps ``LayerRecord.update_measured`` is False and
+    the report's notes say why its update ratios are NaN.
 
     ``optimizer.step(closure)`` (LBFGS, Lightning's automatic optimization) runs the step's last forward and
     backward inside ``step``: they belong to that step, and its statistics are taken when the closure returns,
@@ -222,6 +252,11 @@ class Monitor:
     Args:
         model: the module to watch.
         every: log every k-th optimizer step (steps 1, 1 + k, ...), or a callable ``step -> bool``.
+        update_every: measure the update ratio on every k-th logged step (the first, the (1 + k)-th, ...). It is
+            the one statistic that copies the weights, so by default (None) it is taken on logged steps at least
+            ``UPDATE_RATIO_SPACING`` (10) optimizer steps apart: ceil(10 / every) logged steps (every 10th with
+            ``every=1``, every logged step with ``every=10``), and on every logged step of a callable schedule.
+            1 measures it on every logged step.
         layers: which modules to record, as for ``probe``.
         sinks: where reports go besides ``history``: ``JsonlSink``, ``TensorBoardSink`` or your own.
         optimizer: its steps delimit the monitor's steps (torch's step hooks); accelerate's and Lightning's
@@ -250,11 +285,13 @@ class Monitor:
         scaler=None,
         *,
         global_batch: bool = True,
+        update_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module; got {type(model).__name__}.{_keras.backend_hint(model)}")
         self.model = model
         self.schedule = _schedule(every)
+        self.update_every = resolve_update_every(update_every, every)
         # a torch.compile'd model runs eagerly on logged steps and is measured under its own module's names
         self._eager = compile_support.EagerStance(model) if compile_support.is_compiled(model) else None
         measured = compile_support.unwrap(model)
@@ -272,6 +309,7 @@ class Monitor:
         structure = describe(measured)
         self.label = structure.label if structure is not None else type(measured).__name__
         self.step_count = 0  # optimizer steps seen so far
+        self.logged_count = 0  # logged steps reported so far (the update ratio's schedule counts them)
         self.loss_name = ""  # which loss the steps take, in words, as observe_loss was last told
         self._recorder = Recorder(self.layers)
         # entropy and largest logit of each attention layer, on the passes the recorder records
@@ -413,6 +451,11 @@ class Monitor:
         """Each watched layer's name and the weight whose variance and update ratio its records report (None where
         it has none)."""
         return [(name, w) for (name, _), w in zip(self.layers, self._recorder.first_weights(), strict=True)]
+
+    def _release_gradients(self, parameters: list[torch.Tensor]) -> None:
+        """The probe's one pass: sum each parameter's gradient as it is accumulated and let it go
+        (``Recorder.release_gradients``). Never for training: the optimizer would find no gradients."""
+        self._recorder.release_gradients(parameters)
 
     @contextlib.contextmanager
     def paused(self):
@@ -564,7 +607,8 @@ class Monitor:
             # the output gradients were taken of the scaled loss; the weight gradients are unscaled by
             # now (GradScaler.step unscales before optimizer.step), so only the former are divided
             self._recorder.set_gradient_scale(self.scaler.get_scale())
-        self._pending = self._taps.before_update(self._recorder, snapshot)
+        measure_update = snapshot and self.logged_count % self.update_every == 0
+        self._pending = self._taps.before_update(self._recorder, measure_update)
 
     def _after_step(self, optimizer=None) -> FlowReport | None:
         self.step_count += 1
@@ -587,6 +631,8 @@ class Monitor:
                 report.notes.append(
                     "used through its weights, not its forward (so it has no record): " + ", ".join(functional)
                 )
+            self.logged_count += 1
+            self._update_measured(pending.snapshot, report)
             if optimizer is not None:
                 self._not_updated_by(optimizer, report)
             self._attention_records(report)
@@ -626,6 +672,17 @@ class Monitor:
                 "output_attentions=True): " + ", ".join(sorted(self._attention.unmeasured))
             )
 
+    def _update_measured(self, measured: bool, report: FlowReport) -> None:
+        """Mark whether this step measured the update ratio, and say so where ``update_every`` sampled it out (a step
+        closed by ``monitor.step()`` has no update to measure: its docstring says so, and the probe is one)."""
+        for record in report.records:
+            record.update_measured = measured
+        if not measured and (self.logged_count - 1) % self.update_every:
+            report.notes.append(
+                f"update ratio not measured on this step: Monitor(update_every={self.update_every}) measures it once "
+                f"every {self.update_every} logged steps"
+            )
+
     def _not_updated_by(self, optimizer, report: FlowReport) -> None:
         """A layer whose weight the step's optimizer does not hold (frozen, or another optimizer's) was not updated
         by this step: its update ratio is NaN, not a measured 0 that would read as "barely changes"."""
@@ -652,9 +709,7 @@ class Monitor:
         # its own parameters, as the recorder reads them (Keras' too); a gradient kept from an earlier step as
         # zeros (zero_grad(set_to_none=False)) is no use this step
         functional = {
-            n
-            for n, m in never
-            if any(p.grad is not None and bool(p.grad.any()) for _, p in self._recorder.parameters[id(m)])
+            n for n, m in never if any(self._recorder.had_gradient(p) for _, p in self._recorder.parameters[id(m)])
         }
         return [n for n, _ in never if n not in functional], [n for n, _ in never if n in functional]
 

@@ -171,6 +171,9 @@ def probe(
         for p in parameters:
             p.grad = None
         monitor.attach()
+        # each weight gradient summed and let go as it comes: a deep model's never all live at once (the user's are
+        # put back below)
+        monitor._release_gradients(parameters)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # functional dropout and any other draw: the same in every probe
             prepared = _prepare_inputs(inputs)

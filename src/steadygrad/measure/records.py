@@ -38,6 +38,10 @@ class LayerRecord:
     nonfinite_act: int = 0  # NaN/Inf values in the output
     nonfinite_grad: int = 0  # NaN/Inf values in the gradient
     update_ratio: float = math.nan  # ||W_after - W_before|| / ||W_before|| over an optimizer step (Monitor)
+    # whether this step measured the update ratio (a Monitor's step that compared the weights before and after):
+    # False on the probe's records, on steps Monitor(update_every=k) samples out and on monitor.step(); an
+    # update_ratio of NaN with this True means measured and not applicable (no weight, or not updated)
+    update_measured: bool = False
     predicted_grad_norm: float = math.nan  # mean-field theory, where it applies
     predicted_second_moment: float = math.nan
     # attention layers (measure.attention): mean row entropy in nats, averaged over heads and its lowest head,
@@ -62,7 +66,10 @@ class LayerRecord:
     @classmethod
     def from_dict(cls, data: dict) -> LayerRecord:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: (math.nan if v is None else v) for k, v in data.items() if k in names})
+        known = {k: (math.nan if v is None else v) for k, v in data.items() if k in names}
+        if "update_measured" not in data:  # written before the field existed: a ratio there was measured
+            known["update_measured"] = data.get("update_ratio") is not None
+        return cls(**known)
 
 
 _COLUMNS = ("#", "layer", "kind", "act mean", "act std", "sat", "dead", "grad norm", "ratio", "W grad", "W var")

@@ -149,7 +149,13 @@ def unit_moments(y: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch
         saturated = (y < SIGMOID_SATURATION) | (y > 1 - SIGMOID_SATURATION)
         counts = torch.stack([saturated.sum().double(), y.new_tensor(y.numel()).double()])
     elif kind == "rectifier" and y.dim() >= 1 and y.numel():
-        active = (y.reshape(y.shape[0], -1) > 0).any(dim=0)
+        rows = y.reshape(y.shape[0], -1)
+        if y.device.type == "cpu":  # the per-unit maximum: no temporary the size of y (the probe's memory)
+            largest = rows.amax(dim=0)
+            # amax gives NaN for a unit with a NaN anywhere; it may be > 0 in another sample (read at once on the CPU)
+            active = (rows > 0).any(dim=0) if bool(largest.isnan().any()) else largest > 0
+        else:
+            active = (rows > 0).any(dim=0)
     return counts, active
 
 

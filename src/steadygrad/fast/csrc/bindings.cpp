@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>>())
       .def("output", &steadygrad::Collector::output)
       .def("units", &steadygrad::Collector::units)
-      .def("statistics", &steadygrad::Collector::statistics)
+      .def("statistics", &steadygrad::Collector::statistics, py::arg("slot_layers"), py::arg("snapshot") = true)
       .def("update_norms", &steadygrad::Collector::update_norms)
       .def("clear", &steadygrad::Collector::clear)
       .def_static("columns", &steadygrad::Collector::columns);

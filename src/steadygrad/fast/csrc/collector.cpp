@@ -112,7 +112,7 @@ void Collector::add_gradient(const at::Tensor& grad, int64_t slot_index, int64_t
   sums.grad_nonfinite += nonfinite;
 }
 
-at::Tensor Collector::statistics(const std::vector<int64_t>& slot_layers) {
+at::Tensor Collector::statistics(const std::vector<int64_t>& slot_layers, bool snapshot) {
   std::unordered_map<int64_t, Pending> waiting;  // outputs whose gradient never came (no backward through them)
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -135,7 +135,7 @@ at::Tensor Collector::statistics(const std::vector<int64_t>& slot_layers) {
       const at::Tensor& weight = *first_weights_[layer];
       float* copy = nullptr;
       // a layer called several times has one weight: copied once, its statistics in every slot
-      if (!copied_[layer] && snapshots_[layer].has_value() && snapshot_fits(*snapshots_[layer], weight)) {
+      if (snapshot && !copied_[layer] && snapshots_[layer].has_value() && snapshot_fits(*snapshots_[layer], weight)) {
         copy = snapshots_[layer]->data_ptr<float>();
         copied_[layer] = true;
       }

@@ -30,8 +30,9 @@ class Collector : public std::enable_shared_from_this<Collector> {
   void units(const at::Tensor& y, int64_t slot, int64_t kind);
 
   // Every slot's row of sums (slot_statistics' table, stats.h); slot_layers[i] is slot i's layer index. Adds each
-  // slot's parameter gradients and first weight in one parallel pass, copying each first weight once.
-  at::Tensor statistics(const std::vector<int64_t>& slot_layers);
+  // slot's parameter gradients and first weight in one parallel pass, copying each first weight once when
+  // ``snapshot`` (for update_norms after the optimizer's step; without it no weight is copied, no ratio taken).
+  at::Tensor statistics(const std::vector<int64_t>& slot_layers, bool snapshot = true);
   // (layers, 2): [||W - W_before||^2, ||W_before||^2] for the weights statistics() copied, NaN elsewhere.
   at::Tensor update_norms() const;
   // Forget this step's sums (the parameters and snapshot buffers stay).
