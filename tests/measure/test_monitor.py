@@ -469,7 +469,7 @@ def test_nan_and_inf_give_the_same_records_checked_on_the_spot_or_kept_to_the_st
     on_the_spot = run()
     monkeypatch.setattr(hooks, "_checked_now", lambda t: False)
     kept = run()
-    assert_same_records(kept, on_the_spot)
+    assert_same_records(kept, on_the_spot, *TOLERANCE)  # the kept path recomputes a whole layer in float64
     records = {r.name: r for r in on_the_spot.records}
     assert records["block02"].nonfinite_act == 32 and records["block03"].nonfinite_act > 0
     assert math.isfinite(records["block02"].act_std) and records["block01"].nonfinite_grad > 0

@@ -46,6 +46,7 @@ from steadygrad.measure.stats import (
     gradient_moments,
     layer_parameters,
     merge_activations,
+    needs_exact_moments,
     parameter_sums,
     primary_layer,
     unit_moments,
@@ -141,6 +142,27 @@ class _Slot:
     grads: list = field(default_factory=list)
 
 
+def square_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum of squares, float64, in one multi-tensor pass (``torch._foreach_norm``, as
+    ``clip_grad_norm_`` takes them). Float32 CPU tensors are summed in float32 (a float64 dtype makes
+    ``_foreach_norm`` convert every value, 8x the time) and any norm that overflowed float32 is taken again in
+    float64, so a finite tensor never reads as Inf; elsewhere the pass accumulates in float64."""
+    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        squares = torch.stack(torch._foreach_norm(tensors, 2)).double().square()
+        if not bool(torch.isfinite(squares).all()):  # overflow, or NaN/Inf in a tensor: float64 says which
+            for i in torch.nonzero(~torch.isfinite(squares)).flatten().tolist():
+                squares[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).square()
+        return squares
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
+
+
+def _total(w: torch.Tensor) -> torch.Tensor:
+    """sum(w) in float64 (of a float32 CPU tensor: in float32, converted; no cancellation worth a float64 pass)."""
+    if w.dtype == torch.float32 and w.device.type == "cpu":
+        return w.sum().double()
+    return w.sum(dtype=torch.float64)
+
+
 def _checked_now(t: torch.Tensor) -> bool:
     """Whether a tensor's fast sums are checked for NaN/Inf as soon as they are taken, and its masked statistics
     computed then if needed, so that nothing is kept: on the CPU, where reading a sum costs about a microsecond. On
@@ -149,18 +171,13 @@ def _checked_now(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _finite(moments: torch.Tensor, columns: tuple[int, ...]) -> bool:
-    values = moments.tolist()
-    return all(math.isfinite(values[c]) for c in columns)
-
-
 def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> None:
     """Merge an output's moments and its activation's unit statistics into the slot's accumulators."""
     if y is not None:
         moments = fast_activation_moments(y)
         if not _checked_now(y):
             slot.outputs.append(y.detach())
-        elif not _finite(moments, (1, 5)):  # the sum or the squares met NaN/Inf: the exact statistics, masked
+        elif needs_exact_moments(moments.tolist()):  # NaN/Inf met, or M2 may have cancelled: exact, masked
             moments = activation_moments(y)
         slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
     if units is not None:
@@ -217,7 +234,7 @@ def _add_fast_gradient(slot: _Slot, grad: torch.Tensor) -> None:
     moments = fast_gradient_moments(grad)
     if not _checked_now(grad):
         slot.grads.append(grad.detach())
-    elif not _finite(moments, (0,)):
+    elif not math.isfinite(moments[0].item()):
         moments = gradient_moments(grad)
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
@@ -391,7 +408,7 @@ class Recorder:
         def release(p: torch.Tensor) -> None:
             if self._awaiting:  # reentrant checkpointing: a leaf may get its gradient in parts, kept whole then
                 return
-            self._released[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+            self._released[id(p)] = square_norms([p.grad.detach()])[0]  # as the table sums a kept gradient
             p.grad = None
 
         self._release_handles = [p.register_post_accumulate_grad_hook(release) for p in parameters if p.requires_grad]
@@ -416,8 +433,7 @@ class Recorder:
             found = [(i, released[id(p)]) for i, role in enumerate(roles) for p in role[column] if id(p) in released]
             parts = []
             if kept:
-                norms = torch._foreach_norm([g for _, g in kept], 2, dtype=torch.float64)
-                parts.append(torch.stack(norms).to(device).square())
+                parts.append(square_norms([g for _, g in kept]).to(device))
             if found:
                 parts.append(torch.stack([value for _, value in found]).to(device))
             if not parts:
@@ -697,8 +713,8 @@ class Recorder:
         if firsts:
             index = torch.tensor([i for i, _ in firsts], device=device)
             weights = [w for _, w in firsts]
-            squares = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float64)).to(device).square()
-            totals = torch.stack([w.sum(dtype=torch.float64).to(device) for w in weights])
+            squares = square_norms(weights).to(device)
+            totals = torch.stack([_total(w) for w in weights]).to(device)
             counts = torch.tensor([float(w.numel()) for w in weights], **f64)
             table[index, 2], table[index, 3], table[index, 4] = counts, squares, totals
         return table
@@ -716,8 +732,8 @@ class Recorder:
         gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
         if self.sharded:  # filled in with the merged figures by the Monitor (_EagerTaps.rows)
             weights = torch.full((_width(SUMS_PARAMETERS),), math.nan, **f64)
-        elif parameters is not None:
-            weights = weight_sums_from(parameters[self._layer_index[id(slot.module)]])
+        elif parameters is not None:  # weight_sums_from of the parameter table, per layer
+            weights = parameters[self._layer_index[id(slot.module)]]
         else:
             weights = weight_sums(self.parameters[id(slot.module)], device)
         return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
@@ -739,7 +755,7 @@ class Recorder:
             self._repair_nonfinite(slots, device)
         if not slots:
             return slots, torch.zeros((0, SUMS_WIDTH), dtype=torch.float64, device=device)
-        parameters = None if self.sharded else self._parameter_table(device)
+        parameters = None if self.sharded else weight_sums_from(self._parameter_table(device))
         return slots, torch.stack([self._slot_sums(slot, device, parameters) for slot in slots])
 
 

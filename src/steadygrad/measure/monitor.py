@@ -23,6 +23,7 @@ from steadygrad.measure.hooks import (
     make_records,
     needs_repair,
     rows_from_sums,
+    square_norms,
 )
 from steadygrad.measure.layers import LayerSelector, select_layers, skipped_modules
 from steadygrad.measure.records import FlowReport
@@ -125,15 +126,19 @@ class _EagerTaps(_Taps):
     @staticmethod
     def _update_norms(recorder: Recorder, pending: _PendingStep, device) -> torch.Tensor:
         """Per watched layer: [||W_after - W_before||^2, ||W_before||^2] (of this process's part when sharded), NaN
-        where no copy was taken."""
-        norms = []
-        for old, new in zip(pending.weights_before, recorder.first_weights(), strict=True):
-            if old is None or new is None:
-                norms.append(torch.full((2,), math.nan, dtype=torch.float64, device=device))
-            else:
-                change = torch.linalg.vector_norm(local_part(new.detach()) - old, dtype=torch.float64)
-                norms.append(torch.stack([change, torch.linalg.vector_norm(old, dtype=torch.float64)]).to(device))
-        return torch.stack(norms).square()
+        where no copy was taken; the differences and both norms each in one multi-tensor pass."""
+        norms = torch.full((len(pending.weights_before), 2), math.nan, dtype=torch.float64, device=device)
+        pairs = [
+            (i, local_part(new.detach()), old)
+            for i, (old, new) in enumerate(zip(pending.weights_before, recorder.first_weights(), strict=True))
+            if old is not None and new is not None
+        ]
+        if pairs:
+            index = torch.tensor([i for i, _, _ in pairs], device=device)
+            before = [old for _, _, old in pairs]
+            changes = torch._foreach_sub([new for _, new, _ in pairs], before)
+            norms[index] = torch.stack([square_norms(changes), square_norms(before)], dim=1).to(device)
+        return norms
 
     def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
         slots, table = pending.slots, pending.table

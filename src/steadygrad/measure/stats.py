@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ __all__ = [
     "layer_parameters",
     "local_part",
     "merge_activations",
+    "needs_exact_moments",
     "parameter_sums",
     "primary_layer",
     "unit_moments",
@@ -102,18 +104,43 @@ def activation_moments(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([n, mean, m2, lo, hi, zeroed.square().sum(), y.numel() - n])
 
 
-def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
-    """The same vector as ``activation_moments`` from three cheap reductions (a sum and a norm accumulated in
-    float64, and ``aminmax``), assuming every value is finite. NaN or Inf propagate into the sum, so a caller
-    can tell and recompute that one layer with ``activation_moments``.
+# The one-pass variance sum(y^2) - sum(y)^2 / n from sums with relative error e carries a relative error of about
+# e * E[y^2] / Var[y]. The CPU's fast sums are float32 within rows (e about 1e-7 for a row of a few thousand), so
+# where E[y^2] exceeds Var[y] this many times (a mean over 30 standard deviations) the error could pass 1e-4 of the
+# variance, and the layer's moments are recomputed exactly in float64 (``needs_exact_moments``).
+CANCELLATION = 1e3
 
-    M2 = sum(y^2) - sum(y)^2 / n is the one-pass formula; accumulated in float64 it stays accurate unless the
-    mean exceeds the std by about 1e6, which activations do not (normalization inputs can, and
-    ``steadygrad.norm`` uses a shifted two-pass algorithm). ``torch.var_mean`` would be exact but costs ~8x
-    more per call on CPU, and this runs on every logged layer of every logged step.
+
+def _row_layout(y: torch.Tensor) -> bool:
+    """Whether ``y`` takes the CPU's fast sums: float32 on the CPU, rows of more than one value."""
+    return y.dtype == torch.float32 and y.device.type == "cpu" and y.dim() >= 2 and y.shape[-1] > 1
+
+
+def _host_sums(rows: torch.Tensor) -> tuple[float, float]:
+    """sum(y) and sum(y^2) of a float32 CPU tensor as (rows, d): float32 along each row, the rows' partial sums in
+    float64 on the host (numpy), as the compiled taps sum chunks. torch's float64 reductions of a float32 tensor
+    convert every value first, at 2-3x the time, and a dozen tiny tensor ops on the partial sums would cost more than
+    the two reductions themselves (about 5 µs of dispatch each)."""
+    partial = torch.stack([rows.sum(dim=1), torch.linalg.vector_norm(rows, dim=1)]).numpy().astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are the caller's to find, in the result
+        return float(partial[0].sum()), float(np.dot(partial[1], partial[1]))
+
+
+def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
+    """The same vector as ``activation_moments`` from three cheap reductions (a sum and a norm, with their partial
+    sums in float64, and ``aminmax``), assuming every value is finite. NaN or Inf propagate into the sum, so a
+    caller can tell and recompute that one layer with ``activation_moments``; the same where the one-pass
+    M2 = sum(y^2) - sum(y)^2 / n may have cancelled (``needs_exact_moments``). ``torch.var_mean`` would be exact
+    but costs ~30x more per call on CPU, and this runs on every logged layer of every logged step. On the CPU the
+    arithmetic on the sums is done on the host (``_host_sums``); elsewhere on the device, in float64.
     """
     y = y.detach()
     n = float(y.numel())
+    if _row_layout(y):
+        total, squares = _host_sums(y.reshape(-1, y.shape[-1]))
+        lo, hi = torch.aminmax(y)
+        m2 = max(squares - total * total / n, 0.0) if math.isfinite(total) else total
+        return torch.tensor([n, total / n, m2, lo.item(), hi.item(), squares, 0.0], dtype=torch.float64)
     total = y.sum(dtype=torch.float64)
     squares = torch.linalg.vector_norm(y, dtype=torch.float64).square()
     lo, hi = torch.aminmax(y) if y.numel() else (total, total)
@@ -121,6 +148,15 @@ def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [total.new_tensor(n), total / max(n, 1.0), m2, lo.double(), hi.double(), squares, total.new_zeros(())]
     )
+
+
+def needs_exact_moments(values: list[float]) -> bool:
+    """Whether ``fast_activation_moments``' values (on the host) must be recomputed by ``activation_moments``: a sum
+    met NaN/Inf, or the one-pass M2 may have lost more than 1e-4 of itself to cancellation (``CANCELLATION``)."""
+    mean, m2, squares = values[1], values[2], values[5]
+    if not (math.isfinite(mean) and math.isfinite(squares)):
+        return True
+    return squares > CANCELLATION * m2 and squares > 0
 
 
 def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,7 +200,12 @@ def unit_moments(y: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch
 
 def fast_gradient_moments(grad: torch.Tensor) -> torch.Tensor:
     """[sum of squares, 0] in one reduction, assuming every value is finite (NaN/Inf propagate into the sum)."""
-    squares = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
+    grad = grad.detach()
+    if _row_layout(grad):
+        norms = torch.linalg.vector_norm(grad.reshape(-1, grad.shape[-1]), dim=1).numpy().astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return torch.tensor([float(np.dot(norms, norms)), 0.0], dtype=torch.float64)
+    squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
     return torch.stack([squares, squares.new_zeros(())])
 
 
