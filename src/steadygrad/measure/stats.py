@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -111,19 +110,31 @@ def activation_moments(y: torch.Tensor) -> torch.Tensor:
 CANCELLATION = 1e3
 
 
-def _row_layout(y: torch.Tensor) -> bool:
-    """Whether ``y`` takes the CPU's fast sums: float32 on the CPU, rows of more than one value."""
-    return y.dtype == torch.float32 and y.device.type == "cpu" and y.dim() >= 2 and y.shape[-1] > 1
+_ROW = 256  # the fewest values a row of the CPU's fast sums holds: shorter rows make slow reductions
 
 
-def _host_sums(rows: torch.Tensor) -> tuple[float, float]:
-    """sum(y) and sum(y^2) of a float32 CPU tensor as (rows, d): float32 along each row, the rows' partial sums in
-    float64 on the host (numpy), as the compiled taps sum chunks. torch's float64 reductions of a float32 tensor
-    convert every value first, at 2-3x the time, and a dozen tiny tensor ops on the partial sums would cost more than
-    the two reductions themselves (about 5 µs of dispatch each)."""
-    partial = torch.stack([rows.sum(dim=1), torch.linalg.vector_norm(rows, dim=1)]).numpy().astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are the caller's to find, in the result
-        return float(partial[0].sum()), float(np.dot(partial[1], partial[1]))
+def _rows(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as (rows, values) for the CPU's fast sums, its trailing dimensions merged until a row holds at least
+    ``_ROW`` values (a conv output's (N, C, 4, 4) becomes (N * C / 16, 256)); None where those sums do not apply
+    (not float32 on the CPU, not contiguous, or fewer than two rows)."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or y.dim() < 2 or not y.is_contiguous():
+        return None
+    width = 1
+    for size in reversed(y.shape):
+        width *= size
+        if width >= _ROW:
+            break
+    return y.view(-1, width) if 1 < width < y.numel() else None
+
+
+def _host_sums(partial: torch.Tensor) -> list[float]:
+    """The float64 sums over rows of (2, rows) float32 partial sums: [row sums, row norms] -> [sum, sum of squares].
+    As the compiled taps sum chunks: float32 along each row, float64 across them. torch's float64 reductions of a
+    float32 tensor convert every value first, at 2-3x the time. (Not numpy: its BLAS threads spin beside torch's and
+    made every later reduction of the step 10-50x slower on 2 cores.)"""
+    partial = partial.double()
+    partial[1].square_()
+    return partial.sum(dim=1).tolist()
 
 
 def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
@@ -136,8 +147,9 @@ def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
     """
     y = y.detach()
     n = float(y.numel())
-    if _row_layout(y):
-        total, squares = _host_sums(y.reshape(-1, y.shape[-1]))
+    rows = _rows(y)
+    if rows is not None:
+        total, squares = _host_sums(torch.stack([rows.sum(dim=1), torch.linalg.vector_norm(rows, dim=1)]))
         lo, hi = torch.aminmax(y)
         m2 = max(squares - total * total / n, 0.0) if math.isfinite(total) else total
         return torch.tensor([n, total / n, m2, lo.item(), hi.item(), squares, 0.0], dtype=torch.float64)
@@ -201,10 +213,10 @@ def unit_moments(y: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch
 def fast_gradient_moments(grad: torch.Tensor) -> torch.Tensor:
     """[sum of squares, 0] in one reduction, assuming every value is finite (NaN/Inf propagate into the sum)."""
     grad = grad.detach()
-    if _row_layout(grad):
-        norms = torch.linalg.vector_norm(grad.reshape(-1, grad.shape[-1]), dim=1).numpy().astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            return torch.tensor([float(np.dot(norms, norms)), 0.0], dtype=torch.float64)
+    rows = _rows(grad)
+    if rows is not None:
+        squares = torch.linalg.vector_norm(rows, dim=1).double().square().sum()
+        return torch.stack([squares, squares.new_zeros(())])
     squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
     return torch.stack([squares, squares.new_zeros(())])
 
