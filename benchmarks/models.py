@@ -118,9 +118,7 @@ def measure(make, rounds: int) -> list[str]:
         if name == "bare":
             continue
         ratios = sorted(v / b for v, b in zip(values, bare, strict=True))
-        lines.append(
-            f"  {name:<36} {statistics.median(ratios):6.3f}x  (rounds {ratios[0]:.3f}-{ratios[-1]:.3f})"
-        )
+        lines.append(f"  {name:<36} {statistics.median(ratios):6.3f}x  (rounds {ratios[0]:.3f}-{ratios[-1]:.3f})")
     for t in taps:
         fast.enable("cpp") if t == "C++" else fast.disable()
         probe(model, inputs, targets)  # warm-up
@@ -142,7 +140,9 @@ def main(rounds: int = 6) -> None:
     logging.disable(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     print(f"# the Monitor at its defaults and the probe on real models; {machine()}")
-    print(f"# ratio: median over {rounds} rounds of (variant's step / the bare step's in the same round), {STEPS_PER_ROUND} steps")
+    print(
+        f"# ratio: median over {rounds} rounds of (variant's step / the bare step's in the same round), {STEPS_PER_ROUND} steps"
+    )
     print("# per variant per round; the probe alternates with single training steps")
     for make in (gpt2, resnet18):
         for line in measure(make, rounds):

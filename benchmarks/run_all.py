@@ -18,7 +18,9 @@ sys.path.insert(0, str(HERE))
 
 import clip  # noqa: E402
 import doctor  # noqa: E402
+import foreach  # noqa: E402
 import integrations  # noqa: E402
+import models  # noqa: E402
 import monitor  # noqa: E402
 import norm  # noqa: E402
 import probe  # noqa: E402
@@ -27,6 +29,8 @@ BENCHMARKS = {
     "clip": clip,
     "norm": norm,
     "monitor": monitor,
+    "models": models,
+    "foreach": foreach,
     "probe": probe,
     "doctor": doctor,
     "integrations": integrations,
