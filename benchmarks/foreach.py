@@ -1,4 +1,4 @@
-"""The step's end as one pass over many tensors: steadygrad's passes against ``torch._foreach_norm`` on the same tensors.
+"""The step's end as one pass over many tensors: steadygrad's passes against ``torch._foreach_norm``.
 
     .venv/bin/python benchmarks/foreach.py
 
@@ -71,7 +71,8 @@ def main() -> None:
     print(f"# the step's end over N layers, each a {SHAPE[0]}x{SHAPE[1]} float32 weight and its gradient; {machine()}")
     print("# ratio: median of interleaved runs against one torch._foreach_norm over the same 2N tensors")
     print(
-        f"{'layers':>7} {'tensors':>8} {'pass':<26} {'_foreach_norm':>20} {'steadygrad':>20} {'ratio':>7} {'us/tensor':>10}"
+        f"{'layers':>7} {'tensors':>8} {'pass':<26} {'_foreach_norm':>20} {'steadygrad':>20} {'ratio':>7} "
+        f"{'us/tensor':>10}"
     )
     for count in COUNTS:
         layers = _layers(count)

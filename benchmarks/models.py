@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 from _timing import machine  # noqa: E402
 
 STEPS_PER_ROUND = 10
@@ -56,9 +55,19 @@ def gpt2():
     return "GPT-2 4x128, seq 64, batch 8", model, inputs, None, optimizer, loss
 
 
-def resnet18():
-    import zoo
+def _zoo():
+    """tests/zoo.py, loaded by path: putting tests/ on sys.path would hide benchmarks/norm.py behind tests/norm."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("steadygrad_test_zoo", HERE.parent / "tests" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def resnet18():
+    zoo = _zoo()
     torch.manual_seed(0)
     model = zoo.ResNet18(widths=(32, 64, 128, 256))
     g = torch.Generator().manual_seed(1)
@@ -141,7 +150,8 @@ def main(rounds: int = 6) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     print(f"# the Monitor at its defaults and the probe on real models; {machine()}")
     print(
-        f"# ratio: median over {rounds} rounds of (variant's step / the bare step's in the same round), {STEPS_PER_ROUND} steps"
+        f"# ratio: median over {rounds} rounds of (variant's step / the bare step's in the same round), "
+        f"{STEPS_PER_ROUND} steps"
     )
     print("# per variant per round; the probe alternates with single training steps")
     for make in (gpt2, resnet18):
