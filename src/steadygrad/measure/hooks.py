@@ -45,12 +45,12 @@ from steadygrad.measure.stats import (
     fast_gradient_moments,
     gradient_moments,
     layer_parameters,
+    local_part,
     merge_activations,
     needs_exact_moments,
     parameter_sums,
     primary_layer,
     unit_moments,
-    weight_sums,
     weight_sums_from,
 )
 
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 _NO_ACTIVATIONS = (0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # the SUMS_ACTIVATION sums of nothing seen
-# the order in which Recorder._slot_sums concatenates a slot's accumulators: it must tile SUMS_COLUMNS
+# the order in which Recorder._slot_table concatenates a slot's accumulators: it must tile SUMS_COLUMNS
 _GROUPS = (SUMS_ACTIVATION, SUMS_SATURATION, SUMS_UNITS, SUMS_GRADIENT, SUMS_PARAMETERS)
 assert [i for g in _GROUPS for i in range(SUMS_WIDTH)[g]] == list(range(SUMS_WIDTH)), "groups must tile the layout"
 assert len(_NO_ACTIVATIONS) == len(SUMS_COLUMNS[SUMS_ACTIVATION])
@@ -319,6 +319,7 @@ class Recorder:
         self._kinds = {id(module): kind_name(module) for _, module in selected}
         self._layer_index = {id(module): i for i, (_, module) in enumerate(selected)}
         self._collector = None  # deferred mode: the compiled taps (steadygrad.fast), made on first use
+        self._snapshots: list[torch.Tensor | None] = []  # the eager taps' copies of the CPU first weights, reused
         for _, module in selected:
             layer = primary_layer(module)
             named = [] if layer is None else layer_parameters(layer)
@@ -421,30 +422,45 @@ class Recorder:
 
     def _gradient_squares(self, device: torch.device) -> torch.Tensor:
         """Per selected layer, its weight- and bias-gradient sums of squares (a (layers, 2) float64 tensor on
-        ``device``, NaN where it has none): from ``release_gradients``' sums, else from ``p.grad``, each group in
-        one multi-tensor pass (``torch._foreach_norm``, as ``clip_grad_norm_`` takes them) instead of a reduction
-        and a copy per tensor."""
+        ``device``, NaN where it has none): ``_squares`` without the weights."""
+        return self._squares(device, weights=False)[:, :2]
+
+    def _squares(self, device: torch.device, weights: bool = True) -> torch.Tensor:
+        """Per selected layer, [weight-gradient, bias-gradient, first weight] sums of squares (a (layers, 3) float64
+        tensor on ``device``; NaN where a layer has no such gradient, 0 where it has no first weight or
+        ``weights`` is False). The gradients come from ``release_gradients``' sums, else from ``p.grad``; every
+        tensor is summed in one multi-tensor pass (``torch._foreach_norm``, as ``clip_grad_norm_`` takes them),
+        not a reduction and a copy per tensor."""
         layers = len(self.selected)
-        table = torch.zeros((layers, 2), dtype=torch.float64, device=device)
-        roles = [self._parameter_roles[id(module)] for _, module in self.selected]
         released = self._released or {}
-        for column in (0, 1):  # weights' and biases' gradients
-            kept = [(i, p.grad.detach()) for i, role in enumerate(roles) for p in role[column] if p.grad is not None]
-            found = [(i, released[id(p)]) for i, role in enumerate(roles) for p in role[column] if id(p) in released]
-            parts = []
-            if kept:
-                parts.append(square_norms([g for _, g in kept]).to(device))
-            if found:
-                parts.append(torch.stack([value for _, value in found]).to(device))
-            if not parts:
-                table[:, column] = math.nan
-                continue
-            squares = torch.cat(parts) if len(parts) > 1 else parts[0]
-            index = torch.tensor([i for i, _ in kept] + [i for i, _ in found], device=device)
-            summed = table[:, column].index_add(0, index, squares)
-            has = torch.zeros(layers, dtype=torch.bool, device=device).index_fill_(0, index, True)
-            table[:, column] = torch.where(has, summed, math.nan)
-        return table
+        tensors, places, found, found_places = [], [], [], []  # places: the flat index layer * 3 + column
+        for i, (_, module) in enumerate(self.selected):
+            role = self._parameter_roles[id(module)]
+            for column in (0, 1):  # weights' and biases' gradients
+                for p in role[column]:
+                    if id(p) in released:
+                        found.append(released[id(p)])
+                        found_places.append(3 * i + column)
+                    elif p.grad is not None:
+                        tensors.append(p.grad.detach())
+                        places.append(3 * i + column)
+            if weights and role[2] is not None:
+                tensors.append(role[2].detach())
+                places.append(3 * i + 2)
+        parts = []
+        if tensors:
+            parts.append(square_norms(tensors).to(device))
+        if found:
+            parts.append(torch.stack(found).to(device))
+        squares = torch.zeros(3 * layers, dtype=torch.float64, device=device)
+        seen = torch.zeros(3 * layers, dtype=torch.bool, device=device)
+        if parts:
+            index = torch.tensor(places + found_places, device=device)
+            squares.index_add_(0, index, torch.cat(parts) if len(parts) > 1 else parts[0])
+            seen[index] = True
+        squares, seen = squares.view(layers, 3), seen.view(layers, 3)
+        squares[:, :2] = torch.where(seen[:, :2], squares[:, :2], math.nan)
+        return squares
 
     # -- the monitor's side: one logged step at a time ------------------------------------------------------
     @property
@@ -579,6 +595,32 @@ class Recorder:
         variance and update ratio the records report."""
         return [self._parameter_roles[id(module)][2] for _, module in self.selected]
 
+    def weight_snapshot(self) -> list[torch.Tensor | None]:
+        """A copy of each selected layer's first weight (of a sharded one, this process's part; None where it has
+        none), for the eager taps' update ratio: the caller may overwrite the copies (``_EagerTaps`` subtracts the
+        updated weights from them in place). A CPU weight is copied into a buffer kept from the last call: a fresh
+        copy of every weight each logged step made the allocator map and fault in that many megabytes again (glibc
+        gives large blocks back when they are freed), which cost 3-4x the copy itself on the benchmark MLP. This
+        keeps one copy of the watched CPU weights alive between logged steps, as the compiled taps' buffers do; on
+        an accelerator the caching allocator reuses its blocks, so a fresh copy costs nothing extra and holds no
+        memory between steps."""
+        weights = [None if w is None else local_part(w.detach()) for w in self.first_weights()]
+        if len(self._snapshots) != len(weights):
+            self._snapshots = [None] * len(weights)
+        copies: list[torch.Tensor | None] = []
+        for i, w in enumerate(weights):
+            kept = self._snapshots[i]
+            if w is None or w.device.type != "cpu":
+                copies.append(None if w is None else w.clone())
+                continue
+            if kept is None or kept.shape != w.shape or kept.dtype != w.dtype:  # made, or the weight changed
+                kept = self._snapshots[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
+            copies.append(kept)
+        cpu = [(kept, w) for kept, w in zip(copies, weights, strict=True) if w is not None and w.device.type == "cpu"]
+        if cpu:
+            torch._foreach_copy_([kept for kept, _ in cpu], [w for _, w in cpu])
+        return copies
+
     def collector(self):
         """The compiled taps of deferred mode (a ``steadygrad.fast`` backend's Collector), made on first use: they
         know each layer's parameters and hold a buffer per first weight for its copy before the update."""
@@ -707,36 +749,44 @@ class Recorder:
         sum), as a (layers, 5) float64 tensor on ``device``, each group in one multi-tensor pass."""
         f64 = {"dtype": torch.float64, "device": device}
         table = torch.zeros((len(self.selected), 5), **f64)
-        roles = [self._parameter_roles[id(module)] for _, module in self.selected]
-        table[:, :2] = self._gradient_squares(device)
-        firsts = [(i, role[2].detach()) for i, role in enumerate(roles) if role[2] is not None]
+        squares = self._squares(device)
+        table[:, :2], table[:, 3] = squares[:, :2], squares[:, 2]
+        firsts = [(i, self._parameter_roles[id(module)][2]) for i, (_, module) in enumerate(self.selected)]
+        firsts = [(i, w.detach()) for i, w in firsts if w is not None]
         if firsts:
             index = torch.tensor([i for i, _ in firsts], device=device)
-            weights = [w for _, w in firsts]
-            squares = square_norms(weights).to(device)
-            totals = torch.stack([_total(w) for w in weights]).to(device)
-            counts = torch.tensor([float(w.numel()) for w in weights], **f64)
-            table[index, 2], table[index, 3], table[index, 4] = counts, squares, totals
+            table[index, 2] = torch.tensor([float(w.numel()) for _, w in firsts], **f64)
+            table[index, 4] = torch.stack([_total(w) for _, w in firsts]).to(device)
         return table
 
-    def _slot_sums(self, slot: _Slot, device: torch.device, parameters: torch.Tensor | None = None) -> torch.Tensor:
-        """A slot's accumulators as its SUMS_COLUMNS vector on ``device``: its groups' vectors concatenated in
-        ``_GROUPS`` order, which tiles the layout (checked at import)."""
+    def _slot_table(self, slots: list[_Slot], device: torch.device, parameters: torch.Tensor | None) -> torch.Tensor:
+        """The slots' accumulators as a (slots, len(SUMS_COLUMNS)) float64 tensor on ``device``: each group's
+        vectors stacked for all slots at once, the groups concatenated in ``_GROUPS`` order, which tiles the layout
+        (checked at import). ``parameters``: weight_sums_from of the parameter table (None when sharded: filled in
+        with the merged figures by the Monitor, ``_EagerTaps.rows``)."""
         f64 = {"dtype": torch.float64, "device": device}
-        activations = slot.activations if slot.activations is not None else torch.tensor(_NO_ACTIVATIONS, **f64)
-        counts = slot.unit_counts if slot.unit_counts is not None else torch.zeros(_width(SUMS_SATURATION), **f64)
-        units = torch.zeros(_width(SUMS_UNITS), **f64)
-        if slot.unit_active is not None:
-            size = slot.unit_active.numel()
-            units = torch.stack([units.new_tensor(size), size - slot.unit_active.sum().to(**f64)])  # units, dead
-        gradients = slot.gradients if slot.gradients is not None else torch.tensor([math.nan, 0.0], **f64)
-        if self.sharded:  # filled in with the merged figures by the Monitor (_EagerTaps.rows)
-            weights = torch.full((_width(SUMS_PARAMETERS),), math.nan, **f64)
-        elif parameters is not None:  # weight_sums_from of the parameter table, per layer
-            weights = parameters[self._layer_index[id(slot.module)]]
+
+        def stacked(values: list[torch.Tensor | None], missing: tuple[float, ...]) -> torch.Tensor:
+            default = None
+            if any(v is None for v in values):
+                default = torch.tensor(missing, **f64)
+            return torch.stack([default if v is None else v.to(device) for v in values])
+
+        activations = stacked([s.activations for s in slots], _NO_ACTIVATIONS)
+        counts = stacked([s.unit_counts for s in slots], (0.0,) * _width(SUMS_SATURATION))
+        units = torch.zeros((len(slots), _width(SUMS_UNITS)), **f64)
+        masked = [(i, s.unit_active) for i, s in enumerate(slots) if s.unit_active is not None]
+        if masked:  # [units, dead units]
+            index = torch.tensor([i for i, _ in masked], device=device)
+            sizes = torch.tensor([float(m.numel()) for _, m in masked], **f64)
+            active = torch.stack([m.sum() for _, m in masked]).to(**f64)
+            units[index] = torch.stack([sizes, sizes - active], dim=1)
+        gradients = stacked([s.gradients for s in slots], (math.nan, 0.0))
+        if parameters is None:
+            weights = torch.full((len(slots), _width(SUMS_PARAMETERS)), math.nan, **f64)
         else:
-            weights = weight_sums(self.parameters[id(slot.module)], device)
-        return torch.cat([t.to(device) for t in (activations, counts, units, gradients, weights)])
+            weights = parameters[torch.tensor([self._layer_index[id(s.module)] for s in slots], device=device)]
+        return torch.cat([activations, counts, units, gradients, weights], dim=1)
 
     def finalize(self, device: torch.device | None = None, repair: bool = True) -> tuple[list[_Slot], torch.Tensor]:
         """The slots in first-call order and their sums: a (slots, len(SUMS_COLUMNS)) float64 tensor on
@@ -756,7 +806,7 @@ class Recorder:
         if not slots:
             return slots, torch.zeros((0, SUMS_WIDTH), dtype=torch.float64, device=device)
         parameters = None if self.sharded else weight_sums_from(self._parameter_table(device))
-        return slots, torch.stack([self._slot_sums(slot, device, parameters) for slot in slots])
+        return slots, self._slot_table(slots, device, parameters)
 
 
 # the activation kinds of the compiled taps: the codes of steadygrad/fast/csrc/stats.h

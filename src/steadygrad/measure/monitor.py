@@ -118,15 +118,15 @@ class _EagerTaps(_Taps):
         if self.global_batch and is_distributed():  # statistics of the global batch, not of this rank's share
             recorder.all_reduce()
         slots, table = recorder.finalize(repair=False)  # checked on the host copy, see rows
-        weights = recorder.first_weights()
-        before = [local_part(w.detach()).clone() if w is not None and snapshot else None for w in weights]
+        before = recorder.weight_snapshot() if snapshot else [None] * len(recorder.selected)
         parts = recorder.parameter_sums(table.device) if recorder.sharded else None  # merged in rows
         return _PendingStep(slots, table, self, snapshot=snapshot, weights_before=before, parameters=parts)
 
     @staticmethod
     def _update_norms(recorder: Recorder, pending: _PendingStep, device) -> torch.Tensor:
         """Per watched layer: [||W_after - W_before||^2, ||W_before||^2] (of this process's part when sharded), NaN
-        where no copy was taken; the differences and both norms each in one multi-tensor pass."""
+        where no copy was taken; the norms each in one multi-tensor pass, the differences taken in place in the
+        copies (``Recorder.weight_snapshot``), so that no second copy of the weights is allocated."""
         norms = torch.full((len(pending.weights_before), 2), math.nan, dtype=torch.float64, device=device)
         pairs = [
             (i, local_part(new.detach()), old)
@@ -136,8 +136,9 @@ class _EagerTaps(_Taps):
         if pairs:
             index = torch.tensor([i for i, _, _ in pairs], device=device)
             before = [old for _, _, old in pairs]
-            changes = torch._foreach_sub([new for _, new, _ in pairs], before)
-            norms[index] = torch.stack([square_norms(changes), square_norms(before)], dim=1).to(device)
+            squares_before = square_norms(before)
+            torch._foreach_sub_(before, [new for _, new, _ in pairs])  # before - after: the change, negated
+            norms[index] = torch.stack([square_norms(before), squares_before], dim=1).to(device)
         return norms
 
     def rows(self, recorder: Recorder, pending: _PendingStep, loss: torch.Tensor | None):
