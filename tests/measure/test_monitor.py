@@ -436,6 +436,34 @@ def test_the_update_ratio_is_measured_on_every_kth_logged_step_only(mode, every,
     assert [r.update_measured for r in again] == [r.update_measured for r in monitor.history.reports[1].records]
 
 
+def test_the_eager_update_ratio_reuses_its_cpu_copies_and_follows_a_weight_that_changed_dtype():
+    """The eager taps copy the CPU first weights into buffers kept between logged steps and subtract in place
+    (Recorder.weight_snapshot): the buffers are the same objects step after step, the ratios stay the ones taken by
+    hand, and a weight whose dtype changed gets a new buffer of its dtype."""
+    fast.disable()
+    net, x, y = net_and_data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    first = net.block01.linear.weight
+
+    def step_by_hand(inputs):
+        before = first.detach().clone()
+        opt.zero_grad()
+        F.cross_entropy(net(inputs), y).backward()
+        opt.step()
+        return ((first.detach() - before).norm() / before.norm()).item()
+
+    with Monitor(net, optimizer=opt, update_every=1) as monitor:
+        expected = [step_by_hand(x)]
+        kept = [id(b) for b in monitor._recorder._snapshots]
+        expected += [step_by_hand(x), step_by_hand(x)]
+        assert [id(b) for b in monitor._recorder._snapshots] == kept  # no new copies
+        net.double()
+        expected.append(step_by_hand(x.double()))
+        assert monitor._recorder._snapshots[0].dtype == torch.float64
+    got = [r.records[0].update_ratio for r in monitor.history.reports]
+    assert got == pytest.approx(expected, rel=1e-5) and len(got) == 4
+
+
 def test_update_every_refuses_what_is_not_a_positive_integer():
     net, _, _ = net_and_data()
     for bad in (0, -1, 2.5, True, "10"):
