@@ -441,3 +441,44 @@ def test_the_probe_lets_each_weight_gradient_go_once_summed_and_measures_it_exac
         assert record.weight_grad_norm == pytest.approx(norm, rel=1e-6), name
     assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), user_grads, strict=True))
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+
+
+def test_off_the_cpu_the_probe_keeps_no_output_or_gradient_and_its_nan_inf_records_are_unchanged(monkeypatch):
+    """On an accelerator the eager taps keep each output and output gradient to the step's end, in case their
+    fast statistics met NaN/Inf (hooks._checked_now, patched here to say "not on the CPU"). The probe's one pass
+    takes the exact masked statistics at once instead: nothing is held, and the records are those of the CPU's
+    checked-on-the-spot path, NaN and Inf counts included."""
+    import steadygrad.measure.hooks as hooks
+
+    net = build(NetSpec(depth=5, width=32, in_features=8, activation="tanh"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.block02.linear.weight[0, 0] = math.nan
+        net.block03.linear.weight[1, 1] = math.inf
+    x, targets = _x(16, 8), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    on_the_cpu = probe(net, x, targets=targets)
+    # a built MLP gets the mean-field prediction, which NaN/Inf weights have no value for: left out, and said so
+    assert "no mean-field prediction: a weight, a bias or the input holds NaN or Inf" in on_the_cpu.notes
+
+    held = []
+    finalize = hooks.Recorder.finalize
+
+    def spy(self, *args, **kwargs):
+        held.extend(len(s.outputs) + len(s.grads) for s in self._slots.values())
+        return finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_checked_now", lambda t: False)
+    monkeypatch.setattr(hooks.Recorder, "finalize", spy)
+    off_the_cpu = probe(net, x, targets=targets)
+    assert held and not any(held)  # no tensor kept to the pass's end
+    assert [r.label for r in off_the_cpu.records] == [r.label for r in on_the_cpu.records]
+    for kept_nothing, checked in zip(off_the_cpu.records, on_the_cpu.records, strict=True):
+        a, b = kept_nothing.to_dict(), checked.to_dict()
+        assert a.keys() == b.keys()
+        for field, value in a.items():
+            if isinstance(value, float):  # exact float64 against float32 sums checked on the spot
+                assert b[field] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (kept_nothing.label, field)
+            else:
+                assert b[field] == value, (kept_nothing.label, field)
+    records = {r.name: r for r in off_the_cpu.records}
+    assert records["block02"].nonfinite_act > 0 and records["block03"].nonfinite_act > 0
+    assert math.isfinite(records["block02"].act_std) and records["block01"].nonfinite_grad > 0

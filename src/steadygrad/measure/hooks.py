@@ -171,14 +171,20 @@ def _checked_now(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None) -> None:
-    """Merge an output's moments and its activation's unit statistics into the slot's accumulators."""
+def _add_output(slot: _Slot, y: torch.Tensor | None, units: tuple | None, keep_nothing: bool = False) -> None:
+    """Merge an output's moments and its activation's unit statistics into the slot's accumulators. With
+    ``keep_nothing`` (the probe's one pass), an output that would be kept to the step's end (``_checked_now``)
+    gets its exact masked moments at once instead: more arithmetic, no host read, and nothing held."""
     if y is not None:
-        moments = fast_activation_moments(y)
-        if not _checked_now(y):
-            slot.outputs.append(y.detach())
-        elif needs_exact_moments(moments.tolist()):  # NaN/Inf met, or M2 may have cancelled: exact, masked
+        if _checked_now(y):
+            moments = fast_activation_moments(y)
+            if needs_exact_moments(moments.tolist()):  # NaN/Inf met, or M2 may have cancelled: exact, masked
+                moments = activation_moments(y)
+        elif keep_nothing:
             moments = activation_moments(y)
+        else:
+            moments = fast_activation_moments(y)
+            slot.outputs.append(y.detach())
         slot.activations = moments if slot.activations is None else merge_activations(slot.activations, moments)
     if units is not None:
         counts, active = units
@@ -228,22 +234,26 @@ def _add_gradient(slot: _Slot, grad: torch.Tensor, moments_of=fast_gradient_mome
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
 
-def _add_fast_gradient(slot: _Slot, grad: torch.Tensor) -> None:
+def _add_fast_gradient(slot: _Slot, grad: torch.Tensor, keep_nothing: bool = False) -> None:
     """A gradient's fast sum of squares, checked at once on the CPU (the masked sums instead if it met NaN/Inf),
-    else kept for the step's end (``_checked_now``)."""
-    moments = fast_gradient_moments(grad)
-    if not _checked_now(grad):
-        slot.grads.append(grad.detach())
-    elif not math.isfinite(moments[0].item()):
+    else kept for the step's end (``_checked_now``); with ``keep_nothing``, the masked sums at once instead."""
+    if _checked_now(grad):
+        moments = fast_gradient_moments(grad)
+        if not math.isfinite(moments[0].item()):
+            moments = gradient_moments(grad)
+    elif keep_nothing:
         moments = gradient_moments(grad)
+    else:
+        moments = fast_gradient_moments(grad)
+        slot.grads.append(grad.detach())
     slot.gradients = moments if slot.gradients is None else slot.gradients + moments
 
 
-def _gradient_tap(slot: _Slot):
+def _gradient_tap(slot: _Slot, keep_nothing: bool = False):
     """The eager tensor hook of a slot's output: sums the gradient (``_add_fast_gradient``)."""
 
     def grad_hook(grad):
-        _add_fast_gradient(slot, grad)
+        _add_fast_gradient(slot, grad, keep_nothing)
 
     return grad_hook
 
@@ -319,7 +329,9 @@ class Recorder:
         self._kinds = {id(module): kind_name(module) for _, module in selected}
         self._layer_index = {id(module): i for i, (_, module) in enumerate(selected)}
         self._collector = None  # deferred mode: the compiled taps (steadygrad.fast), made on first use
-        self._snapshots: list[torch.Tensor | None] = []  # the eager taps' copies of the CPU first weights, reused
+        self._snapshots: list[torch.Tensor | None] = []
+        # the probe's one pass: off the CPU, exact masked statistics at once instead of tensors kept to the step's end
+        self.keep_nothing = False  # the eager taps' copies of the CPU first weights, reused
         for _, module in selected:
             layer = primary_layer(module)
             named = [] if layer is None else layer_parameters(layer)
@@ -393,6 +405,7 @@ class Recorder:
         for handle in self._release_handles:
             handle.remove()
         self._release_handles = []
+        self.keep_nothing = False
 
     def release_gradients(self, parameters: list[torch.Tensor]) -> None:
         """For a single measured pass (the probe): sum each parameter's gradient the moment autograd has accumulated
@@ -571,9 +584,9 @@ class Recorder:
                 self._collect(slot, y, module, own_kind)
                 return
             units = unit_moments(y, own_kind) if own_kind else self._pending_units.pop(id(module), None)
-            _add_output(slot, y, units)
+            _add_output(slot, y, units, self.keep_nothing)
             if y.requires_grad:
-                on_gradient(y, _gradient_tap(slot))
+                on_gradient(y, _gradient_tap(slot, self.keep_nothing))
 
         return hook
 
@@ -588,7 +601,7 @@ class Recorder:
         if self._deferred:  # the compiled taps summed the output already: the gradient joins in deferred_table
             on_gradient(y, lambda grad: _add_gradient(slot, grad, gradient_moments))
         else:
-            on_gradient(y, _gradient_tap(slot))
+            on_gradient(y, _gradient_tap(slot, self.keep_nothing))
 
     def first_weights(self) -> list[nn.Parameter | None]:
         """Each selected layer's first weight of more than one value (None where it has none): the weight whose

@@ -460,8 +460,12 @@ class Monitor:
 
     def _release_gradients(self, parameters: list[torch.Tensor]) -> None:
         """The probe's one pass: sum each parameter's gradient as it is accumulated and let it go
-        (``Recorder.release_gradients``). Never for training: the optimizer would find no gradients."""
+        (``Recorder.release_gradients``), and keep no layer's output or output gradient to the pass's end (on an
+        accelerator the eager taps then take their exact masked statistics at once: a one-off pass can pay that
+        arithmetic, where a training step keeps the tensors and checks them with one host read). Never for
+        training: the optimizer would find no gradients."""
         self._recorder.release_gradients(parameters)
+        self._recorder.keep_nothing = True
 
     @contextlib.contextmanager
     def paused(self):

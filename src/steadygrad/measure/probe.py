@@ -288,6 +288,9 @@ def _attach_theory(model: nn.Module, report: FlowReport, inputs) -> None:
         float(m.bias.detach().double().var()) if m.bias is not None and m.bias.numel() > 1 else 0.0 for m in linears
     ]
     q_input = float(inputs.detach().double().square().mean())
+    if not all(math.isfinite(v) for v in (*sigma_w2, *sigma_b2, q_input)):
+        report.notes.append("no mean-field prediction: a weight, a bias or the input holds NaN or Inf")
+        return
     second_moments, relative = theory.mlp_prediction(sigma_w2, sigma_b2, activation, q_input)
     names = {name for name, module in structure.blocks if module is not structure.head}
     blocks = [r for r in report.records if r.name in names]
