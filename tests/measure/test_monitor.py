@@ -501,3 +501,74 @@ def test_nan_and_inf_give_the_same_records_checked_on_the_spot_or_kept_to_the_st
     records = {r.name: r for r in on_the_spot.records}
     assert records["block02"].nonfinite_act == 32 and records["block03"].nonfinite_act > 0
     assert math.isfinite(records["block02"].act_std) and records["block01"].nonfinite_grad > 0
+
+
+def _training_step_records(net, x, y, scale: float = 1.0):
+    """One logged step of SGD under the Monitor at its defaults, the loss multiplied by ``scale``."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the weights stay put: the same records each time
+    with Monitor(net, optimizer=opt) as monitor:
+        opt.zero_grad()
+        (F.cross_entropy(net(x), y) * scale).backward()
+        opt.step()
+    return {r.name: r for r in monitor.history.reports[0].records}
+
+
+def test_a_vanishing_gradient_reads_as_its_size_not_as_zero(mode):
+    """Float32 squares of values under ~1e-19 underflow to 0. Gradients are linear in the loss, so those of the loss
+    times 1e-24 must read as 1e-24 times those of the loss, with every taps, not as exactly zero (which
+    diagnose would call dead or zero-initialized, not vanishing)."""
+    # width 256: the eager taps' CPU row sums (rows of at least 256 values) are float32 too
+    net = build(NetSpec(depth=4, width=256, in_features=8, activation="sigmoid"), torch.Generator().manual_seed(0))
+    _, x, y = net_and_data()
+    plain = _training_step_records(net, x, y)
+    tiny = _training_step_records(net, x, y, scale=1e-24)
+    for name, record in plain.items():
+        for field in ("grad_norm", "weight_grad_norm", "bias_grad_norm"):
+            value = getattr(record, field)
+            if math.isfinite(value):
+                assert getattr(tiny[name], field) == pytest.approx(value * 1e-24, rel=1e-5, abs=0), (name, field)
+    assert all(r.grad_norm > 0 for r in tiny.values())
+
+
+def test_the_variance_of_a_weight_far_from_zero_is_exact(mode):
+    """A LayerNorm gain of 1 + 1e-4 noise: sum(w^2) - sum(w)^2 / n keeps 1e-8 of sum(w^2), which float32 sums
+    would lose (the eager taps then take that weight's sums again in float64; the compiled ones use shifted sums)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4096), torch.nn.LayerNorm(4096), torch.nn.Linear(4096, 4))
+    with torch.no_grad():
+        net[1].weight.copy_(1 + 1e-4 * torch.randn(4096))
+    records = _training_step_records(net, torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    truth = net[1].weight.detach().double().var().item()
+    assert records["1"].weight_var == pytest.approx(truth, rel=1e-4)
+
+
+def test_square_norms_are_float64_accurate_at_any_size_and_scale():
+    """The step's end norms: float32 passes, chunked past 1 M values (one float32 accumulator loses 1e-3 at 16 M),
+    and taken again in float64 where they underflowed; an all-zero tensor stays an exact 0."""
+    from steadygrad.measure.hooks import square_norms
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3 << 20, generator=g) + 0.5,  # over 1 M values, not centred
+        torch.randn(300, generator=g),
+        torch.randn(64, 64, generator=g) * 1e-25,  # squares under float32's range
+        torch.zeros(10),
+        torch.randn(5, generator=g) * 1e20,  # squares over it
+    ]
+    got = square_norms(tensors).tolist()
+    exact = [t.double().square().sum().item() for t in tensors]
+    assert got[3] == 0.0
+    for value, truth in zip(got, exact, strict=True):
+        assert value == pytest.approx(truth, rel=1e-6, abs=0)
+
+
+def test_tiny_activations_read_as_their_size_not_as_zero(mode):
+    """Outputs of about 1e-24, whose float32 squares underflow: their std and second moment are those torch
+    computes in float64, with every taps (an all-zero output keeps its exact zeros)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 256, bias=False), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    x = torch.randn(32, 8) * 1e-24
+    records = _training_step_records(net, x, torch.randint(0, 4, (32,)))
+    out = net[0](x).detach().double()
+    assert records["0"].act_std == pytest.approx(out.std().item(), rel=1e-4, abs=0)
+    assert records["0"].act_second_moment == pytest.approx(out.square().mean().item(), rel=1e-4, abs=0)

@@ -124,10 +124,19 @@ def _finite_output_sums(x, rows, units, kind, maxima, out):
     out[7] = x.shape[0] - n
 
 
+_UNDERFLOW = 1e-30  # as steadygrad.measure.stats.UNDERFLOW
+
+
 @njit(**_MATH)
 def _sum_squares(x):
-    """sum(x^2), float32 chunks joining float64 (NaN and Inf propagate)."""
-    return _shifted_sums(x, np.float32(0.0))[1]
+    """sum(x^2), float32 chunks joining float64 (NaN and Inf propagate); taken again in float64 below
+    ``_UNDERFLOW``, where float32 squares of values under ~1e-19 underflow (a vanishing gradient is not 0)."""
+    squares = _shifted_sums(x, np.float32(0.0))[1]
+    if squares < _UNDERFLOW:
+        squares = 0.0
+        for i in range(x.shape[0]):
+            squares += np.float64(x[i]) * x[i]
+    return squares
 
 
 @njit(**_MATH)
@@ -278,7 +287,9 @@ def _output_sums_of(y: np.ndarray, rows: int, units: int, kind: int) -> tuple[li
     if y.shape[0]:
         _output_sums(y, rows, units, kind, maxima, out)
         out[3], out[4] = y.min(), y.max()  # NaN propagates: the check below sees it
-        if not np.isfinite(out[:6]).all():
+        # NaN/Inf, or float32 squares of tiny values (not all zeros) that underflowed: the float64 finite-only sums
+        tiny = out[5] < _UNDERFLOW and (out[3] != 0 or out[4] != 0)
+        if not np.isfinite(out[:6]).all() or tiny:
             maxima[:] = -np.inf
             _finite_output_sums(y, rows, units, kind, maxima, out)
     counted = float(y.shape[0]) if kind in (TANH, SIGMOID) else 0.0

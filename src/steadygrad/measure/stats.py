@@ -109,6 +109,11 @@ def activation_moments(y: torch.Tensor) -> torch.Tensor:
 # variance, and the layer's moments are recomputed exactly in float64 (``needs_exact_moments``).
 CANCELLATION = 1e3
 
+# A float32 sum of squares underflows where the values are below about 1e-19 (their squares below float32's
+# smallest normal, 1.2e-38): a vanishing gradient of 1e-24 would read as exactly 0. Below this figure a float32
+# result is taken again in float64 unless the tensor is all zeros.
+UNDERFLOW = 1e-30
+
 
 _ROW = 256  # the fewest values a row of the CPU's fast sums holds: shorter rows make slow reductions
 
@@ -164,9 +169,12 @@ def fast_activation_moments(y: torch.Tensor) -> torch.Tensor:
 
 def needs_exact_moments(values: list[float]) -> bool:
     """Whether ``fast_activation_moments``' values (on the host) must be recomputed by ``activation_moments``: a sum
-    met NaN/Inf, or the one-pass M2 may have lost more than 1e-4 of itself to cancellation (``CANCELLATION``)."""
-    mean, m2, squares = values[1], values[2], values[5]
+    met NaN/Inf, the float32 squares of values that are not all zero underflowed (``UNDERFLOW``), or the one-pass
+    M2 may have lost more than 1e-4 of itself to cancellation (``CANCELLATION``)."""
+    mean, m2, lo, hi, squares = values[1], values[2], values[3], values[4], values[5]
     if not (math.isfinite(mean) and math.isfinite(squares)):
+        return True
+    if squares < UNDERFLOW and (lo != 0 or hi != 0):  # tiny values whose float32 squares underflowed
         return True
     return squares > CANCELLATION * m2 and squares > 0
 
@@ -273,7 +281,9 @@ def parameter_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.dev
 
 def weight_sums_from(sums: torch.Tensor) -> torch.Tensor:
     """``weight_sums``' columns from ``parameter_sums``' (the last dimension; summed over processes or not). M2 is
-    one-pass, sum(w^2) - sum(w)^2 / n in float64 (weights are centred at zero: nothing cancels)."""
+    one-pass, sum(w^2) - sum(w)^2 / n in float64. That cancels for weights far from zero (a norm's gain near 1 with
+    a spread of 1e-4 keeps 1e-8 of sum(w^2)): the sums must be float64 there, which ``Recorder._parameter_table``
+    sees to for the float32 sums it takes on the CPU."""
     weight_grad, bias_grad, count, squares, total = sums.unbind(-1)
     m2 = (squares - total * total / count.clamp(min=1)).clamp(min=0.0)
     return torch.stack([weight_grad, bias_grad, count, m2], dim=-1)

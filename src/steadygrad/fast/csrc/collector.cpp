@@ -22,6 +22,10 @@ bool finite(const Moments& m) {
          std::isfinite(m.squares);
 }
 
+// Whether the float sums hold: finite, and not the underflowed squares of tiny values that are not all zero (float
+// squares of values under ~1e-19 are 0). Otherwise the double, finite-only path takes the output again.
+bool sums_hold(const Moments& m) { return finite(m) && !(m.squares < kUnderflow && (m.lo != 0.f || m.hi != 0.f)); }
+
 }  // namespace
 
 Collector::Collector(std::vector<std::vector<at::Tensor>> weights, std::vector<std::vector<at::Tensor>> biases,
@@ -48,7 +52,7 @@ void Collector::add_output(const at::Tensor& y, int64_t slot_index, int64_t kind
   UnitSums units;
   Moments m = output_moments(x, kind, units);
   double nonfinite = 0.0;
-  if (!finite(m)) {
+  if (!sums_hold(m)) {
     units = UnitSums();
     m = finite_output_moments(x, kind, units, nonfinite);
   }

@@ -14,6 +14,8 @@ namespace steadygrad {
 // width through Collector.columns() before it uses the taps (tests/measure/test_taps.py).
 constexpr int64_t kColumns = 17;
 constexpr int64_t kChunk = 4096;  // float partial sums cover this many values before joining a double
+// A chunk's float sum of squares below this is taken again in double (steadygrad.measure.stats.UNDERFLOW)
+constexpr float kUnderflow = 1e-30f;
 
 // Count, mean, M2 (merged by Chan, Golub and LeVeque's update), min, max and sum of squares.
 struct Moments {

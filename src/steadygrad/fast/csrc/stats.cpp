@@ -259,7 +259,13 @@ double sum_squares(const float* x, int64_t n) {
     }
     float part = lane_sum((a0 + a1) + (a2 + a3));
     for (; j < end; ++j) part += x[j] * x[j];
-    total += part;
+    if (part < kUnderflow) {  // float squares of values under ~1e-19 underflow: a vanishing gradient is not 0
+      double exact = 0.0;
+      for (j = start; j < end; ++j) exact += static_cast<double>(x[j]) * x[j];
+      total += exact;
+    } else {
+      total += part;
+    }
   }
   return total;
 }
