@@ -49,6 +49,7 @@ from steadygrad.measure.stats import (
     layer_parameters,
     local_part,
     merge_activations,
+    needs_exact_gradient,
     needs_exact_moments,
     parameter_sums,
     primary_layer,
@@ -179,17 +180,17 @@ def square_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
             squares[i] = _chunked_squares(tensors[i])
     else:
         squares = torch.stack(torch._foreach_norm(tensors, 2)).double().square()
-    doubtful = ~torch.isfinite(squares) | (squares < UNDERFLOW)  # overflow, NaN/Inf, or underflow: float64 says
-    if bool(doubtful.any()):
-        for i in torch.nonzero(doubtful).flatten().tolist():
-            if squares[i] < UNDERFLOW and not bool(tensors[i].any()):  # all zeros: 0 is exact
-                continue
+    tiny = squares < UNDERFLOW
+    doubtful = ~torch.isfinite(squares) | tiny  # overflow, NaN/Inf, or underflow: float64 says
+    for i in torch.nonzero(doubtful).flatten().tolist():
+        if not (tiny[i] and not tensors[i].any()):  # an all-zero tensor's 0 is exact
             squares[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).square()
     return squares
 
 
 def _total(w: torch.Tensor) -> torch.Tensor:
-    """sum(w) in float64 (of a float32 CPU tensor: in float32, converted; no cancellation worth a float64 pass)."""
+    """sum(w) in float64 (of a float32 CPU tensor: in float32, converted; a weight whose variance would cancel has
+    it taken again in float64, ``Recorder._exact_weight_sums``)."""
     if w.dtype == torch.float32 and w.device.type == "cpu":
         return w.sum().double()
     return w.sum(dtype=torch.float64)
@@ -271,9 +272,7 @@ def _add_fast_gradient(slot: _Slot, grad: torch.Tensor, keep_nothing: bool = Fal
     else kept for the step's end (``_checked_now``); with ``keep_nothing``, the masked sums at once instead."""
     if _checked_now(grad):
         moments = fast_gradient_moments(grad)
-        squares = moments[0].item()
-        # NaN/Inf met, or float32 squares that underflowed (a vanishing gradient): the masked float64 sums
-        if not math.isfinite(squares) or (squares < UNDERFLOW and bool(grad.any())):
+        if needs_exact_gradient(moments[0].item(), grad):  # NaN/Inf met, or underflowed: the masked float64 sums
             moments = gradient_moments(grad)
     elif keep_nothing:
         moments = gradient_moments(grad)
@@ -655,6 +654,7 @@ class Recorder:
         if len(self._snapshots) != len(weights):
             self._snapshots = [None] * len(weights)
         copies: list[torch.Tensor | None] = []
+        buffers, sources = [], []  # the CPU copies, filled in one multi-tensor pass
         for i, w in enumerate(weights):
             kept = self._snapshots[i]
             if w is None or w.device.type != "cpu":
@@ -664,9 +664,10 @@ class Recorder:
             if kept is None or kept.shape != w.shape or kept.dtype != w.dtype:  # made, or the weight changed
                 kept = self._snapshots[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
             copies.append(kept)
-        cpu = [(kept, w) for kept, w in zip(copies, weights, strict=True) if w is not None and w.device.type == "cpu"]
-        if cpu:
-            torch._foreach_copy_([kept for kept, _ in cpu], [w for _, w in cpu])
+            buffers.append(kept)
+            sources.append(w)
+        if buffers:
+            torch._foreach_copy_(buffers, sources)
         return copies
 
     def collector(self):
@@ -817,8 +818,7 @@ class Recorder:
         if not cpu32:
             return
         rows = table[[i for i, _ in cpu32]]
-        n, squares, total = rows[:, 2], rows[:, 3], rows[:, 4]
-        m2 = (squares - total * total / n.clamp(min=1)).clamp(min=0.0)
+        squares, m2 = rows[:, 3], weight_sums_from(rows)[:, 3]
         cancelled = (squares > CANCELLATION * m2) & (squares > 0)
         for j in torch.nonzero(cancelled).flatten().tolist():
             i, w = cpu32[j]

@@ -32,11 +32,11 @@ __all__ = [
     "layer_parameters",
     "local_part",
     "merge_activations",
+    "needs_exact_gradient",
     "needs_exact_moments",
     "parameter_sums",
     "primary_layer",
     "unit_moments",
-    "weight_sums",
     "weight_sums_from",
 ]
 
@@ -179,6 +179,13 @@ def needs_exact_moments(values: list[float]) -> bool:
     return squares > CANCELLATION * m2 and squares > 0
 
 
+def needs_exact_gradient(squares: float, grad: torch.Tensor) -> bool:
+    """Whether ``fast_gradient_moments``' sum of squares (on the host) must be recomputed by ``gradient_moments``:
+    it met NaN/Inf, or it is below ``UNDERFLOW`` for a gradient that is not all zeros (a vanishing gradient whose
+    float32 squares underflowed)."""
+    return not math.isfinite(squares) or (squares < UNDERFLOW and bool(grad.any()))
+
+
 def merge_activations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Combine two activation accumulators (Chan, Golub, LeVeque 1983: exact for mean and M2)."""
     n = a[0] + b[0]
@@ -280,18 +287,11 @@ def parameter_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.dev
 
 
 def weight_sums_from(sums: torch.Tensor) -> torch.Tensor:
-    """``weight_sums``' columns from ``parameter_sums``' (the last dimension; summed over processes or not). M2 is
-    one-pass, sum(w^2) - sum(w)^2 / n in float64. That cancels for weights far from zero (a norm's gain near 1 with
-    a spread of 1e-4 keeps 1e-8 of sum(w^2)): the sums must be float64 there, which ``Recorder._parameter_table``
-    sees to for the float32 sums it takes on the CPU."""
+    """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] from ``parameter_sums``'
+    columns (the last dimension; summed over processes or not): NaN for gradients a layer lacks, n = 0 where it has
+    no weight of more than one value. M2 is one-pass, sum(w^2) - sum(w)^2 / n in float64. That cancels for weights
+    far from zero (a norm's gain near 1 with a spread of 1e-4 keeps 1e-8 of sum(w^2)): the sums must be float64
+    there, which ``Recorder._exact_weight_sums`` sees to for the float32 sums taken on the CPU."""
     weight_grad, bias_grad, count, squares, total = sums.unbind(-1)
     m2 = (squares - total * total / count.clamp(min=1)).clamp(min=0.0)
     return torch.stack([weight_grad, bias_grad, count, m2], dim=-1)
-
-
-def weight_sums(parameters: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """[weight-gradient sum of squares, bias-gradient sum of squares, weight n, weight M2] of a layer's own
-    (name, parameter) pairs, on ``device``: NaN for gradients it lacks, n = 0 where it has no weight of more
-    than one value. Every parameter whose ``kinds.parameter_role`` is weight (or bias) counts: an LSTM's gates,
-    Keras' kernel. Of sharded parameters, this process's part only (``Recorder.parameter_sums`` merges them)."""
-    return weight_sums_from(parameter_sums(parameters, device))
